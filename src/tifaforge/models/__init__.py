@@ -1,0 +1,1 @@
+"""Models: presets (the tiny Qwen2), loading HF folders and GGUF files, saving."""

@@ -1,0 +1,227 @@
+"""Load and save models: Hugging Face folders (safetensors), GGUF files, presets.
+
+    tifa doctor models/tiny      # loads a model the way every command does and checks its template
+
+Rules every caller gets for free:
+- never remote code; pickle weights (.bin/.pt/.pth) refused unless `allow_pickle` (they run code on load);
+- the tokenizer is read as saved (tokenizer.json), not through transformers' model-type class, which for
+  `qwen2` swaps in Qwen2's NFC normaliser and pre-tokenizer (feasibility.md pitfall 4);
+- GGUF weights come through transformers' GGUF loader, the tokenizer from HF files beside the GGUF where
+  they exist (its GGUF tokenizer read-back is unfaithful for custom vocabularies, pitfall 5), and the
+  "quantized" flags it leaves on a dequantized model are cleared so it can be trained and saved (pitfall 3);
+- a base whose tokenizer lacks the template's tags (a plain Qwen2.5 base) gets them as special tokens,
+  new embedding rows set to the mean of the old ones, and the change recorded in `config.tifaforge`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tifaforge.errors import TifaError
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def resolve_dtype(dtype: str, device: str):
+    """'auto' is float32 on CPU (bf16 matmul is ~100x slower there) and bfloat16 on CUDA."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: str | Path, *, spelling: str | None = None, strict: bool = False):
+    """The tokenizer exactly as saved; the template's special tokens added if the base lacks them."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    folder = path.parent if path.suffix == ".gguf" else path
+    if not (folder / "tokenizer.json").exists():
+        if path.suffix == ".gguf":
+            return _gguf_tokenizer(path)
+        raise TifaError(f"{folder}: no tokenizer.json (a fast tokenizer is required)")
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - surfaced as one line naming the folder
+        raise TifaError(f"{folder}: cannot read the tokenizer: {e}") from None
+    return tok
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    log.warning("%s: no tokenizer.json beside the GGUF; using transformers' GGUF tokenizer (may differ)", path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Refuse folders whose only weights are pickles (unless allowed) or that have no weights."""
+    safe = [p for g in SAFE_WEIGHTS for p in folder.glob(g)]
+    pickles = [p for g in PICKLE_WEIGHTS for p in folder.glob(g)]
+    if safe:
+        return
+    if pickles and not allow_pickle:
+        raise TifaError(
+            f"{folder}: only pickle weights ({pickles[0].name}); pickles can run code when loaded. "
+            "Convert to safetensors, or pass --allow-pickle if you trust the source"
+        )
+    if not pickles:
+        raise TifaError(f"{folder}: no model weights (*.safetensors) found")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    allow_pickle: bool = False,
+    spelling: str = "ascii",
+):
+    """(model, tokenizer) from a HF folder or a .gguf file, ready for the template and training."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if not path.exists():
+        raise TifaError(f"{path}: no such model folder or file")
+    tokenizer = load_tokenizer(path)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=False)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        _clear_gguf_quantizer(model)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise TifaError(f"{path}: not a model folder (no config.json)")
+        check_weights(path, allow_pickle)
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not allow_pickle, **kwargs)
+    else:
+        raise TifaError(f"{path}: expected a model folder or a .gguf file")
+    ensure_template_tokens(model, tokenizer, spelling)
+    _warn_template(path, tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def _clear_gguf_quantizer(model) -> None:
+    """transformers flags a dequantized GGUF model as quantized; clear it so Trainer and save work."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _warn_template(path: Path, tokenizer) -> None:
+    from tifaforge.chat.template import check_template
+
+    for problem in check_template(tokenizer):
+        log.warning("%s: %s", path, problem)
+
+
+def ensure_template_tokens(model, tokenizer, spelling: str = "ascii") -> list[str]:
+    """Add the seed template's tags to a tokenizer that lacks them; grow the embeddings to match.
+
+    New rows are the mean of the existing rows (a neutral start that keeps logits finite), for the
+    input embeddings and, when untied, the output head. Recorded in `model.config.tifaforge`.
+    """
+    from tifaforge.chat import template
+
+    vocab = tokenizer.get_vocab()
+    if _has_tags(vocab, "ascii") or _has_tags(vocab, "fullwidth"):
+        return []
+    tags = template.special_tokens(spelling)
+    added = [t for t in tags if t not in vocab]
+    think = [t for t in template.THINK_TOKENS if t not in vocab]
+    tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    if think:
+        tokenizer.add_tokens(think)
+    tokenizer.chat_template = template.seed_template(spelling)
+    _grow_embeddings(model, len(tokenizer))
+    _set_turn_end(model, tokenizer, template.SPECIAL_TOKENS[spelling])
+    record = dict(getattr(model.config, "tifaforge", None) or {})
+    record["added_tokens"] = added + think
+    record["spelling"] = spelling
+    model.config.tifaforge = record
+    log.warning("added %d template tokens to the tokenizer (%s spelling); embeddings resized", len(added + think), spelling)
+    return added + think
+
+
+def _set_turn_end(model, tokenizer, tags: dict[str, str]) -> None:
+    """The template ends a turn with its eos tag: make it the eos (keeping the base's old eos as a
+    second stop id), and give a base without a bos the template's bos."""
+    old_eos = tokenizer.eos_token_id
+    tokenizer.eos_token = tags["eos"]
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tags["bos"]
+    stops = [tokenizer.eos_token_id] + ([old_eos] if old_eos is not None and old_eos != tokenizer.eos_token_id else [])
+    model.config.eos_token_id = stops[0]
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stops
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+def _has_tags(vocab: dict, spelling: str) -> bool:
+    from tifaforge.chat import template
+
+    t = template.SPECIAL_TOKENS[spelling]
+    return all(t[k] in vocab for k in ("user", "assistant", "eos"))
+
+
+def _grow_embeddings(model, new_size: int) -> None:
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    old = emb.shape[0]
+    if new_size <= old:
+        return  # the matrix already has spare rows (Qwen2.5 pads its vocab)
+    with torch.no_grad():
+        mean_in = emb.mean(dim=0, keepdim=True)
+        out = model.get_output_embeddings()
+        mean_out = out.weight.mean(dim=0, keepdim=True) if out is not None else None
+        model.resize_token_embeddings(new_size, mean_resizing=False)
+        model.get_input_embeddings().weight[old:] = mean_in
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            out.weight[old:] = mean_out
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp and some writers create owner-only files; a model folder is meant to be shared."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """Save a plain transformers folder atomically: written beside, then renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _make_readable(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,50 @@
+"""Shared fixtures. Costly artefacts are built once per test session (and cached on disk across
+sessions, keyed by the code that makes them) so the suite stays within its time budget."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "tests"
+
+
+def _code_key(*files: str) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update((ROOT / "src" / "tifaforge" / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_dir(name: str, key: str, build) -> Path:
+    """A folder built once by `build(path)` and reused while `key` (the code that makes it) holds."""
+    path = CACHE / f"{name}-{key}"
+    if not (path / ".complete").exists():
+        tmp = CACHE / f".{name}-{key}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A freshly initialised (random) tiny preset model folder. Read-only: copy it to modify."""
+    from tifaforge.models.presets import init_model
+
+    key = _code_key("models/presets.py", "models/load.py", "chat/template.py", "assets/tokenizer_corpus.txt")
+    return cached_dir("tiny-init", key, lambda p: init_model("tiny", p / "model", seed=0)) / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from tifaforge.models.load import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
