@@ -48,3 +48,21 @@ def tiny_tokenizer(tiny_model_dir):
     from tifaforge.models.load import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tiny_model_dir) -> Path:
+    """The tiny preset briefly trained on the bundled text (once per code version, cached on disk):
+    its logits are no longer near-ties, so equalities between computations are meaningful."""
+    from tifaforge.models.presets import corpus_text, warm_up
+
+    key = _code_key("models/presets.py", "models/load.py", "chat/template.py", "assets/tokenizer_corpus.txt")
+    texts = [t for t in corpus_text().split("\n\n") if t.strip()]
+    return cached_dir("tiny-warm", key, lambda p: warm_up(tiny_model_dir, p / "model", texts, steps=150)) / "model"
+
+
+@pytest.fixture(scope="session")
+def engine(trained_tiny_dir):
+    from tifaforge.engine.generate import Engine
+
+    return Engine.load(trained_tiny_dir, device="cpu")

