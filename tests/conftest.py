@@ -39,7 +39,8 @@ def tiny_model_dir() -> Path:
     """A freshly initialised (random) tiny preset model folder. Read-only: copy it to modify."""
     from tifaforge.models.presets import init_model
 
-    key = _code_key("models/presets.py", "models/load.py", "chat/template.py", "assets/tokenizer_corpus.txt")
+    key = _code_key("models/presets.py", "models/load.py", "chat/template.py", "assets/tokenizer_corpus.txt",
+                    *sorted(f"assets/demo/{p.name}" for p in (ROOT / "src/tifaforge/assets/demo").glob("*.txt")))
     return cached_dir("tiny-init", key, lambda p: init_model("tiny", p / "model", seed=0)) / "model"
 
 
@@ -56,7 +57,8 @@ def trained_tiny_dir(tiny_model_dir) -> Path:
     its logits are no longer near-ties, so equalities between computations are meaningful."""
     from tifaforge.models.presets import corpus_text, warm_up
 
-    key = _code_key("models/presets.py", "models/load.py", "chat/template.py", "assets/tokenizer_corpus.txt")
+    key = _code_key("models/presets.py", "models/load.py", "chat/template.py", "assets/tokenizer_corpus.txt",
+                    *sorted(f"assets/demo/{p.name}" for p in (ROOT / "src/tifaforge/assets/demo").glob("*.txt")))
     texts = [t for t in corpus_text().split("\n\n") if t.strip()]
     return cached_dir("tiny-warm", key, lambda p: warm_up(tiny_model_dir, p / "model", texts, steps=150)) / "model"
 

@@ -417,7 +417,7 @@ def test_score_file_bad_lines_name_the_line(tmp_path):
         ("{not json", "line 3: invalid JSON"),
         (json.dumps({"messages": ZH_USER}), "line 3: the last message must be the assistant's answer"),
         (json.dumps({"text": "x"}), "line 3: no 'messages'"),
-        (json.dumps({"card": "missing.json", **good}), "line 3: cannot read card"),
+        (json.dumps({"card": "missing.json", **good}), "line 3: cannot read card: .*missing.json"),
     ]:
         data = tmp_path / "bad.jsonl"
         _write(data, [good, good, bad])

@@ -45,10 +45,48 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", action="store_true", help="list every key with its default and help")
 
 
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a model folder (or .gguf file)")
+    p.add_argument("--card", help="a SillyTavern character card (V2/V3, JSON or PNG): becomes the system prompt")
+    p.add_argument("--user", help="your name in the role-play ({{user}} in the card)")
+    p.add_argument("--once", metavar="TEXT", help="answer one message and exit (non-interactive)")
+    p.add_argument("--hide-think", action="store_true", help="do not show think blocks (/think on|off in chat)")
+    p.add_argument("--config", help="a config file whose `sampling` section sets generation")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
+
+
+def _data_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a JSONL file (DESIGN.md section 2a forms)")
+    p.add_argument("--kind", required=True, choices=["sft", "prompts", "prefs"], help="what the file holds")
+    p.add_argument("--skip-bad", action="store_true", help="report every bad line and go on (default: stop at the first)")
+
+
+def _data_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="data/demo", help="output folder")
+
+
+def _reward_score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="SFT-form JSONL: the last assistant message is scored against what precedes it")
+    p.add_argument("--config", help="a YAML file of reward settings (weights, vetoes, caps, bands)")
+
+
 COMMANDS: list[Command] = [
     Command(("init-model",), "tifaforge.cli:cmd_init_model",
             "write a preset model folder (tiny Qwen2 + tokenizer + the seed's chat template)",
             "tifa init-model tiny --out models/tiny --seed 0", _init_model_args),
+    Command(("chat",), "tifaforge.chat.terminal:run",
+            "role-play chat in the terminal: streams, think block dimmed, /reset /regen /save /load",
+            "tifa chat models/tiny --card data/demo/cards/shen_qingya.json --user 小林", _chat_args),
+    Command(("data", "check"), "tifaforge.cli:cmd_data_check",
+            "check an SFT, prompts or preference-pairs JSONL: every bad line by number, field and reason",
+            "tifa data check data/demo/sft.jsonl --kind sft", _data_check_args),
+    Command(("data", "demo"), "tifaforge.cli:cmd_data_demo",
+            "regenerate the bundled demo data (deterministic: same files, same bytes)",
+            "tifa data demo --out data/demo", _data_demo_args),
+    Command(("reward", "score"), "tifaforge.cli:cmd_reward_score",
+            "score answers with the logic rewards: total, per-rule scores and messages as JSON lines",
+            "tifa reward score data/demo/sft.jsonl", _reward_score_args),
     Command(("doctor",), "tifaforge.cli:cmd_doctor",
             "print versions, device, threads, usable extras; check a model's template and tokenizer",
             "tifa doctor models/tiny", _doctor_args),
@@ -98,6 +136,24 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     print(dump_config(load_config(args.config, args.set)), end="")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from tifaforge.data.conversations import check_command
+
+    return check_command(args.file, args.kind, args.skip_bad)
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from tifaforge.data.demo import demo_command
+
+    return demo_command(args.out)
+
+
+def cmd_reward_score(args: argparse.Namespace) -> int:
+    from tifaforge.rewards.literary import score_command
+
+    return score_command(args.file, args.config)
 
 
 # ---------------------------------------------------------------------------------------------

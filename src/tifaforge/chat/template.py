@@ -313,3 +313,71 @@ def parse_roleplay_prompt(text: str) -> RoleplayPrompt:
         raise TifaError("not a role-play prompt: expected <system>…</system>\\n<user>…</user>\\n"
                         "[<think>\\n…\\n</think>\\n]<角色名>")
     return RoleplayPrompt(**m.groupdict())
+
+
+class ThinkStreamSplitter:
+    """Split a streamed answer into ("reasoning", text) and ("content", text) pieces as it arrives.
+
+    Agrees with `split_reasoning` on well-formed answers (one think block first); a tag split across
+    deltas is held back until whole, so no client sees half a `</think>`. Departure for malformed
+    text: the stream closes the block at the FIRST `</think>` (it cannot wait for a later one).
+    """
+
+    def __init__(self, started_in_think: bool = False):
+        self.state = "think" if started_in_think else "pre"  # pre | think | post | plain
+        self.lead = True  # drop newlines right after <think> / whitespace right after </think>
+        self.buf = ""
+
+    def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
+        self.buf += text
+        out: list[tuple[str, str]] = []
+        while True:
+            before = (self.state, len(self.buf))
+            getattr(self, f"_{self.state}")(out, final)
+            if (self.state, len(self.buf)) == before or not self.buf:
+                return out
+
+    def _pre(self, out, final):
+        head = self.buf.lstrip()
+        if head.startswith(THINK_OPEN):
+            self.buf, self.state, self.lead = head[len(THINK_OPEN):], "think", True
+        elif final or not THINK_OPEN.startswith(head):
+            self.state = "plain"
+
+    def _think(self, out, final):
+        if self.lead:
+            self.buf = self.buf.lstrip("\n")
+            self.lead = not self.buf
+        i = self.buf.find(THINK_CLOSE)
+        if i >= 0:
+            _emit(out, "reasoning", self.buf[:i].rstrip("\n"))
+            self.buf, self.state, self.lead = self.buf[i + len(THINK_CLOSE):], "post", True
+            return
+        keep = 0 if final else _partial_suffix(self.buf, THINK_CLOSE)
+        body = self.buf[: len(self.buf) - keep]
+        held = body.rstrip("\n")  # trailing newlines may precede </think>
+        _emit(out, "reasoning", held)
+        self.buf = "" if final else self.buf[len(held):]
+
+    def _post(self, out, final):
+        if self.lead:
+            self.buf = self.buf.lstrip()
+            self.lead = not self.buf
+        self._plain(out, final)
+
+    def _plain(self, out, final):
+        _emit(out, "content", self.buf)
+        self.buf = ""
+
+
+def _emit(out: list, kind: str, text: str) -> None:
+    if text:
+        out.append((kind, text))
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0

@@ -145,6 +145,8 @@ class Engine:
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         for tags in SPECIAL_TOKENS.values():
             ids |= {vocab[tags[k]] for k in ("eos", "user", "assistant") if tags[k] in vocab}
+        if "<|endoftext|>" in vocab:  # the CPT document separator: a document ended
+            ids.add(vocab["<|endoftext|>"])
         return ids
 
     # -- public API ----------------------------------------------------------------------------

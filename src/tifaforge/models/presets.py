@@ -43,8 +43,11 @@ TOKENIZER_VOCAB = 6000
 
 
 def corpus_text() -> str:
-    """The bundled text the tiny tokenizer is trained on (original text written for this project)."""
-    return (resources.files("tifaforge") / "assets" / "tokenizer_corpus.txt").read_text(encoding="utf-8")
+    """The bundled text the tiny tokenizer is trained on (original text written for this project):
+    the tokenizer corpus plus the hand-written demo source passages, in a fixed order."""
+    assets = resources.files("tifaforge") / "assets"
+    files = [assets / "tokenizer_corpus.txt"] + sorted((assets / "demo").iterdir(), key=lambda p: p.name)
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files if f.name.endswith(".txt"))
 
 
 def special_tokens(spelling: Literal["ascii", "fullwidth"] = "ascii") -> list[str]:

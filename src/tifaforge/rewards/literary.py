@@ -231,11 +231,12 @@ def _messages(obj: dict, where: str) -> list[dict]:
 
 
 def _card(card: Any, base: Path, where: str) -> dict | None:
-    """A card object, or a JSON card file relative to the JSONL's folder."""
+    """A card object, or a card file (JSON or PNG) relative to the JSONL's folder."""
     if card is None or isinstance(card, dict):
         return card
-    p = base / str(card)
+    from tifaforge.chat.cards import resolve_card
+
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TifaError(f"{where}: cannot read card {p}: {e}") from None
+        return resolve_card(str(card), base).to_dict()
+    except TifaError as e:
+        raise TifaError(f"{where}: cannot read card: {e}") from None

@@ -1,0 +1,92 @@
+"""Terminal role-play chat: streams tokens, shows the think block dimmed (or hides it).
+
+    tifa chat models/tiny --card data/demo/cards/shen_qingya.json --user 小林
+    tifa chat models/tiny --once "你好"          # one turn, non-interactive (scripts, tests)
+
+Commands inside the chat: /think on|off, /reset, /regen, /save FILE, /load FILE, /quit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tifaforge.chat.session import ChatSession
+from tifaforge.chat.template import ThinkStreamSplitter
+from tifaforge.errors import TifaError
+
+HELP = "commands: /think on|off  /reset  /regen  /save FILE  /load FILE  /quit"
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from tifaforge.config import load_config
+    from tifaforge.engine.generate import Engine
+
+    cfg = load_config(args.config, args.set)
+    console = Console(highlight=False, soft_wrap=True)
+    engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+    session = ChatSession.from_card(engine, args.card, args.user, sampling=cfg.sampling)
+    show = {"think": not args.hide_think}
+    if args.once is not None:
+        _stream(console, session.say(args.once), show["think"])
+        return 0
+    name = args.user or "你"
+    console.print(f"[bold]tifa chat[/] — {args.model}. {HELP}")
+    if session.greeting:
+        console.print(session.greeting)
+    while True:
+        try:
+            line = console.input(f"[bold cyan]{name}> [/]")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        try:
+            if line.startswith("/"):
+                if _command(console, session, line.strip(), show):
+                    return 0
+            elif line.strip():
+                _stream(console, session.say(line), show["think"])
+        except TifaError as e:
+            console.print(f"[red]error:[/] {e}")
+        for notice in session.notices:
+            console.print(f"[yellow]{notice}[/]")
+        session.notices.clear()
+
+
+def _command(console, session: ChatSession, line: str, show: dict) -> bool:
+    """Run one /command; True means quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit"):
+        return True
+    if cmd == "/think" and arg in ("on", "off"):
+        show["think"] = arg == "on"
+        console.print(f"think blocks {'shown' if show['think'] else 'hidden'}")
+    elif cmd == "/reset":
+        session.reset()
+        console.print("history cleared")
+    elif cmd == "/regen":
+        _stream(console, session.regenerate(), show["think"])
+    elif cmd in ("/save", "/load") and arg:
+        getattr(session, cmd[1:])(arg)
+        console.print(f"{cmd[1:]}d {arg}" if cmd == "/save" else f"loaded {arg} ({len(session.history)} messages)")
+    else:
+        console.print(HELP)
+    return False
+
+
+def _stream(console, deltas, show_think: bool) -> None:
+    """Print deltas as they come: reasoning dimmed (or hidden), then the answer."""
+    splitter = ThinkStreamSplitter()
+    kind_before = None
+    for d in deltas:
+        for kind, text in splitter.feed(d.text, final=d.finish_reason is not None):
+            if kind == "reasoning" and not show_think:
+                continue
+            if kind == "content" and kind_before == "reasoning":
+                console.print()
+            console.print(text, style="dim" if kind == "reasoning" else None, end="", markup=False)
+            kind_before = kind
+            sys.stdout.flush()
+    console.print()

@@ -1,0 +1,1 @@
+"""Training data: novel corpora for CPT, conversations and prompts, preference pairs, the demo set."""
