@@ -39,6 +39,7 @@ def test_int_is_accepted_for_float(tmp_path):
         ("sampling:\n  do_sample: 1\n", "key 'sampling.do_sample': expected bool"),
         ("model:\n  dtype: float8\n", "key 'model.dtype': expected one of 'auto'"),
         ("sampling: [1, 2]\n", "key 'sampling' must be a mapping"),
+        ("sampling:\n  temperature: .nan\n", "key 'sampling.temperature': nan is not a finite number"),
         ("sampling:\n  temperature: [\n", "invalid YAML"),
         ("- a\n- b\n", "top level must be a mapping"),
     ],

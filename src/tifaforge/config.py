@@ -11,6 +11,7 @@ The resolved config (every value, defaults included) is written next to every ou
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,6 +210,8 @@ def _check(value: Any, t: Any, f: dataclasses.Field, key: str, origin: str, line
     if not ok:
         raise ConfigError(f"{where}: key '{key}': expected {_type_name(t)}, got {value!r}")
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: key '{key}': {value!r} is not a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and value < lo or hi is not None and value > hi:
             rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"

@@ -1,0 +1,129 @@
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tifaforge.chat.session import ChatSession
+from tifaforge.chat.template import ThinkStreamSplitter, split_reasoning
+from tifaforge.config import SamplingConfig
+from tifaforge.errors import TifaError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+text_st = st.text(alphabet=st.sampled_from(list("想答案，。ab \n<>/thinkq")), max_size=20)
+
+
+def feed_in_chunks(text, cuts, started=False):
+    sp, parts, last = ThinkStreamSplitter(started), [], 0
+    for c in sorted(set(cuts)) + [len(text)]:
+        parts += sp.feed(text[last:c])
+        last = c
+    parts += sp.feed("", final=True)
+    r = "".join(t for k, t in parts if k == "reasoning")
+    return (r if r or any(k == "reasoning" for k, _ in parts) else None), "".join(t for k, t in parts if k == "content")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text_st.filter(lambda s: "<think>" not in s and "</think>" not in s and s.strip()),
+       text_st.filter(lambda s: "<think>" not in s and "</think>" not in s and s.strip()),
+       st.lists(st.integers(0, 60), max_size=8), st.booleans())
+def test_stream_splitter_agrees_with_split_reasoning(think, answer, cuts, started):
+    """However the text is cut into deltas, the stream splits it like the finished text."""
+    text = ("" if started else "<think>") + "\n" + think + "\n</think>\n\n" + answer
+    r, c = feed_in_chunks(text, [x for x in cuts if x < len(text)], started)
+    er, ec = split_reasoning(text, started_in_think=started)
+    assert (r or "").strip("\n") == (er or "").strip("\n") and c == ec
+
+
+@pytest.mark.parametrize("text, expected", [("直接回答", (None, "直接回答")), ("<think>\n想到一半", ("想到一半", ""))])
+def test_stream_splitter_plain_and_cut_off(text, expected):
+    assert feed_in_chunks(text, [1, 3, 5]) == expected
+
+
+def test_session_keeps_think_out_of_history_and_round_trips(engine, tmp_path):
+    s = ChatSession(engine, system="你是沈青崖。", sampling=SamplingConfig(max_new_tokens=12, seed=1))
+    deltas = list(s.say("你好"))
+    assert deltas[-1].finish_reason in ("stop", "length")
+    assert [m["role"] for m in s.history] == ["user", "assistant"] and "</think>" not in s.history[-1]["content"]
+    s.history[-1]["content"] = "好。"
+    s.save(tmp_path / "c.json")
+    t = ChatSession(engine)
+    t.load(tmp_path / "c.json")
+    assert t.messages() == s.messages()
+    list(t.regenerate())
+    assert [m["role"] for m in t.history] == ["user", "assistant"]
+
+
+def test_session_trims_oldest_turns_keeping_the_card(engine):
+    s = ChatSession(engine, system="卡片：沈青崖。", sampling=SamplingConfig(max_new_tokens=8, seed=1))
+    engine_ctx = engine.context
+    try:
+        engine.context = 160
+        for i in range(12):
+            s.history += [{"role": "user", "content": f"第{i}句话，说点什么吧。"}, {"role": "assistant", "content": "好的，我听着。"}]
+        list(s.say("最后一句"))
+    finally:
+        engine.context = engine_ctx
+    assert s.notices and "trimmed" in s.notices[0]
+    assert s.messages()[0] == {"role": "system", "content": "卡片：沈青崖。"}
+    assert s.history[-2]["content"] == "最后一句" and len(s.history) < 26
+
+
+def test_load_rejects_a_bad_chat_file(engine, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"history": [{"role": "wizard", "content": "x"}]}), encoding="utf-8")
+    with pytest.raises(TifaError, match=r"history\[0\]"):
+        ChatSession(engine).load(bad)
+
+
+def run_in_pty(args, inputs=(), prompt="> ", timeout=240):
+    """Run `tifa` in a pseudo-terminal (a real TTY, as a user would), answering each prompt in turn."""
+    import re
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "tifaforge.cli", *args])
+    out, sent, deadline = b"", 0, time.time() + timeout
+    while time.time() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.decode("utf-8", "replace"))
+        if sent < len(inputs) and shown.count(prompt) > sent:
+            os.write(fd, (inputs[sent] + "\n").encode())
+            sent += 1
+    else:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")
+
+
+def test_chat_once_in_a_terminal(trained_tiny_dir):
+    card = os.path.join(ROOT, "data/demo/cards/shen_qingya.json")
+    code, out = run_in_pty(["chat", str(trained_tiny_dir), "--once", "你好", "--card", card, "--set", "sampling.max_new_tokens=16"])
+    assert code == 0, out
+    assert "Traceback" not in out and len(out.strip()) > 0
+
+
+def test_chat_interactive_commands(trained_tiny_dir, tmp_path):
+    saved = tmp_path / "chat.json"
+    code, out = run_in_pty(
+        ["chat", str(trained_tiny_dir), "--user", "小林", "--set", "sampling.max_new_tokens=12"],
+        ["/think off", "你好", "/save " + str(saved), "/regen", "/reset", "/quit"], prompt="小林> ",
+    )
+    assert code == 0, out
+    assert "think blocks hidden" in out and "history cleared" in out
+    history = json.loads(saved.read_text(encoding="utf-8"))["history"]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "你好"
