@@ -62,6 +62,16 @@ def _data_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="report every bad line and go on (default: stop at the first)")
 
 
+def _lazy_args(target: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Arguments defined next to their command (its dataclass holds the defaults and help)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        module, func = target.split(":")
+        getattr(importlib.import_module(module), func)(p)
+
+    return add
+
+
 def _data_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/demo", help="output folder")
 
@@ -81,6 +91,10 @@ COMMANDS: list[Command] = [
     Command(("data", "check"), "tifaforge.cli:cmd_data_check",
             "check an SFT, prompts or preference-pairs JSONL: every bad line by number, field and reason",
             "tifa data check data/demo/sft.jsonl --kind sft", _data_check_args),
+    Command(("data", "novels"), "tifaforge.data.novels:novels_command",
+            "turn .txt/.epub novels (any encoding) into a packed, deduplicated CPT dataset with stats.json",
+            "tifa data novels data/demo/novels --out runs/cpt-data --tokenizer models/tiny --block-size 512",
+            _lazy_args("tifaforge.data.novels:novels_arguments")),
     Command(("data", "demo"), "tifaforge.cli:cmd_data_demo",
             "regenerate the bundled demo data (deterministic: same files, same bytes)",
             "tifa data demo --out data/demo", _data_demo_args),

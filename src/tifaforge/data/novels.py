@@ -1,0 +1,860 @@
+"""Novel corpora -> packed token blocks for continued pretraining (stage 1, CPT).
+
+    tifa data novels books/ extra.epub --out data/cpt --tokenizer models/tiny --block-size 2048
+
+Reads `.txt` and `.epub` files (folders recursively), one file at a time in blocks of a few MB:
+decode (text.py: BOM / UTF-8 / statistical detection; GB family as GB18030) -> normalise -> split
+into chapters -> optional Traditional->Simplified -> strip boilerplate -> drop exact and near
+duplicate chapters (across all files, first occurrence kept) -> tokenise -> pack into blocks of
+`block_size` tokens -> Arrow shards that `datasets.load_from_disk(out)` opens, plus `stats.json`.
+
+A file is one document: its kept chapters in order, then the tokenizer's end-of-text token
+(`<|endoftext|>` if it is a single token, else the EOS token). Blocks are consecutive slices of
+that stream, so a document may continue into the next block but never runs into the next document
+without the separator; the tail shorter than a block is dropped and counted. Special-token strings
+that occur in the text itself (a fake `<|endoftext|>`) are removed and counted.
+
+Near duplicates, and how they depart from textbook MinHash: signatures are one-permutation MinHash
+(Li, Owen & Zhang 2012: every 5-gram of letters and digits hashed once, punctuation and spaces
+skipped, the minimum kept per bin) with rotation densification for the bins a short chapter leaves
+empty (Shrivastava & Li 2014), computed with numpy in O(length) instead of O(length x permutations);
+datasketch's `MinHashLSH` indexes them and a candidate counts only if its estimated Jaccard
+similarity reaches the threshold. Chapters under 50 characters are checked for exact copies only.
+
+Memory: flat in the corpus size except for the duplicate index, which keeps about 4 KB per kept
+chapter (4 GB per million chapters, that is per ~10 GB of text; with `dedup_threshold` 1.0 only the
+exact-copy digests stay, ~150 bytes each). Of a file, a block of a few MB is held at a time.
+
+Speed: the Rust tokenizer releases the GIL, so batches are encoded on a worker thread (on every core)
+while the main thread reads, cleans and deduplicates the next chapters. On 2 cores the tokenizer is
+the bound: everything before it runs at 25-40 MB/s, the tiny preset's tokenizer alone at 7-9 MB/s
+(bench/ingest.py prints both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import time
+import zipfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+
+from tifaforge.config import opt
+from tifaforge.data import text as tx
+from tifaforge.errors import TifaError
+from tifaforge.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".epub")
+READ_BLOCK = 4 << 20  # bytes read at a time from a .txt file
+MAX_EPUB_MEMBER = 64 << 20  # uncompressed bytes; larger members are skipped (zip bombs)
+MIN_NEAR_DUP_CHARS = 50
+MAX_LISTED = 20  # offsets listed per problem in stats.json (the count is always complete)
+SHARD_BYTES = 500 << 20  # Arrow shard size, as Dataset.save_to_disk's default
+
+
+@dataclass
+class NovelsOptions:
+    """`tifa data novels` settings: the one source of their defaults and help."""
+
+    block_size: int = opt(2048, "Tokens per training block (documents are packed across blocks).", min=2)
+    encoding: str | None = opt(None, "Decode every input with this encoding instead of detecting it (e.g. gbk, big5); "
+                               "the GB family always decodes as GB18030.")
+    dedup_threshold: float = opt(0.8, "Drop a chapter whose estimated Jaccard similarity (character 5-grams) to an "
+                                 "earlier chapter reaches this; 1.0 drops exact copies only.", min=0.01, max=1.0)
+    t2s: bool = opt(False, "Convert Traditional to Simplified Chinese (OpenCC t2s) before cleaning and dedup.")
+    num_perm: int = opt(128, "MinHash signature length (more: finer similarity, more memory).", min=8)
+    shingle_chars: int = opt(5, "Characters per shingle for near-duplicate detection.", min=1)
+
+
+DEFAULTS = NovelsOptions()
+
+
+def novels_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `tifa data novels` (help and defaults from NovelsOptions)."""
+    helps = {f.name: f.metadata["help"] for f in fields(NovelsOptions)}
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.epub files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--tokenizer", required=True, help="a model or tokenizer folder, or the preset name 'tiny'")
+    p.add_argument("--block-size", type=int, default=DEFAULTS.block_size, help=helps["block_size"])
+    p.add_argument("--encoding", default=None, help=helps["encoding"])
+    p.add_argument("--dedup-threshold", type=float, default=DEFAULTS.dedup_threshold, help=helps["dedup_threshold"])
+    p.add_argument("--t2s", action="store_true", help=helps["t2s"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def novels_command(args: Any) -> int:
+    """`tifa data novels`: ingest, then print a summary (the full report is OUT/stats.json)."""
+    stats = ingest_novels(
+        args.inputs, args.out, args.tokenizer, block_size=args.block_size, encoding=args.encoding,
+        near_dup_threshold=args.dedup_threshold, to_simplified=args.t2s,
+        progress=not getattr(args, "no_progress", False),
+    )
+    print("\n".join(summary_lines(stats, args.out)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def ingest_novels(
+    inputs: Iterable[str | Path],
+    out_dir: str | Path,
+    tokenizer: Any,
+    *,
+    block_size: int = DEFAULTS.block_size,
+    encoding: str | None = DEFAULTS.encoding,
+    near_dup_threshold: float = DEFAULTS.dedup_threshold,
+    to_simplified: bool = DEFAULTS.t2s,
+    num_perm: int = DEFAULTS.num_perm,
+    shingle_chars: int = DEFAULTS.shingle_chars,
+    shard_blocks: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Turn novel files into a packed `input_ids` dataset at `out_dir`; returns the stats it writes.
+
+    `tokenizer` is a folder (or the preset name "tiny") or a loaded transformers tokenizer.
+    `shard_blocks` caps the blocks per Arrow shard (default: about 500 MB per shard).
+    """
+    _check_options(block_size, near_dup_threshold, encoding)
+    files = find_inputs(inputs)
+    out_dir = _check_out_dir(Path(out_dir))
+    tok = resolve_tokenizer(tokenizer)
+    eot = end_of_text(tok)
+    run = _Run(files, _tokenizer_name(tokenizer, tok), to_simplified, encoding,
+               Deduper(near_dup_threshold, num_perm, shingle_chars))
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")  # renamed to out_dir once complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shard_blocks = shard_blocks or max(1, SHARD_BYTES // (4 * block_size))
+        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+@dataclass
+class _Run:
+    """What one ingest run carries from file to file."""
+
+    files: list[Path]
+    tokenizer: str
+    simplify: bool
+    encoding: str | None
+    dedup: Deduper
+    timers: Timers = field(default_factory=lambda: Timers())
+    reports: list[FileReport] = field(default_factory=list)
+    removed: Counter = field(default_factory=Counter)
+    chapters: Counter = field(default_factory=Counter)
+
+
+def _build(tmp: Path, run: _Run, tok, eot: tuple[str, int], block_size: int, shard_blocks: int,
+           progress: bool) -> dict:
+    """Shards, the dataset's state files and stats.json, all in `tmp`."""
+    start = time.perf_counter()
+    writer = ShardWriter(tmp, block_size, shard_blocks)
+    with Packer(tok, eot[1], block_size, writer, run.timers) as packer:
+        _ingest_files(run, packer, progress)
+    if packer.blocks == 0:
+        raise TifaError(f"{packer.tokens} tokens in all: fewer than one block of {block_size}; nothing written")
+    stats = _stats(run, packer, writer.finish(), eot, writer.fingerprint())
+    stats["seconds"] = run.timers.as_dict(total=time.perf_counter() - start)
+    atomic_write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def _ingest_files(run: _Run, packer: Packer, progress: bool) -> None:
+    from tqdm import tqdm
+
+    total = sum(f.stat().st_size for f in run.files)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="novels", disable=not progress,
+              smoothing=0.05) as bar:
+        for index, path in enumerate(run.files):
+            report = FileReport(str(path), path.stat().st_size)
+            run.reports.append(report)
+            done = bar.n
+            _ingest_file(index, path, report, run, packer, bar.update)
+            bar.update(done + report.bytes - bar.n)  # skipped files and EPUBs advance here
+            for line in report.warnings():
+                log.warning(line)
+
+
+def _ingest_file(index: int, path: Path, report: FileReport, run: _Run, packer: Packer, advance) -> None:
+    """All chapters of one file through clean -> dedup -> packer; the file is one document."""
+    chapters = run.timers.timed_iter("decode_clean", file_chapters(path, run.encoding, report, advance))
+    try:
+        for chapter in chapters:
+            _ingest_chapter(index, chapter, report, run, packer)
+    except SkipFile as e:
+        report.skipped = str(e)
+    if report.chapters_kept:
+        packer.end_document()
+
+
+def _ingest_chapter(index: int, chapter: str, report: FileReport, run: _Run, packer: Packer) -> None:
+    report.chapters += 1
+    with run.timers("decode_clean"):
+        chapter, removed = tx.clean_chapter(chapter, run.simplify)
+    run.removed.update(removed)
+    if not chapter.strip():
+        run.chapters["empty_after_cleaning"] += 1
+        return
+    with run.timers("dedup"):
+        verdict = run.dedup.check(chapter, index)
+    if verdict:
+        kind, other = verdict
+        run.chapters[f"{kind}_duplicates"] += 1
+        report.duplicate_of[other] += 1
+        return
+    report.chapters_kept += 1
+    report.characters += len(chapter)
+    packer.add(chapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def find_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Every .txt/.epub file named or under a named folder, in order, each once."""
+    files: dict[Path, None] = {}
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            if not found:
+                raise TifaError(f"{path}: no .txt or .epub files in this folder")
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise TifaError(f"{path}: not a .txt or .epub file")
+            found = [path]
+        else:
+            raise TifaError(f"{path}: no such file or folder")
+        files.update(dict.fromkeys(p.resolve() for p in found))
+    if not files:
+        raise TifaError("no input files given")
+    return list(files)
+
+
+def _check_options(block_size: int, threshold: float, encoding: str | None) -> None:
+    if block_size < 2:
+        raise TifaError(f"--block-size {block_size}: must be at least 2")
+    if not 0 < threshold <= 1:
+        raise TifaError(f"--dedup-threshold {threshold}: must be in (0, 1]; 1.0 drops exact copies only")
+    if encoding:
+        try:
+            tx.codec_name(encoding)
+        except LookupError:
+            raise TifaError(f"--encoding {encoding}: unknown encoding (try utf-8, gb18030, big5, utf-16)") from None
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise TifaError(f"{out_dir}: already exists and is not an empty folder; remove it or choose another --out")
+    return out_dir
+
+
+class SkipFile(Exception):
+    """A file whose content cannot be used; it is skipped and the reason goes to stats.json."""
+
+
+@dataclass
+class FileReport:
+    path: str
+    bytes: int
+    encoding: str | None = None
+    decided_by: str | None = None
+    chapters: int = 0
+    chapters_kept: int = 0
+    characters: int = 0
+    duplicate_of: Counter = field(default_factory=Counter)  # file index -> chapters dropped as its copies
+    bad_bytes: int = 0
+    bad_spans: list[dict] = field(default_factory=list)  # the first MAX_LISTED runs: offset, bytes in hex
+    problems: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    def add_bad(self, spans: list[tuple[int, bytes]], base: int, where: str = "") -> None:
+        self.bad_bytes += sum(len(b) for _, b in spans)
+        room = MAX_LISTED - len(self.bad_spans)
+        self.bad_spans += [{"member": where, "offset": base + o, "bytes": b.hex()} if where else
+                           {"offset": base + o, "bytes": b.hex()} for o, b in spans[:max(room, 0)]]
+
+    def warnings(self) -> list[str]:
+        out = [f"{self.path}: skipped: {self.skipped}"] if self.skipped else []
+        if self.bad_bytes and not self.skipped:
+            first = self.bad_spans[0]
+            out.append(f"{self.path}: {self.bad_bytes} undecodable byte(s) as {self.encoding} dropped, first at "
+                       f"offset {first['offset']}{' of ' + first['member'] if 'member' in first else ''}")
+        return out + [f"{self.path}: {p}" for p in self.problems]
+
+    def as_dict(self, paths: list[str]) -> dict:
+        d = {k: getattr(self, k) for k in ("path", "bytes", "encoding", "decided_by", "chapters", "chapters_kept",
+                                          "characters", "bad_bytes", "problems", "skipped")}
+        d["bad_spans"] = self.bad_spans
+        d["duplicate_of"] = {paths[i]: n for i, n in self.duplicate_of.most_common()}
+        return d
+
+
+def file_chapters(path: Path, encoding: str | None, report: FileReport,
+                  advance: Callable[[int], Any] = lambda n: None) -> Iterator[str]:
+    """The chapters of one file's normalised text, streamed (see text.split_chapters_stream)."""
+    raw = _epub_texts(path, report) if path.suffix.lower() == ".epub" else _txt_texts(path, encoding, report, advance)
+    yield from tx.split_chapters_stream(tx.normalise_stream(raw))
+
+
+def _txt_texts(path: Path, forced: str | None, report: FileReport, advance) -> Iterator[str]:
+    try:
+        with path.open("rb") as f:
+            head = f.read(max(READ_BLOCK, tx.DETECT_SAMPLE))
+            codec, bom = _choose_encoding(head, forced, report)
+            advance(bom)
+            yield from _decode_blocks(_line_blocks(f, head[bom:], codec), codec, bom, report, advance)
+    except OSError as e:
+        raise TifaError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _choose_encoding(head: bytes, forced: str | None, report: FileReport) -> tuple[str, int]:
+    """(codec, BOM length); a file that is empty, undetectable or mostly undecodable is skipped."""
+    if not head:
+        raise SkipFile("empty file")
+    try:
+        codec, bom, report.decided_by = tx.detect_encoding(head, forced)
+    except tx.UndetectableEncoding:
+        raise SkipFile("cannot tell the encoding; pass --encoding") from None
+    report.encoding = codec
+    sample = head[bom:bom + tx.DETECT_SAMPLE]
+    bad = tx.sample_errors(sample, codec)
+    if tx.too_damaged(bad, len(sample)):
+        raise SkipFile(f"{len(bad)} undecodable sequences in the first {len(sample)} bytes as {codec}, "
+                       f"first at offset {bom + bad[0][0]}: wrong encoding? pass --encoding")
+    return codec, bom
+
+
+def _decode_blocks(blocks: Iterable[bytes], codec: str, offset: int, report: FileReport, advance) -> Iterator[str]:
+    """Decoded blocks; undecodable bytes are dropped and recorded with their file offsets."""
+    for block in blocks:
+        text, bad = tx.decode(block, codec)
+        report.add_bad(bad, offset)
+        offset += len(block)
+        advance(len(block))
+        yield text
+
+
+def _line_blocks(f, head: bytes, codec: str) -> Iterator[bytes]:
+    """`head` and the rest of the file in blocks that end at a line break (or at the end of the file)."""
+    buf = head
+    while True:
+        more = f.read(READ_BLOCK)
+        if not more:
+            if buf:
+                yield buf
+            return
+        buf += more
+        cut = tx.line_cut(buf, codec)
+        if cut:
+            yield buf[:cut]
+            buf = buf[cut:]
+
+
+# ---------------------------------------------------------------------------------------------
+# EPUB: zipfile + the OPF spine + html.parser
+
+
+def _epub_texts(path: Path, report: FileReport) -> Iterator[str]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise TifaError(f"{path}: cannot read as EPUB: {e}") from None
+    report.decided_by = "EPUB: XML declaration or BOM of each document"
+    with zf:
+        members = _spine(zf, report)
+        if not members:
+            raise SkipFile("no XHTML documents in the EPUB")
+        for name in members:
+            data = _epub_member(zf, name, report)
+            if data is not None:
+                report.encoding = _xml_encoding(data)
+                text, bad = tx.decode(data, report.encoding)
+                report.add_bad(bad, 0, name)
+                yield html_text(text) + "\n"
+
+
+def _spine(zf: zipfile.ZipFile, report: FileReport) -> list[str]:
+    """Member names of the reading order; without a usable OPF, every (X)HTML member by name."""
+    import xml.etree.ElementTree as ET
+
+    names = set(zf.namelist())
+    try:
+        container = ET.fromstring(zf.read("META-INF/container.xml"))
+        opf_name = container.find(".//{*}rootfile").attrib["full-path"]
+        opf = ET.fromstring(zf.read(opf_name))
+        base = posixpath.dirname(opf_name)
+        hrefs = {i.get("id"): posixpath.normpath(posixpath.join(base, unquote(i.get("href", "").split("#")[0])))
+                 for i in opf.findall(".//{*}item")}
+        spine = [hrefs.get(r.get("idref")) for r in opf.findall(".//{*}itemref")]
+        found = [n for n in spine if n in names]
+        if found:
+            return found
+    except (KeyError, AttributeError, ET.ParseError) as e:
+        report.problems.append(f"no usable OPF spine ({type(e).__name__}); reading HTML members in name order")
+    return sorted(n for n in names if n.lower().endswith((".xhtml", ".html", ".htm")))
+
+
+def _epub_member(zf: zipfile.ZipFile, name: str, report: FileReport) -> bytes | None:
+    size = zf.getinfo(name).file_size
+    if size > MAX_EPUB_MEMBER:
+        report.problems.append(f"{name}: {size} bytes uncompressed, over the {MAX_EPUB_MEMBER} cap; skipped")
+        return None
+    try:
+        return zf.read(name)
+    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+        report.problems.append(f"{name}: unreadable member ({e}); skipped")
+        return None
+
+
+_XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*encoding=["']([A-Za-z0-9._-]+)["']""")
+
+
+def _xml_encoding(data: bytes) -> str:
+    for bom, codec in tx.BOMS:
+        if data.startswith(bom):
+            return codec + ("-sig" if codec == "utf-8" else "")
+    m = _XML_ENCODING.match(data[:200])
+    try:
+        return tx.codec_name(m.group(1).decode()) if m else "utf-8"
+    except LookupError:
+        return "utf-8"
+
+
+class _HtmlText(HTMLParser):
+    BLOCK = {"p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "blockquote",
+             "pre", "hr", "dd", "dt", "ul", "ol", "table"}
+    SKIP = {"script", "style", "head"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def _line_break(self, tag: str) -> None:
+        if tag == "br":
+            self.parts.append("\n")
+        elif tag in self.BLOCK and "".join(self.parts[-2:]).rstrip(" ")[-1:] not in ("\n", ""):
+            self.parts.append("\n")  # one break between blocks, however many tags close and open
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in self.SKIP:
+            self.skip += 1
+        self._line_break(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list) -> None:
+        self._line_break(tag)  # <br/> is one break, not a start and an end
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP:
+            self.skip = max(0, self.skip - 1)
+        self._line_break(tag)
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:  # HTML white space collapses; U+3000 is not HTML white space and stays
+            self.parts.append(re.sub(r"[ \t\r\n\f]+", " ", data))
+
+
+def html_text(markup: str) -> str:
+    """The text of an (X)HTML document, a line per block element."""
+    parser = _HtmlText()
+    parser.feed(markup)
+    parser.close()
+    return "".join(parser.parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicates
+
+
+class Deduper:
+    """Exact (BLAKE2b of the text) and near (one-permutation MinHash + LSH) duplicate chapters."""
+
+    def __init__(self, threshold: float, num_perm: int = 128, shingle_chars: int = 5) -> None:
+        self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_chars
+        self.exact: dict[bytes, int] = {}  # digest -> file index of the copy kept
+        self.owner: list[int] = []  # LSH key -> file index
+        self.signatures: list[bytes] = []  # LSH key -> signature bytes
+        self.lsh = None
+        if threshold < 1.0:
+            from datasketch import MinHash, MinHashLSH
+
+            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            self.permutations = MinHash(num_perm=num_perm).permutations  # unused by LSH; MinHash wants them
+
+    def check(self, text: str, owner: int) -> tuple[str, int] | None:
+        """("exact" | "near", file index of the earlier copy) or None (then the text is recorded)."""
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self.exact:
+            return "exact", self.exact[digest]
+        near = self._near(text, owner) if self.lsh is not None and len(text) >= MIN_NEAR_DUP_CHARS else None
+        self.exact[digest] = owner if near is None else near
+        return None if near is None else ("near", near)
+
+    def _near(self, text: str, owner: int) -> int | None:
+        """File index of a near copy already indexed; if none, index this text and return None."""
+        from datasketch import MinHash
+
+        sig = signature(text, self.num_perm, self.k)
+        minhash = MinHash(hashvalues=sig, permutations=self.permutations, scheme="affine32")
+        for key in self.lsh.query(minhash):  # LSH candidates, confirmed by the estimated similarity
+            if np.mean(np.frombuffer(self.signatures[key], np.uint32) == sig) >= self.threshold:
+                return self.owner[key]
+        self.lsh.insert(len(self.owner), minhash, check_duplication=False)
+        self.owner.append(owner)
+        self.signatures.append(sig.tobytes())
+        return None
+
+
+_M1, _M2, _S = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(33)
+_EMPTY = np.uint64(1 << 32)
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: every output bit depends on every input bit."""
+    h = h ^ (h >> _S)
+    h = h * _M1
+    h = h ^ (h >> _S)
+    h = h * _M2
+    return h ^ (h >> _S)
+
+
+@lru_cache(maxsize=1)
+def _is_word_char() -> np.ndarray:
+    """(0x110000,) bool: letters and digits of every script, built once (~0.2 s)."""
+    return np.array([chr(c).isalnum() for c in range(0x110000)], dtype=bool)
+
+
+def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
+    """64-bit hashes of every run of k letters or digits; punctuation and spaces are skipped, so
+    「」 for “” or a line break moved does not hide a copy."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    chars = codes[_is_word_char()[codes]].astype(np.uint64)  # (n,)
+    n = max(1, len(chars) - k + 1)
+    h = chars[:n].copy()
+    for j in range(1, min(k, len(chars))):  # polynomial hash, wrapping mod 2^64
+        h = h * np.uint64(1_000_003) + chars[j:j + n]
+    return _mix64(h)
+
+
+def signature(text: str, num_perm: int = 128, k: int = 5) -> np.ndarray:
+    """One-permutation MinHash: bin = hash mod num_perm, keep each bin's smallest high 32 bits."""
+    h = shingle_hashes(text, k)
+    if not len(h):
+        return np.zeros(num_perm, dtype=np.uint32)
+    sig = np.full(num_perm, _EMPTY, dtype=np.uint64)
+    np.minimum.at(sig, (h % np.uint64(num_perm)).astype(np.intp), h >> np.uint64(32))
+    empty = np.flatnonzero(sig == _EMPTY)
+    if len(empty):  # rotation densification: borrow the next filled bin's value, salted by distance
+        filled = np.flatnonzero(sig != _EMPTY)
+        source = filled[np.searchsorted(filled, empty) % len(filled)]
+        distance = (source - empty) % num_perm
+        sig[empty] = _mix64(sig[source] + distance.astype(np.uint64) * _EMPTY) >> np.uint64(32)
+    return sig.astype(np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenise, pack, write
+
+
+def resolve_tokenizer(tokenizer: Any):
+    """A loaded tokenizer, a folder (model or tokenizer), or the preset name 'tiny'."""
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    path = Path(tokenizer)
+    if not path.exists():
+        from tifaforge.models import presets
+
+        if str(tokenizer) in presets.PRESETS:
+            return presets.build_tokenizer()
+        raise TifaError(f"{path}: no such tokenizer folder (or preset name: {', '.join(presets.PRESETS)})")
+    from tifaforge.models.load import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _tokenizer_name(given: Any, tok) -> str:
+    return str(given) if isinstance(given, (str, Path)) else getattr(tok, "name_or_path", "") or type(tok).__name__
+
+
+def end_of_text(tok) -> tuple[str, int]:
+    """The document separator: `<|endoftext|>` if it is one token of this tokenizer, else EOS."""
+    tid = tok.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(tid, int) and tid != tok.unk_token_id and tok.convert_ids_to_tokens(tid) == "<|endoftext|>":
+        return "<|endoftext|>", tid
+    if tok.eos_token_id is not None:
+        return tok.eos_token, tok.eos_token_id
+    raise TifaError("the tokenizer has neither <|endoftext|> nor an EOS token to separate documents")
+
+
+def _special_pattern(tok) -> re.Pattern | None:
+    specials = set(getattr(tok, "all_special_tokens", []))
+    specials |= {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    specials.discard("")
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+
+
+class Packer:
+    """Chapters -> token stream (EOT after each document) -> blocks of `block_size`, written in order.
+
+    Batches of about a million characters are encoded on one worker thread (the Rust tokenizer uses
+    every core and releases the GIL); at most two batches wait, so memory stays bounded.
+    """
+
+    BATCH_CHARS = 1 << 20
+    WRITE_TOKENS = 1 << 20
+    IN_FLIGHT = 2
+
+    def __init__(self, tok, eot_id: int, block_size: int, writer: ShardWriter, timers: Timers) -> None:
+        self.tok, self.block_size, self.writer, self.timers = tok, block_size, writer, timers
+        self.eot = np.array([eot_id], dtype=np.int32)
+        self.specials = _special_pattern(tok)
+        self.backend = getattr(tok, "backend_tokenizer", None)
+        self.items: list[str | None] = []  # None marks the end of a document
+        self.chars = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
+        self.in_flight: deque[Future] = deque()
+        self.buffer: list[np.ndarray] = []
+        self.buffered = self.tokens = self.blocks = self.dropped_tail = self.special_strings = 0
+
+    def add(self, text: str) -> None:
+        if self.specials is not None and self.specials.search(text):
+            text, n = self.specials.subn("", text)
+            self.special_strings += n
+        self.items.append(text)
+        self.chars += len(text)
+        if self.chars >= self.BATCH_CHARS:
+            self._submit()
+
+    def end_document(self) -> None:
+        self.items.append(None)
+
+    def __enter__(self) -> Packer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._submit()
+                while self.in_flight:
+                    self._pack(self.in_flight.popleft().result())
+                self._write(final=True)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> None:
+        if self.items:
+            self.in_flight.append(self.pool.submit(self._encode, self.items))
+            self.items, self.chars = [], 0
+        while len(self.in_flight) > self.IN_FLIGHT:
+            self._pack(self.in_flight.popleft().result())
+
+    def _encode(self, items: list[str | None]) -> np.ndarray:
+        """The token stream of a batch (runs on the worker thread)."""
+        with self.timers("tokenise"):
+            ids = iter(self.encode_texts([t for t in items if t is not None]))
+            return np.concatenate([self.eot if t is None else np.asarray(next(ids), dtype=np.int32) for t in items])
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.backend is not None:  # the fast path: no Python-side offsets or attention masks
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def _pack(self, ids: np.ndarray) -> None:
+        self.buffer.append(ids)
+        self.buffered += len(ids)
+        self.tokens += len(ids)
+        if self.buffered >= max(self.WRITE_TOKENS, self.block_size):
+            self._write()
+
+    def _write(self, final: bool = False) -> None:
+        with self.timers("pack_write"):
+            flat = np.concatenate(self.buffer) if self.buffer else np.zeros(0, np.int32)
+            n = len(flat) // self.block_size
+            if n:
+                self.writer.write(flat[: n * self.block_size].reshape(n, self.block_size))  # (n, block_size)
+                self.blocks += n
+            rest = flat[n * self.block_size:]
+            self.buffer, self.buffered = [rest], len(rest)
+            if final:
+                self.dropped_tail = len(rest)
+
+
+class ShardWriter:
+    """Arrow shards in the layout of `Dataset.save_to_disk`, written as blocks arrive."""
+
+    def __init__(self, folder: Path, block_size: int, shard_blocks: int) -> None:
+        from datasets import Features, List, Value
+
+        self.folder, self.block_size, self.shard_blocks = folder, block_size, shard_blocks
+        self.features = Features({"input_ids": List(Value("int32"), length=block_size)})
+        folder.mkdir(parents=True)
+        self.paths: list[Path] = []
+        self.writer = None
+        self.in_shard = 0
+        self.hash = hashlib.blake2b(digest_size=16)
+
+    def write(self, blocks: np.ndarray) -> None:
+        import pyarrow as pa
+
+        self.hash.update(blocks.tobytes())
+        while len(blocks):
+            if self.writer is None:
+                self._open()
+            take = blocks[: self.shard_blocks - self.in_shard]
+            column = pa.FixedSizeListArray.from_arrays(pa.array(take.ravel()), self.block_size)
+            self.writer.write_table(pa.table({"input_ids": column}))
+            self.in_shard += len(take)
+            blocks = blocks[len(take):]
+            if self.in_shard == self.shard_blocks:
+                self._close()
+
+    def _open(self) -> None:
+        from datasets.arrow_writer import ArrowWriter
+
+        self.paths.append(self.folder / f"shard-{len(self.paths):05d}.arrow")
+        self.writer = ArrowWriter(features=self.features, path=str(self.paths[-1]))
+        self.in_shard = 0
+
+    def _close(self) -> None:
+        self.writer.finalize()
+        self.writer.close()
+        self.writer = None
+
+    def fingerprint(self) -> str:
+        return self.hash.hexdigest()
+
+    def finish(self) -> list[str]:
+        """Name the shards data-XXXXX-of-NNNNN.arrow and write the dataset's state and info files."""
+        from datasets import DatasetInfo
+
+        if self.writer is not None:
+            self._close()
+        names = [f"data-{i:05d}-of-{len(self.paths):05d}.arrow" for i in range(len(self.paths))]
+        for path, name in zip(self.paths, names):
+            path.rename(self.folder / name)
+        state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": self.fingerprint(),
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                 "_output_all_columns": False, "_split": None}
+        (self.folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        DatasetInfo(features=self.features).write_to_directory(str(self.folder))
+        return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and the report
+
+
+class Timers:
+    """Busy seconds per phase. Phases overlap: "tokenise" runs on the worker thread (and only there, so
+    no key is updated from two threads), the others on the main thread."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter = Counter()
+
+    def __call__(self, name: str) -> _Timer:
+        return _Timer(self.seconds, name)
+
+    def timed_iter(self, name: str, it: Iterable) -> Iterator:
+        it = iter(it)
+        while True:
+            with self(name):
+                item = next(it, _DONE)
+            if item is _DONE:
+                return
+            yield item
+
+    def as_dict(self, total: float) -> dict:
+        return {"total": round(total, 3), **{k: round(v, 3) for k, v in sorted(self.seconds.items())}}
+
+
+_DONE = object()
+
+
+class _Timer:
+    __slots__ = ("seconds", "name", "start")
+
+    def __init__(self, seconds: Counter, name: str) -> None:
+        self.seconds, self.name = seconds, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.name] += time.perf_counter() - self.start
+
+
+def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], fingerprint: str) -> dict:
+    paths = [str(f) for f in run.files]
+    reports = run.reports
+    return {
+        "inputs": len(run.files),
+        "files_skipped": sum(r.skipped is not None for r in reports),
+        "documents": sum(r.chapters_kept > 0 for r in reports),
+        "chapters": {"found": sum(r.chapters for r in reports), "kept": sum(r.chapters_kept for r in reports),
+                     "empty_after_cleaning": run.chapters["empty_after_cleaning"],
+                     "exact_duplicates": run.chapters["exact_duplicates"],
+                     "near_duplicates": run.chapters["near_duplicates"]},
+        "bytes": sum(r.bytes for r in reports),
+        "characters": sum(r.characters for r in reports),
+        "tokens": packer.tokens,
+        "blocks": packer.blocks,
+        "block_size": packer.block_size,
+        "tokens_dropped_tail": packer.dropped_tail,
+        "special_token_strings_removed": packer.special_strings,
+        "removed_lines": dict(sorted(run.removed.items())),
+        "dedup": {"threshold": run.dedup.threshold, "num_perm": run.dedup.num_perm, "shingle_chars": run.dedup.k},
+        "t2s": run.simplify,
+        "tokenizer": run.tokenizer,
+        "separator": {"token": eot[0], "id": eot[1]},
+        "encodings": dict(Counter(r.encoding for r in reports if r.encoding and not r.skipped).most_common()),
+        "shards": shards,
+        "fingerprint": fingerprint,
+        "files": [r.as_dict(paths) for r in reports],
+    }
+
+
+def summary_lines(stats: dict, out: str | Path) -> list[str]:
+    c = stats["chapters"]
+    lines = [
+        f"wrote {stats['blocks']} blocks of {stats['block_size']} tokens ({stats['tokens']:,} tokens, "
+        f"{stats['tokens_dropped_tail']} in the dropped tail) in {len(stats['shards'])} shard(s) to {out}",
+        f"files {stats['inputs']} ({stats['files_skipped']} skipped), documents {stats['documents']}, "
+        f"chapters kept {c['kept']} of {c['found']} (exact copies {c['exact_duplicates']}, "
+        f"near copies {c['near_duplicates']}, empty after cleaning {c['empty_after_cleaning']})",
+        "encodings: " + ", ".join(f"{k} {v}" for k, v in stats["encodings"].items()),
+    ]
+    if stats["removed_lines"]:
+        lines.append("removed: " + ", ".join(f"{k} {v}" for k, v in stats["removed_lines"].items()))
+    lines += [f"skipped {f['path']}: {f['skipped']}" for f in stats["files"] if f["skipped"]]
+    lines.append(f"details: {Path(out) / 'stats.json'}")
+    return lines

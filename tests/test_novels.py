@@ -1,0 +1,481 @@
+"""`tifa data novels`: decoding, normalisation, chapters, boilerplate, dedup, packing, stats.
+
+    .venv/bin/python -m pytest tests/test_novels.py -q
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from tifaforge.data import novels
+from tifaforge.data import text as tx
+from tifaforge.data.novels import Deduper, FileReport, file_chapters, ingest_novels
+from tifaforge.errors import TifaError
+
+# Adapted from the bundled tokenizer corpus (written for this project). 𠮷 (U+20BB7) and 𡈽 (U+2123D)
+# are 4-byte characters in GB18030.
+REF = (
+    "第一章 雨夜\n"
+    "暮色压着青石镇的屋檐，细雨从黄昏一直下到掌灯时分。客栈的灯笼被风吹得左右摇晃，昏黄的光在湿漉漉的"
+    "石板路上碎成一片一片。沈青崖推门进来的时候，堂中原本低声说话的几桌客人忽然都静了。\n"
+    "“掌柜的，一壶热酒，两个小菜。”他把斗笠搁在桌角，声音不高，却让柜台后打瞌睡的伙计一下子醒了。\n"
+    "第二章 山门\n"
+    "云岚宗的山门立在九百级石阶之上。晨雾未散，白鹤从松林间掠过，翅尖扫落一串露水。林小满背着一只竹篓，"
+    "一步一喘地往上爬。她问：“师兄，还有多远？”师兄笑道：“不远了，再走三百级！”\n"
+)
+RARE = "吉野家的𠮷字和𡈽字，都是四字节的字。\n"
+REF_TRAD = (  # REF in Traditional characters, all of them in Big5
+    "第一章 雨夜\n"
+    "暮色壓著青石鎮的屋檐，細雨從黃昏一直下到掌燈時分。客棧的燈籠被風吹得左右搖晃，昏黃的光在溼漉漉的"
+    "石板路上碎成一片一片。沈青崖推門進來的時候，堂中原本低聲說話的幾桌客人忽然都靜了。\n"
+    "「掌櫃的，一壺熱酒，兩個小菜。」他把斗笠擱在桌角，聲音不高，卻讓櫃檯後打瞌睡的夥計一下子醒了。\n"
+    "第二章 山門\n"
+    "雲嵐宗的山門立在九百級石階之上。晨霧未散，白鶴從松林間掠過，翅尖掃落一串露水。林小滿揹著一隻竹簍，"
+    "一步一喘地往上爬。她問：「師兄，還有多遠？」師兄笑道：「不遠了，再走三百級！」\n"
+)
+
+
+def traditional(s: str) -> str:
+    from opencc import OpenCC
+
+    return OpenCC("s2t").convert(s)
+
+
+def chapters_of(path: Path, encoding: str | None = None) -> tuple[str, FileReport]:
+    report = FileReport(str(path), path.stat().st_size)
+    return "".join(file_chapters(path, encoding, report)), report
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+@pytest.mark.parametrize(
+    "codec, text, expected",
+    [
+        ("utf-8", REF + RARE, "utf-8"),
+        ("utf-8-sig", REF + RARE, "utf-8"),
+        ("utf-16", REF + RARE, None),  # Python writes the platform's BOM order
+        ("utf-16-le+bom", REF + RARE, "utf-16-le"),
+        ("utf-16-be+bom", REF + RARE, "utf-16-be"),
+        ("gb18030", REF + RARE, "gb18030"),
+        ("gbk", REF, "gb18030"),
+        ("gb2312", REF, "gb18030"),
+        ("big5", "trad", "cp950"),
+        ("cp950", "trad", "cp950"),
+    ],
+)
+def test_each_encoding_round_trips(tmp_path, codec, text, expected):
+    text = REF_TRAD if text == "trad" else text
+    path = tmp_path / "book.txt"
+    if codec.endswith("+bom"):
+        import codecs as c
+
+        bom = c.BOM_UTF16_LE if "le" in codec else c.BOM_UTF16_BE
+        path.write_bytes(bom + text.encode(codec[:9]))
+    else:
+        path.write_bytes(text.encode(codec))
+    got, report = chapters_of(path)
+    assert got == tx.normalise(text)
+    native = "utf-16-le" if text.encode("utf-16").startswith(b"\xff\xfe") else "utf-16-be"
+    assert report.encoding == (expected or native)
+    assert report.bad_bytes == 0
+
+
+def test_forced_gbk_still_decodes_four_byte_characters(tmp_path):
+    path = tmp_path / "rare.txt"
+    path.write_bytes((REF + RARE).encode("gb18030"))
+    got, report = chapters_of(path, encoding="GBK")
+    assert "𠮷" in got and "𡈽" in got and report.encoding == "gb18030"
+    assert report.decided_by == "forced GBK"
+
+
+def test_forced_encoding_tells_big5_from_gb(tmp_path):
+    path = tmp_path / "big5.txt"
+    path.write_bytes(REF_TRAD.encode("big5"))
+    assert chapters_of(path, encoding="big5")[0] == tx.normalise(REF_TRAD)
+    # the same bytes forced as GB decode without a single error, into nonsense: why detection is statistical
+    garbled, report = chapters_of(path, encoding="gb18030")
+    assert garbled != tx.normalise(REF_TRAD) and report.bad_bytes == 0
+
+
+def test_a_forced_utf16_follows_the_bom_and_defaults_to_little_endian(tmp_path):
+    (tmp_path / "be.txt").write_bytes(b"\xfe\xff" + REF.encode("utf-16-be"))
+    (tmp_path / "le.txt").write_bytes(REF.encode("utf-16-le"))
+    for name, codec in (("be.txt", "utf-16-be"), ("le.txt", "utf-16-le")):
+        got, report = chapters_of(tmp_path / name, encoding="utf-16")
+        assert got == tx.normalise(REF) and report.encoding == codec
+
+
+def test_undecodable_bytes_are_dropped_and_reported_with_offsets(tmp_path, monkeypatch):
+    monkeypatch.setattr(novels, "READ_BLOCK", 64)  # many blocks: offsets must stay file offsets
+    monkeypatch.setattr(tx, "DETECT_SAMPLE", 200)
+    good = (REF * 3).encode("utf-8")
+    bad_at = [len("第一章 雨".encode()), len((REF * 3)[:-10].encode())]  # on character boundaries
+    data = bytearray(good)
+    for n, at in enumerate(bad_at):
+        data[at + n:at + n] = b"\xff"  # each insertion shifts the later offsets by one
+    path = tmp_path / "bad.txt"
+    path.write_bytes(bytes(data))
+    got, report = chapters_of(path)
+    assert got == tx.normalise(REF * 3)
+    assert report.bad_bytes == 2
+    assert [s["offset"] for s in report.bad_spans] == [bad_at[0], bad_at[1] + 1]
+    assert all(s["bytes"] == "ff" for s in report.bad_spans)
+
+
+def test_a_file_in_the_wrong_encoding_is_skipped_with_the_reason(tmp_path):
+    path = tmp_path / "gbk.txt"
+    path.write_bytes(REF.encode("gbk"))
+    report = FileReport(str(path), path.stat().st_size)
+    with pytest.raises(novels.SkipFile, match=r"undecodable sequences .* as utf-8, first at offset \d+"):
+        list(file_chapters(path, "utf-8", report))
+
+
+def test_line_cut_respects_code_units():
+    data = "甲\n乙\r\n丙".encode("utf-16-le")
+    cut = tx.line_cut(data, "utf-16-le")
+    assert data[:cut].decode("utf-16-le") == "甲\n乙\r\n"
+    assert tx.line_cut("ab\ncd".encode("gb18030"), "gb18030") == 3
+    assert tx.line_cut(b"no break", "utf-8") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and chapters
+
+
+def test_normalise_keeps_chinese_punctuation_and_cleans_whitespace():
+    raw = "\ufeff\r\n\r\n　　他说：“你好！”\u200b（完）\r\n\r\n\r\n\r\n　　ＡＢＣ１２３，。？\t \r\n  a\u3000\u3000b  c\r\nend"
+    assert tx.normalise(raw) == "他说：“你好！”（完）\n\nＡＢＣ１２３，。？\na b c\nend\n"
+    assert tx.normalise("") == "" and tx.normalise("\n \u3000\n") == ""
+
+
+def test_headings_split_chapters_and_a_volume_title_stays_with_its_chapter():
+    text = tx.normalise(
+        "书名：测试\n作者：某\n第一卷 风起\n第一章 初遇\n正文一。\n第2章\n正文二。\n【第十一回】 夜雨\n正文三。\n"
+        "Chapter 4 The Road\nbody\n一、开端\n正文五。\n第三回合，他出拳了。\n序章里说的话，他记得。\n"
+    )
+    chapters = tx.split_chapters(text)
+    assert [c.split("\n")[0] for c in chapters] == ["书名：测试", "第一卷 风起", "第2章", "【第十一回】 夜雨",
+                                                   "Chapter 4 The Road", "一、开端"]
+    assert chapters[1].startswith("第一卷 风起\n第一章 初遇\n")
+    assert "".join(chapters) == text
+
+
+LINES = st.sampled_from([
+    "第一章 初遇", "第12回", "第三百二十节 风", "Chapter 7", "序章", "1. 开始", "二、山门", "第一卷", "正文 第5章",
+    "他说：“好。”", "雨下了一夜，", "本章完", "求月票！", "a", "", " ", "\u3000\u3000", "\u200b", "\t",
+])
+ENDS = st.sampled_from(["\n", "\r\n", "\r", "\n\n", "\r\n\r\n\r\n"])
+
+
+@st.composite
+def raw_texts(draw):
+    parts = draw(st.lists(st.tuples(LINES, ENDS), max_size=30))
+    return "".join(a + b for a, b in parts) + draw(st.sampled_from(["", "尾巴"]))
+
+
+def cut(text: str, points: list[int]) -> list[str]:
+    points = sorted({p % (len(text) + 1) for p in points})
+    return [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw_texts(), st.lists(st.integers(0, 10_000), max_size=6))
+def test_chapter_invariant_and_streaming_equals_whole_text(raw, points):
+    whole = tx.normalise(raw)
+    chapters = tx.split_chapters(whole)
+    assert "".join(chapters) == whole  # nothing lost, nothing duplicated
+    assert all(tx.HEADING.match(c) for c in chapters[1:])  # every later chapter starts at a heading
+    pieces = cut(raw, points)
+    assert "".join(tx.normalise_stream(pieces)) == whole
+    assert list(tx.split_chapters_stream(tx.normalise_stream(pieces))) == chapters
+    assert tx.normalise(whole) == whole  # idempotent
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw_texts(), st.sampled_from(["utf-8", "gb18030", "utf-16-le", "big5"]))
+def test_chapter_invariant_through_files_read_in_small_blocks(tmp_path_factory, raw, codec):
+    assume(raw)
+    if codec == "big5":
+        raw = traditional(raw).replace("\u200b", "")  # Big5 has no zero-width space
+    path = tmp_path_factory.mktemp("inv") / "book.txt"
+    path.write_bytes((b"\xff\xfe" if codec == "utf-16-le" else b"") + raw.encode(codec))
+    old = novels.READ_BLOCK, tx.DETECT_SAMPLE
+    novels.READ_BLOCK = tx.DETECT_SAMPLE = 7  # blocks of a few bytes: every cut position gets tried
+    try:
+        got, _ = chapters_of(path, encoding=codec)
+    finally:
+        novels.READ_BLOCK, tx.DETECT_SAMPLE = old
+    assert got == tx.normalise(raw)
+
+
+def test_a_text_without_headings_is_cut_into_bounded_parts():
+    text = tx.normalise("他走了很久。\n" * 1000)
+    parts = list(tx.split_chapters_stream(tx.normalise_stream([text[i:i + 700] for i in range(0, len(text), 700)]),
+                                          max_chars=2000))
+    assert "".join(parts) == text and max(map(len, parts)) < 2000 + 700 and len(parts) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Boilerplate
+
+
+def test_boilerplate_lines_are_removed_and_counted():
+    story_line = "他攥着那张写满月票数字的纸条，站在雨里想了很久，终究没有把它交给任何人，只是折好放进了怀里，转身离开了这座城。"
+    chapter = tx.normalise(
+        "第三章 夜行\n他走进雨里。\n笔趣阁 最快更新 无弹窗\nhttps://www.example.com/book/1.html\n"
+        "夜色很深（请记住本站域名 www.example.com）。\n" + story_line + "\n本章完\n求月票！求推荐票！\n"
+        "今天两更，晚点还有一更。\nPS：感谢书友的打赏。\n"
+    )
+    cleaned, removed = tx.clean_chapter(chapter)
+    assert cleaned == f"第三章 夜行\n他走进雨里。\n夜色很深。\n{story_line}\n"
+    assert removed == {"site_ad": 1, "url": 1, "inline_ad": 1, "chapter_end": 1, "vote_request": 1,
+                       "update_notice": 1, "author_note": 1}
+
+
+def test_traditional_to_simplified_before_cleaning():
+    cleaned, removed = tx.clean_chapter("第一章 開端\n他說：「請記住本站域名」\n他們走了。\n", simplify=True)
+    assert cleaned == "第一章 开端\n他们走了。\n" and removed == {"site_ad": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicates
+
+
+def near_copy(text: str) -> str:
+    return text.replace("细雨", "小雨").replace("九百级", "八百级")
+
+
+def test_dedup_drops_exact_and_near_copies_and_keeps_a_different_chapter():
+    a, b = tx.split_chapters(tx.normalise(REF))
+    d = Deduper(threshold=0.8)
+    assert d.check(a, owner=0) is None
+    assert d.check(a, owner=1) == ("exact", 0)
+    assert d.check(near_copy(a), owner=2) == ("near", 0)
+    assert d.check(b, owner=3) is None
+    loose = Deduper(threshold=1.0)  # 1.0: exact copies only
+    assert loose.check(a, 0) is None and loose.check(near_copy(a), 1) is None and loose.check(a, 2) == ("exact", 0)
+
+
+def test_signature_estimates_jaccard():
+    rng = np.random.default_rng(0)
+    words = ["山", "水", "风", "雨", "云", "剑", "酒", "月", "花", "雪", "城", "人"]
+    base = "".join(rng.choice(words, 3000))
+    for keep in (0.2, 0.5, 0.9):
+        other = base[: int(len(base) * keep)] + "".join(rng.choice(words, int(len(base) * (1 - keep))))
+        sa, sb = (set(novels.shingle_hashes(t).tolist()) for t in (base, other))
+        true = len(sa & sb) / len(sa | sb)
+        est = float(np.mean(novels.signature(base, 256) == novels.signature(other, 256)))
+        assert abs(est - true) < 0.1, (keep, true, est)
+    short = novels.signature("短短的一句话", 128)  # fewer shingles than bins: densified, still deterministic
+    assert short.shape == (128,) and (short == novels.signature("短短的一句话", 128)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing, the dataset and stats.json
+
+
+def ingest(inputs, out, tok, **kw):
+    return ingest_novels([str(p) for p in inputs], out, tok, progress=False, **kw)
+
+
+def test_blocks_are_the_token_stream_with_eot_between_documents(tmp_path, tiny_tokenizer):
+    import datasets
+
+    docs = ["他走了。\n" * 30, "“你好！”她说。\n" * 17 + "最后一行。\n", "夜深了，灯还亮着。\n" * 23]
+    for i, d in enumerate(docs):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.txt").write_text(d, encoding="utf-8")
+    stats = ingest([tmp_path / "in"], tmp_path / "out", tiny_tokenizer, block_size=16, shard_blocks=5)
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    stream = []
+    for d in docs:
+        stream += tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [eot]
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    blocks = [row["input_ids"] for row in ds]
+    assert all(len(b) == 16 for b in blocks) and len(blocks) == stats["blocks"] == len(stream) // 16
+    assert sum(blocks, []) == stream[: len(blocks) * 16]
+    assert stats["tokens"] == len(stream) and stats["tokens_dropped_tail"] == len(stream) % 16
+    assert len(stats["shards"]) == -(-len(blocks) // 5) > 1
+    assert stats["separator"] == {"token": "<|endoftext|>", "id": eot}
+
+
+def test_a_fake_separator_in_the_text_is_removed_and_counted(tmp_path, tiny_tokenizer):
+    (tmp_path / "a.txt").write_text("他写下<|endoftext|>几个字。\n" * 20, encoding="utf-8")
+    stats = ingest([tmp_path / "a.txt"], tmp_path / "out", tiny_tokenizer, block_size=8)
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    import datasets
+
+    ids = sum(datasets.load_from_disk(str(tmp_path / "out"))["input_ids"], [])
+    assert stats["special_token_strings_removed"] == 20
+    assert ids.count(eot) == (stats["tokens_dropped_tail"] == 0)  # only the real separator, if it was kept
+
+
+def write_mixed_folder(folder: Path) -> dict[str, str]:
+    """Four novels in four encodings plus a near copy and an exact copy; returns name -> marker."""
+    (folder / "sub").mkdir(parents=True)
+    markers = {"utf8.txt": "甲书独有的一句话。", "gbk.txt": "乙书独有的一句话。", "big5.txt": "丙書獨有的一句話。",
+               "utf16.txt": "丁书独有的一句话。"}
+    body = {n: tx.split_chapters(tx.normalise(REF))[i % 2] for i, n in enumerate(markers)}
+    texts = {
+        "utf8.txt": ("第一章 甲\n" + markers["utf8.txt"] + RARE + body["utf8.txt"] * 2, "utf-8"),
+        "gbk.txt": ("第一章 乙\n" + markers["gbk.txt"] + "\n" + REF + "求月票！\n", "gbk"),
+        "big5.txt": ("第一章 丙\n" + markers["big5.txt"] + "\n" + REF_TRAD, "big5"),
+        "utf16.txt": ("第一章 丁\n" + markers["utf16.txt"] + "\n山高水长。" * 40 + "\n", "utf-16"),
+    }
+    for name, (text, codec) in texts.items():
+        (folder / ("sub" if codec == "big5" else "") / name).write_bytes(text.encode(codec))
+    (folder / "sub" / "copy.txt").write_text(near_copy(REF), encoding="utf-8")  # near copy of gbk.txt's chapters
+    (folder / "sub" / "notes.md").write_text("not a novel", encoding="utf-8")
+    write_epub(folder / "sub" / "book.epub")
+    (folder / "zz_last.txt").write_text("风吹过原野。\n" * 20, encoding="utf-8")  # the dropped tail falls here
+    return markers
+
+
+def test_mixed_encoding_folder_end_to_end(tmp_path, tiny_tokenizer):
+    import datasets
+
+    markers = write_mixed_folder(tmp_path / "in")
+    stats = ingest([tmp_path / "in"], tmp_path / "out", tiny_tokenizer, block_size=8)
+    files = {Path(f["path"]).name: f for f in stats["files"]}
+    assert {n: f["encoding"] for n, f in files.items()} == {
+        "utf8.txt": "utf-8", "gbk.txt": "gb18030", "big5.txt": "cp950", "utf16.txt": "utf-16-le", "copy.txt": "utf-8",
+        "book.epub": "utf-8", "zz_last.txt": "utf-8"}
+    assert files["copy.txt"]["chapters_kept"] == 0 and stats["chapters"]["near_duplicates"] >= 2
+    assert list(files["copy.txt"]["duplicate_of"]) == [files["gbk.txt"]["path"]]
+    ids = sum(datasets.load_from_disk(str(tmp_path / "out"))["input_ids"], [])
+    decoded = tiny_tokenizer.decode(ids)
+    assert all(m in decoded for m in markers.values()) and "𠮷" in decoded and "求月票" not in decoded
+    assert "第二章 离开\n他走了。" in decoded  # the EPUB
+    assert stats["removed_lines"] == {"vote_request": 1}
+    on_disk = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    assert on_disk == json.loads(json.dumps(stats))
+
+
+def test_t2s_makes_a_traditional_copy_a_duplicate(tmp_path, tiny_tokenizer):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(REF, encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_bytes(REF_TRAD.encode("big5"))
+    plain = ingest([tmp_path / "in"], tmp_path / "o1", tiny_tokenizer, block_size=8)
+    simplified = ingest([tmp_path / "in"], tmp_path / "o2", tiny_tokenizer, block_size=8, to_simplified=True)
+    assert plain["chapters"]["kept"] == 4 and simplified["chapters"]["kept"] == 2
+    assert simplified["chapters"]["near_duplicates"] == 2  # though the copy quotes with 「」 and keeps 著
+
+
+def test_stats_json_contents(tmp_path, tiny_tokenizer):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(REF + "本章完\n", encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_text(REF, encoding="utf-8")  # exact copies of a's chapters
+    damaged = "第一章 残页\n纸页被水泡过，字迹模糊。\n"
+    (tmp_path / "in" / "bad.txt").write_bytes(b"\xef\xbb\xbf" + damaged.encode() + b"\xff\xfe\n")
+    (tmp_path / "in" / "empty.txt").write_bytes(b"")
+    stats = ingest([tmp_path / "in"], tmp_path / "out", tiny_tokenizer, block_size=4)
+    s = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    assert s == json.loads(json.dumps(stats))
+    assert s["inputs"] == 4 and s["files_skipped"] == 1 and s["documents"] == 2
+    assert s["chapters"] == {"found": 5, "kept": 3, "empty_after_cleaning": 0,
+                             "exact_duplicates": 2, "near_duplicates": 0}
+    assert s["removed_lines"] == {"chapter_end": 1}
+    assert s["blocks"] * 4 + s["tokens_dropped_tail"] == s["tokens"]
+    assert s["characters"] == len(tx.normalise(REF) + damaged) and s["bytes"] == sum(f["bytes"] for f in s["files"])
+    files = {Path(f["path"]).name: f for f in s["files"]}
+    assert files["empty.txt"]["skipped"] == "empty file"
+    assert files["bad.txt"]["bad_bytes"] == 2 and files["bad.txt"]["bad_spans"] == [
+        {"offset": 3 + len(damaged.encode()), "bytes": "fffe"}]
+    assert files["bad.txt"]["decided_by"] == "utf-8 BOM"
+    assert files["b.txt"]["duplicate_of"] == {files["a.txt"]["path"]: 2}
+    assert set(s["seconds"]) == {"total", "decode_clean", "dedup", "tokenise", "pack_write"}
+    assert s["encodings"] == {"utf-8": 3} and s["t2s"] is False and len(s["fingerprint"]) == 32
+
+
+def test_same_input_same_fingerprint(tmp_path, tiny_tokenizer):
+    (tmp_path / "a.txt").write_text(REF * 3, encoding="utf-8")
+    one = ingest([tmp_path / "a.txt"], tmp_path / "o1", tiny_tokenizer, block_size=8)
+    two = ingest([tmp_path / "a.txt"], tmp_path / "o2", tiny_tokenizer, block_size=8)
+    assert one["fingerprint"] == two["fingerprint"]
+
+
+def test_fast_encode_path_matches_the_tokenizer_call(tiny_tokenizer):
+    texts = ["第一章 雨夜\n他说：“你好。”\n", "Chapter 1\nHe said hi.\n\n", "𠮷"]
+    packer = novels.Packer(tiny_tokenizer, 0, 8, writer=None, timers=novels.Timers())
+    try:
+        assert packer.encode_texts(texts) == tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    finally:
+        packer.pool.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# EPUB
+
+
+def write_epub(path: Path) -> None:
+    opf = """<?xml version="1.0" encoding="utf-8"?>
+<package xmlns="http://www.idpf.org/2007/opf" version="3.0"><manifest>
+<item id="c2" href="text/b%20first.xhtml" media-type="application/xhtml+xml"/>
+<item id="c1" href="text/z.xhtml" media-type="application/xhtml+xml"/>
+</manifest><spine><itemref idref="c1"/><itemref idref="c2"/></spine></package>"""
+    page = ('<?xml version="1.0" encoding="utf-8"?><html><head><title>标题不要</title><style>p{}</style></head>'
+            "<body><h1>{h}</h1><p>　　{p}</p><p>甲&amp;乙&#x4E2D;<br/>下一行</p><script>x()</script></body></html>")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("mimetype", "application/epub+zip")
+        z.writestr("META-INF/container.xml", '<?xml version="1.0"?><container xmlns="urn:oasis:names:tc:opendocument:'
+                   'xmlns:container"><rootfiles><rootfile full-path="OEBPS/content.opf"/></rootfiles></container>')
+        z.writestr("OEBPS/content.opf", opf)
+        z.writestr("OEBPS/text/z.xhtml", page.replace("{h}", "第一章 开端").replace("{p}", "他来了。"))
+        z.writestr("OEBPS/text/b first.xhtml", page.replace("{h}", "第二章 离开").replace("{p}", "他走了。"))
+
+
+def test_epub_follows_the_spine_and_keeps_only_text(tmp_path):
+    write_epub(tmp_path / "book.epub")
+    got, report = chapters_of(tmp_path / "book.epub")
+    page = "{h}\n{p}\n甲&乙中\n下一行\n"
+    assert got == page.format(h="第一章 开端", p="他来了。") + "\n" + page.format(h="第二章 离开", p="他走了。")
+    assert tx.split_chapters(got)[1].startswith("第二章 离开\n") and report.problems == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and the command
+
+
+def test_bad_inputs_raise_tifa_errors_naming_the_path(tmp_path, tiny_tokenizer):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fake.epub").write_bytes(b"not a zip")
+    (tmp_path / "ok.txt").write_text(REF, encoding="utf-8")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [
+        ([tmp_path / "missing.txt"], {}, "missing.txt: no such file"),
+        ([tmp_path / "empty"], {}, "empty: no .txt or .epub files"),
+        ([tmp_path / "fake.epub"], {}, "fake.epub: cannot read as EPUB"),
+        ([tmp_path / "ok.txt"], {"encoding": "klingon"}, "--encoding klingon: unknown encoding"),
+        ([tmp_path / "ok.txt"], {"block_size": 100000}, "fewer than one block"),
+    ]
+    for inputs, kw, message in cases:
+        with pytest.raises(TifaError, match=message):
+            ingest(inputs, tmp_path / "out", tiny_tokenizer, **kw)
+        assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    with pytest.raises(TifaError, match="full: already exists"):
+        ingest([tmp_path / "ok.txt"], tmp_path / "full", tiny_tokenizer)
+
+
+def test_novels_command_with_parsed_arguments(tmp_path, tiny_model_dir, capsys):
+    write_mixed_folder(tmp_path / "in")
+    parser = argparse.ArgumentParser()
+    novels.novels_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer",
+                              str(tiny_model_dir), "--block-size", "32", "--dedup-threshold", "0.9", "--t2s",
+                              "--no-progress"])
+    assert novels.novels_command(args) == 0
+    out = capsys.readouterr().out
+    assert "blocks of 32 tokens" in out and "details:" in out
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["t2s"] is True and stats["dedup"]["threshold"] == 0.9 and stats["tokenizer"] == str(tiny_model_dir)
