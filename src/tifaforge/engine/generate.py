@@ -65,6 +65,7 @@ class _Row:
         self.req, self.prompt_ids, self.tok = req, prompt_ids, tokenizer
         self.stop_ids = stop_ids
         self.ids: list[int] = []
+        self.prefix_at = self.read_at = 0  # incremental detokenisation window
         self.text = ""
         self.sent = 0
         self.finish: FinishReason | None = None
@@ -77,15 +78,32 @@ class _Row:
         """Add a token; return the text that is now safe to stream."""
         if token in self.stop_ids:
             self.finish = "stop"
+            self.text += self._detokenize(force=True)
             return self._flush(final=True)
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids, skip_special_tokens=False)
-        cut = _first_stop(self.text, self.req.stop)
+        checked = len(self.text)
+        self.text += self._detokenize()
+        cut = _first_stop(self.text, self.req.stop, start=checked)
         if cut is not None:
             self.text, self.finish = self.text[:cut], "stop"
         elif len(self.ids) >= self.req.sampling.max_new_tokens or budget_left <= 0:
             self.finish = "length"
+            self.text += self._detokenize(force=True)
         return self._flush(final=self.finish is not None)
+
+    def _detokenize(self, force: bool = False) -> str:
+        """New text for the last token, decoding only a short window (O(1) per step, as in TGI/vLLM).
+
+        Byte-level BPE can split a character across tokens: until the window decodes without a
+        trailing U+FFFD the text is withheld, so the joined text equals decoding all ids at once.
+        """
+        prefix = self.tok.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=False)
+        window = self.tok.decode(self.ids[self.prefix_at:], skip_special_tokens=False)
+        stuck = len(self.ids) - self.read_at >= 4  # a UTF-8 character spans at most 4 byte tokens
+        if len(window) > len(prefix) and (force or stuck or not window.endswith("\ufffd")):
+            self.prefix_at, self.read_at = self.read_at, len(self.ids)
+            return window[len(prefix):]
+        return ""
 
     def _flush(self, final: bool) -> str:
         end = len(self.text) if final else _safe_end(self.text, self.req.stop)
@@ -100,8 +118,9 @@ class _Row:
         return Result(self.text, self.ids, self.finish or "length", reasoning, content, len(self.prompt_ids))
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Earliest stop string that ends after `start` (text before it was already checked)."""
+    hits = [i for s in stops if s and (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
     return min(hits) if hits else None
 
 
@@ -169,9 +188,6 @@ class Engine:
         """Deltas as tokens arrive. Closing the iterator stops generation (e.g. a client left)."""
         rows = self._rows(requests)
         yield from self._decode(rows)
-
-    def results_of(self, rows) -> list[Result]:
-        return [r.result() for r in rows]
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -263,15 +279,22 @@ def _new_cache(model):
 
 
 def _pick(rows: list[_Row], idx, scores):
-    """Greedy or sampled next token per row; each row draws from its own generator (its seed)."""
+    """Greedy or sampled next token per row; each row draws from its own generator (its seed).
+
+    Sampling is the exponential race (argmax of p / E with E ~ Exp(1)), exact for the categorical
+    distribution and batched apart from the per-row noise draw; a per-row `torch.multinomial` with
+    its own generator cost more than the tiny model's forward pass.
+    """
     import torch
 
-    out = torch.empty(len(idx), dtype=torch.long, device=scores.device)
-    for j, i in enumerate(idx.tolist()):
-        s = rows[i].req.sampling
-        if not s.do_sample:
-            out[j] = scores[j].argmax()
-            continue
-        probs = torch.softmax(scores[j], dim=-1)
-        out[j] = torch.multinomial(probs.cpu(), 1, generator=rows[i].gen).to(scores.device)[0]
-    return out
+    greedy = scores.argmax(dim=-1)  # (b,)
+    rows_idx = idx.tolist()
+    sampled = [j for j, i in enumerate(rows_idx) if rows[i].req.sampling.do_sample]
+    if not sampled:
+        return greedy
+    probs = torch.softmax(scores[sampled], dim=-1)  # (s, V)
+    # uniform draws per row (own generator), then one batched -log: torch's exponential_ is slow on CPU
+    u = torch.stack([torch.rand(scores.shape[-1], generator=rows[rows_idx[j]].gen) for j in sampled])
+    noise = -torch.log(u.clamp_min(1e-20))  # (s, V) ~ Exp(1)
+    greedy[sampled] = (probs / noise.to(probs.device)).argmax(dim=-1)
+    return greedy
