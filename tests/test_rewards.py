@@ -401,12 +401,12 @@ def test_score_file_and_command(tmp_path):
     assert rows[0]["id"] == "a" and rows[0]["total"] == 1.0
     assert "id" not in rows[1] and rows[1]["rules"]["think_format"]["score"] == 0.0
     cfg = tmp_path / "reward.yaml"
-    cfg.write_text("weights:\n  think_format: 1.0\nvetoes: []\n", encoding="utf-8")
+    cfg.write_text("reward:\n  weights:\n    think_format: 1.0\n  vetoes: []\n", encoding="utf-8")
     out = io.StringIO()
     assert score_command(data, cfg, out=out) == 0
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert [x["total"] for x in lines] == [1.0, 0.0] and set(lines[0]["rules"]) == {"think_format"}
-    cfg.write_text("weights:\n  texure: 1.0\n", encoding="utf-8")
+    cfg.write_text("reward:\n  weights:\n    texure: 1.0\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="did you mean 'texture'"):
         score_command(data, cfg, out=io.StringIO())
 

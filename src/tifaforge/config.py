@@ -14,31 +14,19 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from tifaforge.errors import ConfigError
+from tifaforge.fields import opt, section  # noqa: F401  (re-exported: sections elsewhere use them)
 from tifaforge.utils import atomic_write_text
 
 
-def opt(default: Any, help: str, *, min: float | None = None, max: float | None = None) -> Any:
-    """A config field: its default, the help text shown by the CLI and docs, optional bounds."""
-    meta = {"help": help, "min": min, "max": max}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def section(cls: type, help: str) -> Any:
-    """A nested config section (a dataclass) with its help text."""
-    return field(default_factory=cls, metadata={"help": help})
-
-
 # ---------------------------------------------------------------------------------------------
-# Sections
+# Sections defined here; those that live beside the code using them are imported at the end.
 
 
 @dataclass
@@ -79,22 +67,13 @@ class ModelConfig:
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights. Off: they can run code when loaded.")
 
 
-@dataclass
-class Config:
-    """A tifaforge run: which model, how it samples, and (added per stage) how each stage trains."""
-
-    name: str = opt("tiny", "Run name: outputs go to runs/NAME/.")
-    seed: int = opt(1234, "Global random seed (data order, initialisation, sampling).")
-    model: ModelConfig = section(ModelConfig, "The starting model.")
-    sampling: SamplingConfig = section(SamplingConfig, "Generation defaults for chat, serving, rollouts and eval.")
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type | None = None) -> Any:
     """Defaults <- YAML file <- `key.sub=value` overrides; every value type-checked with its origin."""
+    cls = cls or Config
     data: dict = {}
     lines: dict[tuple[str, ...], int] = {}
     origin = "defaults"
@@ -292,8 +271,9 @@ def save_resolved(cfg: Any, directory: str | Path, name: str = "config.yaml") ->
     return path
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(key, default, help) for every field: the CLI's `--help` and the docs read this."""
+    cls = cls or Config
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -304,3 +284,23 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((key, default, f.metadata.get("help", "")))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole config. Sections that live beside their code import `opt` from this module, so they
+# are imported only now that it is fully defined.
+
+from tifaforge.eval.metrics import EvalConfig  # noqa: E402
+from tifaforge.rewards.literary import RewardConfig  # noqa: E402
+
+
+@dataclass
+class Config:
+    """A tifaforge run: which model, how it samples, and (added per stage) how each stage trains."""
+
+    name: str = opt("tiny", "Run name: outputs go to runs/NAME/.")
+    seed: int = opt(1234, "Global random seed (data order, initialisation, sampling).")
+    model: ModelConfig = section(ModelConfig, "The starting model.")
+    sampling: SamplingConfig = section(SamplingConfig, "Generation defaults for chat, serving, rollouts and eval.")
+    reward: RewardConfig = section(RewardConfig, "The logic rewards (MGRPO, pair mining, eval, tifa reward score).")
+    eval: EvalConfig = section(EvalConfig, "Held-out evaluation (tifa eval, the end of tifa pipeline).")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from tifaforge.config import load_config, opt
+from tifaforge.fields import opt
 from tifaforge.errors import ConfigError, TifaError
 from tifaforge.rewards.rules import RULES, RewardContext, Rule, RuleResult, detect_language
 from tifaforge.utils import read_jsonl
@@ -204,7 +204,9 @@ def score_file(path: str | Path, cfg: RewardConfig | None = None) -> Iterator[di
 
 def score_command(path: str | Path, config_path: str | Path | None = None, out: TextIO = sys.stdout) -> int:
     """Print one §2a reward-score JSON line per dialogue of an SFT file; 0 on success."""
-    cfg = load_config(config_path, cls=RewardConfig) if config_path else RewardConfig()
+    from tifaforge.config import load_config
+
+    cfg = load_config(config_path).reward if config_path else RewardConfig()
     for row in score_file(path, cfg):
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0

@@ -1,0 +1,1 @@
+"""Evaluation: role-play metrics with bootstrap intervals, and the comparison report."""

@@ -1,0 +1,88 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from tifaforge.config import SamplingConfig
+from tifaforge.errors import TifaError
+from tifaforge.eval.metrics import EvalConfig, answer_metrics, bootstrap_ci, perplexity, summarise
+from tifaforge.eval.report import models_of, run_eval
+from tifaforge.rewards.literary import LogicReward, RewardConfig
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return LogicReward(RewardConfig())
+
+
+def test_metrics_of_hand_made_answers(reward):
+    ctx = reward.context([{"role": "user", "content": "讲讲你的剑。"},
+                          {"role": "assistant", "content": "这把剑陪我走过十年江湖风雨。"},
+                          {"role": "user", "content": "再说说。"}])
+    good = "<think>\n他想起往事。\n</think>\n\n他低头看着剑鞘，沉默良久。"
+    no_think = "他低头看着剑鞘，沉默良久。"
+    loop = "<think>想</think>" + "走吧走吧" * 10
+    echo = "<think>想</think>这把剑陪我走过十年江湖风雨。"
+    m_good, m_none, m_loop, m_echo = (answer_metrics(reward, ctx, a) for a in (good, no_think, loop, echo))
+    assert (m_good["think_format"], m_none["think_format"]) == (1.0, 0.0)
+    # "走吧走吧"x10 = 40 characters: 37 4-grams, only 2 distinct ("走吧走吧", "吧走吧走")
+    assert m_loop["repetition_4gram"] == pytest.approx(1 - 2 / 37)
+    assert m_good["repetition_4gram"] == 0.0
+    assert m_echo["cross_turn_overlap"] == pytest.approx(1.0) and m_good["cross_turn_overlap"] == 0.0
+    assert m_good["answer_length"] == len("他低头看着剑鞘沉默良久")
+    assert m_loop["reward"] < m_good["reward"]
+    refusal = answer_metrics(reward, ctx, "<think>想</think>抱歉，作为一个AI语言模型，我无法满足这个请求。")
+    assert refusal["refusal"] == 1.0 and m_good["refusal"] == 0.0
+
+
+def test_bootstrap_interval():
+    vals = [0.0, 1.0] * 20
+    mean, lo, hi = bootstrap_ci(vals, n=500, seed=1)
+    assert mean == 0.5 and lo < 0.5 < hi and (lo, hi) == bootstrap_ci(vals, n=500, seed=1)[1:]
+    assert bootstrap_ci([2.0] * 5) == (2.0, 2.0, 2.0)
+    s = summarise([{"x": 1.0}, {"x": 3.0}], ["甲乙丙", "甲乙丁"], 100)
+    assert s["x"]["mean"] == 2.0 and s["distinct_1"]["mean"] == pytest.approx(4 / 6)
+
+
+def test_perplexity_matches_the_model_loss(engine):
+    text = "暮色压着青石镇的屋檐，细雨从黄昏一直下到掌灯时分。"
+    ids = torch.tensor([engine.tokenizer(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        loss = engine.model(input_ids=ids, labels=ids).loss.item()
+    assert perplexity(engine.model, engine.tokenizer, text) == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_models_of_a_run(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "base")
+    shutil.copytree(tiny_model_dir, run / "02-sft" / "model")
+    (run / "03-mgrpo").mkdir()  # unfinished stage: no model yet
+    assert [lb for lb, _ in models_of(run)] == ["base", "02-sft"]
+    assert models_of(run / "base") == [("base", run / "base")]
+    with pytest.raises(TifaError, match="neither a model folder"):
+        models_of(tmp_path)
+
+
+def test_eval_writes_a_reproducible_report(trained_tiny_dir, tmp_path):
+    cfg = EvalConfig(limit=3, max_new_tokens=8, bootstrap=50)
+    a = run_eval(trained_tiny_dir, tmp_path / "a", cfg, SamplingConfig(), progress=False)
+    b = run_eval(trained_tiny_dir, tmp_path / "b", cfg, SamplingConfig(), progress=False)
+    ja = json.loads((tmp_path / "a" / "eval.json").read_text(encoding="utf-8"))
+    assert ja == json.loads((tmp_path / "b" / "eval.json").read_text(encoding="utf-8"))
+    label = trained_tiny_dir.name
+    assert ja[label]["n"] == 3 and "perplexity" in ja[label]["metrics"]
+    report = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
+    assert "think-format rate" in report and "at most 8 new tokens" in report and a["table"] == b["table"]
+    assert (tmp_path / "a" / "plots" / "eval_metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_split_missing_is_an_error(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "你好"}], "split": "train"}) + "\n",
+                 encoding="utf-8")
+    from tifaforge.eval.metrics import load_prompts
+
+    with pytest.raises(TifaError, match="no prompts with split 'eval'"):
+        load_prompts(EvalConfig(prompts=str(p)))
