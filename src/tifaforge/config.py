@@ -290,6 +290,7 @@ def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, 
 # The whole config. Sections that live beside their code import `opt` from this module, so they
 # are imported only now that it is fully defined.
 
+from tifaforge.data.preferences import MiningConfig  # noqa: E402
 from tifaforge.eval.metrics import EvalConfig  # noqa: E402
 from tifaforge.rewards.literary import RewardConfig  # noqa: E402
 
@@ -304,3 +305,4 @@ class Config:
     sampling: SamplingConfig = section(SamplingConfig, "Generation defaults for chat, serving, rollouts and eval.")
     reward: RewardConfig = section(RewardConfig, "The logic rewards (MGRPO, pair mining, eval, tifa reward score).")
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation (tifa eval, the end of tifa pipeline).")
+    mining: MiningConfig = section(MiningConfig, "Anti-repetition pair mining (tifa data mine-pairs, the DPO stage).")

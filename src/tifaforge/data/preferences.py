@@ -1,0 +1,153 @@
+"""Anti-repetition preference pairs mined from the model's own outputs (DESIGN.md §5.3).
+
+    tifa data mine-pairs runs/demo/02-sft/model data/demo/prompts.jsonl --out pairs.jsonl
+
+For each prompt, sample K answers through the engine with settings that make loops likelier (no
+repetition penalty, a warmer temperature: allowed while mining), score each with the repetition
+and think-format rules, and pair a repetitive answer (rejected) with one that passes (chosen). Where
+the model gave no natural pair, a rejected answer can be synthesised from a good one by injecting
+repetition (a repeated sentence or an n-gram loop, as in DITTO), marked `synthetic`. The summary
+says how many pairs were natural, synthetic or impossible, and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tifaforge.fields import opt
+
+
+@dataclass
+class MiningConfig:
+    """How pairs are mined (the `mining` section)."""
+
+    k: int = opt(6, "Answers sampled per prompt.", min=2)
+    temperature: float = opt(0.9, "Sampling temperature while mining (warmer than chat: more variety).", min=0.0)
+    repetition_penalty: float = opt(1.0, "Repetition penalty while mining (1.0 = off, so loops show up).", min=0.0)
+    max_new_tokens: int = opt(256, "Tokens per mined answer.", min=1)
+    bad_below: float = opt(0.6, "An answer whose repetition score is below this is 'repetitive' (rejected).",
+                           min=0.0, max=1.0)
+    good_at_least: float = opt(1.0, "A chosen answer needs a repetition score of at least this and a valid think block.",
+                               min=0.0, max=1.0)
+    synthesize: bool = opt(True, "Inject repetition into a good answer when no natural rejected answer exists.")
+    split: str = opt("train", "Which split of the prompts file to mine ('' = all).")
+    user_name: str = opt("小林", "The user's name in the role-play ({{user}} in cards).")
+    seed: int = opt(0, "Sampling seed (prompt i, answer j uses seed + i * k + j) and injection seed.")
+
+
+def inject_repetition(answer: str, rng: random.Random) -> str:
+    """A looping version of a good answer: one of its sentences (or a phrase) repeated several times.
+
+    The think block is kept as it is; only the answer after `</think>` loops, which is where the
+    repetition rule looks.
+    """
+    from tifaforge.chat.template import THINK_CLOSE
+    from tifaforge.rewards.rules import sentences
+
+    head, sep, body = answer.rpartition(THINK_CLOSE)
+    sents = [s for _, s in sentences(body) if len(s.strip()) >= 4]
+    if sents:
+        s = rng.choice(sents).strip()
+        looped = body.rstrip() + "\n\n" + "\n\n".join([s] * 3)
+    else:
+        piece = body.strip()[:12] or "……"
+        looped = body.rstrip() + (piece * 6)
+    return head + sep + looped
+
+
+def classify(reward, ctx, answer: str, cfg: MiningConfig) -> str:
+    """'bad' (repetitive), 'good' (passes repetition and format) or 'neither'."""
+    from tifaforge.rewards import rules
+
+    rep = rules.repetition(ctx, answer).score
+    if rep is not None and rep < cfg.bad_below:
+        return "bad"
+    if rep is not None and rep >= cfg.good_at_least and rules.think_format(ctx, answer).score == 1.0:
+        return "good"
+    return "neither"
+
+
+def pick_pair(reward, ctx, answers: list[str], cfg: MiningConfig, rng: random.Random) -> tuple[dict | None, str]:
+    """(pair or None, outcome): natural, synthetic, or impossible:<why>."""
+    from tifaforge.rewards import rules
+
+    kinds = [classify(reward, ctx, a, cfg) for a in answers]
+    good = [a for a, k in zip(answers, kinds) if k == "good"]
+    bad = [a for a, k in zip(answers, kinds) if k == "bad"]
+    if good and bad:
+        worst = min(bad, key=lambda a: rules.repetition(ctx, a).score)
+        return {"chosen": good[0], "rejected": worst, "synthetic": False}, "natural"
+    if not good:
+        return None, "impossible:no answer passes the repetition and format rules"
+    if not cfg.synthesize:
+        return None, "impossible:no repetitive answer (synthesis off)"
+    rejected = inject_repetition(good[0], rng)
+    if classify(reward, ctx, rejected, cfg) != "bad":
+        return None, "impossible:injected repetition did not fail the rule"
+    return {"chosen": good[0], "rejected": rejected, "synthetic": True}, "synthetic"
+
+
+def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningConfig, sampling, progress: bool = True) -> dict:
+    """Mine pairs for every prompt of the split; write JSONL (DESIGN §2a) atomically; return the summary."""
+    from tqdm import tqdm
+
+    from tifaforge.data.conversations import check_file, to_chat
+    from tifaforge.engine.generate import Request
+    from tifaforge.errors import TifaError
+    from tifaforge.rewards.literary import LogicReward, RewardConfig
+    from tifaforge.utils import atomic_write_text
+
+    records, _ = check_file(prompts_path, "prompts")
+    records = [r for r in records if not cfg.split or r.split == cfg.split]
+    if not records:
+        raise TifaError(f"{prompts_path}: no prompts with split '{cfg.split}'")
+    reward = LogicReward(RewardConfig(user_name=cfg.user_name))
+    mine = dataclasses.replace(sampling, temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty,
+                               max_new_tokens=cfg.max_new_tokens)
+    rng = random.Random(cfg.seed)
+    lines, outcomes = [], Counter()
+    for i, rec in enumerate(tqdm(records, desc="mining", unit="prompt", disable=not progress)):
+        chat = to_chat(rec, cfg.user_name)
+        prompt = engine.render(chat)
+        reqs = [Request(prompt, dataclasses.replace(mine, seed=cfg.seed + i * cfg.k + j)) for j in range(cfg.k)]
+        answers = [r.text for r in engine.generate(reqs)]
+        ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
+        pair, outcome = pick_pair(reward, ctx, answers, cfg, rng)
+        outcomes[outcome] += 1
+        if pair:
+            lines.append(json.dumps({"id": rec.id, "messages": chat, **pair}, ensure_ascii=False))
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
+    return summary(outcomes, len(records))
+
+
+def summary(outcomes: Counter, n: int) -> dict:
+    why = {k.split(":", 1)[1]: v for k, v in outcomes.items() if k.startswith("impossible:")}
+    return {"prompts": n, "natural": outcomes["natural"], "synthetic": outcomes["synthetic"],
+            "impossible": sum(why.values()), "why_impossible": why}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="the model whose own outputs are mined (e.g. the SFT stage's model/)")
+    p.add_argument("prompts", help="prompts JSONL (DESIGN §2a)")
+    p.add_argument("--out", required=True, help="output JSONL of preference pairs")
+    p.add_argument("--config", help="a config file (its `mining` and `sampling` sections)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mining.k=8")
+
+
+def run(args) -> int:
+    from tifaforge.config import load_config
+    from tifaforge.engine.generate import Engine
+    from tifaforge.utils import atomic_write_json
+
+    cfg = load_config(args.config, args.set)
+    s = mine_pairs(Engine.load(args.model), args.prompts, args.out, cfg.mining, cfg.sampling)
+    atomic_write_json(Path(args.out).with_suffix(".summary.json"), s)
+    print(f"{s['prompts']} prompts: {s['natural']} natural pairs, {s['synthetic']} synthetic, "
+          f"{s['impossible']} impossible" + "".join(f"\n  {v} x {k}" for k, v in s["why_impossible"].items()))
+    print(f"wrote {args.out}")
+    return 0
