@@ -39,6 +39,7 @@ def test_int_is_accepted_for_float(tmp_path):
         ("sampling:\n  do_sample: 1\n", "key 'sampling.do_sample': expected bool"),
         ("model:\n  dtype: float8\n", "key 'model.dtype': expected one of 'auto'"),
         ("sampling: [1, 2]\n", "key 'sampling' must be a mapping"),
+        ("sampling:\n  temperature: 1e-x\n", "expected float"),
         ("sampling:\n  temperature: .nan\n", "key 'sampling.temperature': nan is not a finite number"),
         ("sampling:\n  temperature: [\n", "invalid YAML"),
         ("- a\n- b\n", "top level must be a mapping"),
@@ -80,3 +81,8 @@ def test_every_key_has_help():
 def test_every_shipped_config_loads(path):
     # configs/accelerate/ (launcher files read by accelerate itself) are checked by their own test
     load_config(path)
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads `3e-4` as a string; a float field accepts it as the number it means
+    assert load_config(write(tmp_path, "mgrpo:\n  learning_rate: 3e-4\n")).mgrpo.learning_rate == 3e-4

@@ -77,7 +77,7 @@ def test_mining_a_looping_model_gives_natural_pairs(looping_model, tmp_path):
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"说说{w}。"}],
                                            "split": "train"}, ensure_ascii=False) + "\n"
                                for i, w in enumerate("雨剑酒")), encoding="utf-8")
-    cfg = MiningConfig(k=6, max_new_tokens=40, synthesize=False, temperature=1.0)
+    cfg = MiningConfig(k=8, max_new_tokens=40, synthesize=False, temperature=1.0)
     summary = mine_pairs(Engine.load(looping_model, device="cpu"), prompts, tmp_path / "pairs.jsonl", cfg,
                          SamplingConfig(), progress=False)
     pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -232,10 +233,15 @@ def _conforms(value: Any, t: Any) -> tuple[bool, Any]:
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return True, float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
         return False, value
     if t is str:
         return isinstance(value, str), value
     return isinstance(value, t), value
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(t: Any) -> str:
@@ -293,6 +299,7 @@ def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, 
 from tifaforge.data.preferences import MiningConfig  # noqa: E402
 from tifaforge.eval.metrics import EvalConfig  # noqa: E402
 from tifaforge.rewards.literary import RewardConfig  # noqa: E402
+from tifaforge.rl.config import MGRPOConfig  # noqa: E402
 
 
 @dataclass
@@ -305,4 +312,5 @@ class Config:
     sampling: SamplingConfig = section(SamplingConfig, "Generation defaults for chat, serving, rollouts and eval.")
     reward: RewardConfig = section(RewardConfig, "The logic rewards (MGRPO, pair mining, eval, tifa reward score).")
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation (tifa eval, the end of tifa pipeline).")
+    mgrpo: MGRPOConfig = section(MGRPOConfig, "MGRPO: groups, revisions, loss, optimiser (tifa train mgrpo).")
     mining: MiningConfig = section(MiningConfig, "Anti-repetition pair mining (tifa data mine-pairs, the DPO stage).")

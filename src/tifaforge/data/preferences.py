@@ -28,6 +28,8 @@ class MiningConfig:
 
     k: int = opt(6, "Answers sampled per prompt.", min=2)
     temperature: float = opt(0.9, "Sampling temperature while mining (warmer than chat: more variety).", min=0.0)
+    top_p: float = opt(1.0, "Nucleus mass while mining (1.0 = off: the whole distribution, loops and all).",
+                       min=0.0, max=1.0)
     repetition_penalty: float = opt(1.0, "Repetition penalty while mining (1.0 = off, so loops show up).", min=0.0)
     max_new_tokens: int = opt(256, "Tokens per mined answer.", min=1)
     bad_below: float = opt(0.6, "An answer whose repetition score is below this is 'repetitive' (rejected).",
@@ -107,8 +109,8 @@ def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningCon
     if not records:
         raise TifaError(f"{prompts_path}: no prompts with split '{cfg.split}'")
     reward = LogicReward(RewardConfig(user_name=cfg.user_name))
-    mine = dataclasses.replace(sampling, temperature=cfg.temperature, repetition_penalty=cfg.repetition_penalty,
-                               max_new_tokens=cfg.max_new_tokens)
+    mine = dataclasses.replace(sampling, temperature=cfg.temperature, top_p=cfg.top_p,
+                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
     rng = random.Random(cfg.seed)
     lines, outcomes = [], Counter()
     for i, rec in enumerate(tqdm(records, desc="mining", unit="prompt", disable=not progress)):

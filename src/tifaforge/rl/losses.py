@@ -1,0 +1,169 @@
+"""MGRPO's pure tensor functions: group and revision advantages, per-token log-probs, the clipped loss.
+
+    .venv/bin/python -m pytest tests/test_mgrpo.py -k trl     # equal to TRL 1.16's GRPOTrainer
+
+The policy loss is TRL 1.16's `GRPOTrainer._compute_loss` for loss types grpo | dr_grpo | dapo | bnpo
+with token-level importance sampling: ratio to the sampling policy clipped to [1 - ε_low, 1 + ε_high],
+k3 KL to a reference weighted by β (times the ratio, TRL's `use_bias_correction_kl`), then one of the
+four aggregations. Departures, and why:
+1. The normalisers are passed in as totals over the whole update (sequences, tokens, micro-batches)
+   instead of TRL's gradient-accumulation count, so any micro-batch split gives the same loss and
+   gradients; with one micro-batch every loss type is exactly TRL's (tested).
+2. Advantages of a group whose rewards are all equal are 0 and the group is flagged, never NaN
+   (a G = 1 group, whose std is undefined, counts as zero-spread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STD_EPS = 1e-4  # TRL's: (r - mean) / (std + 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
+                     eps: float = STD_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass-1 advantages: (r - group mean) [/ (group std + eps) when `scale`, i.e. GRPO; not: Dr. GRPO].
+
+    rewards: (N * G,) with each prompt's G answers consecutive. Returns (advantages (N * G,),
+    zero_spread (N,) bool): a group whose rewards are all equal gets advantage 0 and is flagged.
+    """
+    grouped = rewards.view(-1, group_size).double()  # (N, G); double so equal floats stay equal
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # Bessel, as TRL
+    zero = torch.isclose(std, torch.zeros_like(std)).squeeze(1)  # (N,)
+    adv = grouped - mean
+    if scale:
+        adv = adv / (std + eps)
+    adv[zero] = 0.0
+    return adv.view(-1).to(rewards.dtype), zero
+
+
+def revision_advantages(revised: torch.Tensor, first: torch.Tensor, scale: bool = True, bonus: float = 0.0,
+                        eps: float = STD_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass-2 advantages, normalised within the M revisions of one first answer.
+
+    revised: (N, M) rewards of the revisions (scored against the ORIGINAL context); first: (N,) the
+    rewards of the answers they revise. M = 1: A = r2 - r1. M > 1: group-normalised like pass 1.
+    `bonus` (α) adds α·(r2 - r1), so "change nothing" earns nothing (SCoRe). Returns (advantages
+    (N, M), zero_signal (N,) bool: every advantage of that answer's revisions is 0).
+    """
+    gain = revised - first[:, None]  # (N, M)
+    if revised.size(1) == 1:
+        adv = gain.clone()
+    else:
+        adv, _ = group_advantages(revised.reshape(-1), revised.size(1), scale, eps)
+        adv = adv.view_as(revised)
+    adv = adv + bonus * gain
+    zero = (adv == 0).all(dim=1)
+    return adv, zero
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int,
+                     temperature: float = 1.0, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (B, C) of the last `completion_len` tokens at `temperature` (pads: 0).
+
+    input_ids: (B, P + C), prompts left-padded and completions right-padded; positions follow the
+    mask (as the engine's), so a left-padded row scores as it was sampled. With `entropy`, also the
+    per-token entropy of that distribution (B, C), without a graph.
+    """
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                use_cache=False, logits_to_keep=completion_len + 1)
+    logits = out.logits[:, :-1, :].float() / temperature  # (B, C, V): logits at t predict token t+1
+    logp_all = torch.log_softmax(logits, dim=-1)
+    target = input_ids[:, -completion_len:]
+    logps = logp_all.gather(-1, target[..., None]).squeeze(-1)  # (B, C)
+    mask = attention_mask[:, -completion_len:]
+    logps = logps * mask
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1) * mask  # (B, C)
+    return logps, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+@dataclass
+class LossSettings:
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    kl_ratio_correction: bool = True
+    max_completion_length: int = 512
+
+
+@dataclass
+class LossStats:
+    """Sums over active tokens (divide by `tokens` for means), so micro-batches add up exactly."""
+
+    tokens: float = 0.0
+    kl: float = 0.0
+    clip_low: float = 0.0
+    clip_high: float = 0.0
+    clip_region: float = 0.0
+
+    def add(self, other: LossStats) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def means(self) -> dict[str, float]:
+        n = max(self.tokens, 1.0)
+        return {"kl": self.kl / n, "clip_ratio/low": self.clip_low / n, "clip_ratio/high": self.clip_high / n,
+                "clip_ratio/region": self.clip_region / n}
+
+
+def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   s: LossSettings, ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
+    """TRL's token-level clipped surrogate (+ β·k3 KL). logps/old/ref/mask: (B, C); advantages: (B,)."""
+    adv = advantages[:, None]  # (B, 1)
+    coef_1 = torch.exp(logps - old_logps)
+    coef_2 = torch.clamp(coef_1, 1 - s.epsilon_low, 1 + s.epsilon_high)
+    loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    stats = LossStats(tokens=float(mask.sum()))
+    if s.beta != 0.0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1  # k3, >= 0
+        if s.kl_ratio_correction:
+            kl = kl * coef_1
+        loss = loss + s.beta * kl
+        stats.kl = float((kl.detach() * mask).sum())
+    with torch.no_grad():
+        low = (coef_1 < 1 - s.epsilon_low) & (adv < 0)
+        high = (coef_1 > 1 + s.epsilon_high) & (adv > 0)
+        stats.clip_low, stats.clip_high = float((low * mask).sum()), float((high * mask).sum())
+        stats.clip_region = float(((low | high) * mask).sum())
+    return loss, stats
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, s: LossSettings, *, n_seqs: int | None = None,
+              n_tokens: float | None = None, n_micro: int = 1) -> torch.Tensor:
+    """Reduce a (B, C) per-token loss as TRL 1.16 does; totals default to this micro-batch's own.
+
+    grpo: mean over sequences of each sequence's token mean; dr_grpo: token sum / (sequences ×
+    max_completion_length); dapo: token sum / tokens in the whole batch; bnpo: token mean of the
+    micro-batch, averaged over micro-batches.
+    """
+    n_seqs = loss.size(0) if n_seqs is None else n_seqs
+    masked = loss * mask
+    if s.loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_seqs
+    if s.loss_type == "dr_grpo":
+        return masked.sum() / (n_seqs * s.max_completion_length)
+    if s.loss_type == "dapo":
+        return masked.sum() / max(float(mask.sum()) if n_tokens is None else n_tokens, 1.0)
+    if s.loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / n_micro
+    raise ValueError(f"unknown loss_type {s.loss_type!r}")

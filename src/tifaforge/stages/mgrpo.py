@@ -1,0 +1,514 @@
+"""Stage 3, MGRPO: GRPO on the logic rewards plus a second pass that revises answers with the rules' messages.
+
+    tifa train mgrpo configs/tiny.yaml --set mgrpo.steps=30
+
+Per update (DESIGN.md §5.1): pass 1 samples G answers per prompt through the Engine, scores them
+with `LogicReward` and normalises advantages per group; pass 2 asks for M revisions of each answer
+below `revise_below` (or all), prompted with the first answer and the reward's error summary, scores
+them against the ORIGINAL context and normalises within the M; then μ optimizer steps on
+L1 + λ·L2 with TRL 1.16's clipped token-level surrogate (`tifaforge.rl.losses`).
+Outputs in OUT (train/stage.py's run directory): checkpoints/ (resumable), metrics.jsonl, samples.jsonl,
+plots/, config.yaml, model/, manifest.json (written last).
+
+Departures from the paper (arXiv 2506.04746) and from TRL, and why:
+1. Pass 2 is feedback-conditioned: its prompt carries the rules' messages, not a fixed "guiding
+   phrase", because our rewards can say what is wrong.
+2. Groups with all-equal rewards are left out of the loss and counted (`frac_zero_std`), where TRL
+   keeps them with advantage 0 (`mgrpo.drop_zero_std: false` restores TRL's normalisers).
+3. Rollouts sample from the policy itself (temperature, top_p, repetition_penalty of `mgrpo`, the
+   other samplers off), so the ratio's denominator is the distribution the tokens came from; the
+   chat defaults in `sampling` are not used here.
+4. An answer that stopped on a stop token is trained with the tokenizer's end token appended (the
+   Engine does not report which stop token fired): the policy learns to end its turn there.
+5. Rollout seeds are a function of (seed, update, row), so a resumed run samples what the
+   uninterrupted run would have sampled.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tifaforge.config import Config, SamplingConfig, load_config
+from tifaforge.errors import TifaError
+from tifaforge.rewards import LogicReward, RewardResult
+from tifaforge.rl.config import MGRPOConfig
+from tifaforge.utils import atomic_write_bytes, atomic_write_json
+
+STAGE = "mgrpo"
+PLOT_KEYS = ("reward/pass1", "reward/pass2", "pass2_gain", "kl", "clip_ratio/region", "entropy", "len/pass1",
+             "len/pass2", "frac_zero_std", "loss", "grad_norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: prompts with their rendered ids and reward contexts
+
+
+@dataclass
+class Prompt:
+    id: str
+    messages: list[dict]
+    card: dict | None
+    ids: list[int]
+    ctx: Any  # RewardContext of the ORIGINAL conversation: both passes are scored against it
+
+
+def read_prompts(m: MGRPOConfig) -> list:
+    """The configured split of the prompts file, checked line by line (before any model loads)."""
+    from tifaforge.data.conversations import check_file
+
+    records, _ = check_file(m.prompts, "prompts")
+    records = [r for r in records if m.split == "all" or (r.split or "train") == m.split]
+    if not records:
+        raise TifaError(f"{m.prompts}: no prompts in split {m.split!r} (mgrpo.split)")
+    return records
+
+
+def render_prompts(records: list, reward: LogicReward, tokenizer) -> list[Prompt]:
+    """Each prompt rendered with the policy's template, with its reward context."""
+    from tifaforge.chat.template import THINK_OPEN, render
+    from tifaforge.data.conversations import to_chat
+
+    out = []
+    for r in records:
+        messages = to_chat(r, reward.cfg.user_name or None)
+        text = render(messages, tokenizer, add_generation_prompt=True)
+        card = r.card.to_dict() if r.card is not None else None
+        ctx = reward.context(messages, card, started_in_think=text.rstrip().endswith(THINK_OPEN))
+        out.append(Prompt(r.id, messages, card, tokenizer(text, add_special_tokens=False).input_ids, ctx))
+    return out
+
+
+def load_prompts(m: MGRPOConfig, reward: LogicReward, tokenizer) -> list[Prompt]:
+    return render_prompts(read_prompts(m), reward, tokenizer)
+
+
+def prompts_for_step(prompts: list[Prompt], step: int, per_step: int, seed: int) -> list[Prompt]:
+    """Epoch-wise shuffled order, computed from (seed, step) alone so a resumed run picks the same."""
+    n, picked = len(prompts), []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        perm = random.Random(seed * 1_000_003 + pos // n).sample(range(n), n)
+        picked.append(prompts[perm[pos % n]])
+    return picked
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: policy (+ LoRA), frozen reference when beta > 0
+
+
+def build_models(base_dir: str | Path, m: MGRPOConfig):
+    """(policy, tokenizer, reference or None). With LoRA the reference is the base, adapters off."""
+    import torch
+
+    from tifaforge.models.load import load_model
+
+    policy, tok = load_model(base_dir, device="cpu" if not torch.cuda.is_available() else "cuda")
+    ref = None
+    if m.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, target_modules="all-linear",
+                                                   lora_dropout=0.0, task_type="CAUSAL_LM"))
+    elif m.beta > 0:
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    return policy, tok, ref
+
+
+def reference_logps(policy, ref, batch, m: MGRPOConfig):
+    """Reference log-probs: the frozen copy, or the LoRA policy with its adapters disabled."""
+    from tifaforge.rl.losses import completion_logps
+
+    if ref is not None:
+        return completion_logps(ref, *batch, m.temperature)[0]
+    with policy.disable_adapter():
+        return completion_logps(policy, *batch, m.temperature)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    prompt: Prompt
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    reward: RewardResult
+    pass_: int = 1
+    advantage: float = 0.0
+    revises: Rollout | None = None  # pass 2: the first answer this revises
+    revision_note: str = ""
+    old_logps: Any = None
+    ref_logps: Any = None
+
+
+def rollout_sampling(m: MGRPOConfig, seed: int) -> SamplingConfig:
+    return SamplingConfig(temperature=m.temperature, top_p=m.top_p, top_k=0, min_p=0.0,
+                          repetition_penalty=m.repetition_penalty, max_new_tokens=m.max_new_tokens,
+                          do_sample=True, seed=seed)
+
+
+def sample(engine, prompt_ids: list[list[int]], m: MGRPOConfig, seed: int):
+    """One batched Engine call; every row has its own seed derived from (seed, row)."""
+    from tifaforge.engine.generate import Request
+
+    reqs = [Request(ids, rollout_sampling(m, seed + i)) for i, ids in enumerate(prompt_ids)]
+    results = engine.generate(reqs)
+    eos = engine.tokenizer.eos_token_id
+    return [(r, r.token_ids + ([eos] if r.finish_reason == "stop" and eos is not None else [])) for r in results]
+
+
+def pass1(engine, reward: LogicReward, prompts: list[Prompt], m: MGRPOConfig, seed: int):
+    """G answers per prompt, scored, group advantages. Returns (rollouts, zero_spread per prompt)."""
+    import torch
+
+    from tifaforge.rl.losses import group_advantages
+
+    rows = [p for p in prompts for _ in range(m.group_size)]
+    outs = sample(engine, [p.ids for p in rows], m, seed)
+    scores = reward.score_batch([p.ctx for p in rows], [r.text for r, _ in outs])
+    rolls = [Rollout(p, p.ids, ids, r.text, s) for p, (r, ids), s in zip(rows, outs, scores)]
+    adv, zero = group_advantages(torch.tensor([s.total for s in scores]), m.group_size, m.scale_rewards)
+    for r, a in zip(rolls, adv.tolist()):
+        r.advantage = a
+    return rolls, zero.tolist()
+
+
+def pass2(engine, reward: LogicReward, firsts: list[Rollout], m: MGRPOConfig, seed: int):
+    """M revisions of each selected first answer, scored against the ORIGINAL context."""
+    import torch
+
+    from tifaforge.rl.losses import revision_advantages
+    from tifaforge.rl.revise import revision_messages
+
+    chosen = [r for r in firsts if m.pass2 == "all" or r.reward.total < m.revise_below]
+    if m.pass2 == "off" or not chosen:
+        return [], []
+    rows, notes = [], []
+    for f in chosen:
+        msgs = revision_messages(f.prompt.messages, f.text, f.reward.summary, f.prompt.ctx.language,
+                                 f.prompt.ctx.character)
+        ids = engine.tokenizer(engine.render(msgs), add_special_tokens=False).input_ids
+        rows += [(f, ids)] * m.revisions
+        notes.append(msgs[-1]["content"])
+    outs = sample(engine, [ids for _, ids in rows], m, seed)
+    scores = reward.score_batch([f.prompt.ctx for f, _ in rows], [r.text for r, _ in outs])
+    rolls = [Rollout(f.prompt, pids, ids, r.text, s, pass_=2, revises=f, revision_note=notes[i // m.revisions])
+             for i, ((f, pids), (r, ids), s) in enumerate(zip(rows, outs, scores))]
+    revised = torch.tensor([s.total for s in scores]).view(-1, m.revisions)
+    adv, zero = revision_advantages(revised, torch.tensor([f.reward.total for f in chosen]), m.scale_rewards,
+                                    m.revision_bonus)
+    for r, a in zip(rolls, adv.view(-1).tolist()):
+        r.advantage = a
+    return rolls, zero.tolist()
+
+
+def kept(rolls: list[Rollout], zero: list[bool], size: int, m: MGRPOConfig) -> list[Rollout]:
+    """Drop the groups (consecutive `size` rows) that carry no signal, when configured."""
+    if not m.drop_zero_std:
+        return rolls
+    return [r for i, r in enumerate(rolls) if not zero[i // size]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and optimisation
+
+
+def collate(rows: list[Rollout], pad: int):
+    """(input_ids, attention_mask, completion_len): prompts left-padded, completions right-padded."""
+    import torch
+
+    P = max(len(r.prompt_ids) for r in rows)
+    C = max(len(r.completion_ids) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        p, c = r.prompt_ids, r.completion_ids
+        ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
+        mask.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
+    return torch.tensor(ids), torch.tensor(mask), C
+
+
+def chunks(rows: list, size: int) -> list[list]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def pad_stack(tensors: list, C: int):
+    import torch
+
+    return torch.stack([torch.nn.functional.pad(t, (0, C - t.numel())) for t in tensors])
+
+
+def store_logps(policy, ref, rows: list[Rollout], m: MGRPOConfig, pad: int) -> None:
+    """Old log-probs (needed when μ > 1) and reference log-probs (β > 0), once per rollout batch."""
+    import torch
+
+    from tifaforge.rl.losses import completion_logps
+
+    if m.iterations == 1 and m.beta == 0:
+        return
+    with torch.no_grad():
+        for chunk in chunks(rows, m.micro_batch):
+            batch = collate(chunk, pad)
+            old = completion_logps(policy, *batch, m.temperature)[0] if m.iterations > 1 else None
+            refl = reference_logps(policy, ref, batch, m) if m.beta > 0 else None
+            for i, r in enumerate(chunk):
+                n = len(r.completion_ids)
+                r.old_logps = None if old is None else old[i, :n]
+                r.ref_logps = None if refl is None else refl[i, :n]
+
+
+def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: int, acc: dict) -> None:
+    """Backward one pass's loss (× weight) micro-batch by micro-batch, normalised over the whole pass."""
+    import torch
+
+    from tifaforge.rl.losses import LossSettings, aggregate, completion_logps, per_token_loss
+
+    s = LossSettings(m.loss_type, m.epsilon_low, m.epsilon_high, m.beta, m.kl_ratio_correction, m.max_new_tokens)
+    parts = chunks(rows, m.micro_batch)
+    n_tokens = sum(len(r.completion_ids) for r in rows)
+    for chunk in parts:
+        ids, mask, C = collate(chunk, pad)
+        cmask = mask[:, -C:].float()
+        logps, ent = completion_logps(policy, ids, mask, C, m.temperature, entropy=True)
+        old = pad_stack([r.old_logps for r in chunk], C) if m.iterations > 1 else logps.detach()
+        ref = pad_stack([r.ref_logps for r in chunk], C) if m.beta > 0 else None
+        adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype)
+        ptl, stats = per_token_loss(logps, old, adv, cmask, s, ref)
+        loss = aggregate(ptl, cmask, s, n_seqs=len(rows), n_tokens=n_tokens, n_micro=len(parts)) * weight
+        loss.backward()
+        acc["loss"] += float(loss.detach())
+        acc["stats"].add(stats)
+        acc["entropy"] += float(ent.sum())
+
+
+def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: MGRPOConfig, pad: int) -> dict:
+    """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ)."""
+    import torch
+
+    from tifaforge.rl.losses import LossStats
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    out: dict[str, float] = defaultdict(float)
+    policy.train()
+    for _ in range(m.iterations):
+        acc = {"loss": 0.0, "entropy": 0.0, "stats": LossStats()}
+        opt.zero_grad(set_to_none=True)
+        for rows, weight in batches:
+            if rows:
+                pass_loss(policy, rows, weight, m, pad, acc)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, m.max_grad_norm))
+        if math.isfinite(norm):
+            opt.step()
+        else:  # one bad batch must not poison the weights: skip and count it
+            out["skipped_steps"] += 1
+        sched.step()
+        means = {"loss": acc["loss"], "grad_norm": norm, **acc["stats"].means(),
+                 "entropy": acc["entropy"] / max(acc["stats"].tokens, 1.0)}
+        for k, v in means.items():
+            out[k] += v / m.iterations
+    opt.zero_grad(set_to_none=True)
+    return dict(out)
+
+
+def make_optimizer(policy, m: MGRPOConfig):
+    import torch
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=m.learning_rate, weight_decay=m.weight_decay)
+    warm = max(m.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+    return opt, sched
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: metrics per update, readable samples, plots
+
+
+def step_metrics(firsts, zero1, revs, zero2, loss: dict, t_gen: float, t_train: float, lr: float) -> dict:
+    """Reward per pass and per rule, pass-2 gain, zero-spread fractions, lengths, missing rule scores."""
+    row: dict[str, float] = {}
+    for name, rolls in (("pass1", firsts), ("pass2", revs)):
+        if not rolls:
+            continue
+        row[f"reward/{name}"] = _mean(r.reward.total for r in rolls)
+        row[f"len/{name}"] = _mean(len(r.completion_ids) for r in rolls)
+        for rule in rolls[0].reward.rules:
+            scores = [r.reward.rules[rule].score for r in rolls]
+            row[f"reward/{name}/{rule}"] = _mean(s for s in scores if s is not None)
+            missing = sum(s is None for s in scores)
+            if missing:
+                row[f"missing/{rule}"] = row.get(f"missing/{rule}", 0) + missing
+    if revs:
+        row["pass2_gain"] = _mean(r.reward.total - r.revises.reward.total for r in revs)
+        row["frac_zero_std_pass2"] = _mean(zero2)
+    row["frac_zero_std"] = _mean(zero1)
+    row["revised"] = len({id(r.revises) for r in revs})  # first answers sent to pass 2
+    row["sequences"] = len(firsts) + len(revs)
+    row.update(loss, lr=lr, gen_s=t_gen, train_s=t_train)
+    return row
+
+
+def _mean(xs) -> float | None:
+    """The mean, or None (JSON null) when nothing scored, e.g. every judge call timed out."""
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else None
+
+
+def sample_rows(step: int, firsts: list[Rollout], revs: list[Rollout], n: int) -> list[dict]:
+    """The first n answers of the update with their scores, messages and (first) revision."""
+    by_first = {}
+    for r in revs:
+        by_first.setdefault(id(r.revises), r)
+    rows = []
+    for f in firsts[:n]:
+        z = by_first.get(id(f))
+        rows.append({"step": step, "prompt_id": f.prompt.id, "prompt": f.prompt.messages, "answer": f.text,
+                     "advantage": round(f.advantage, 4), "reward": f.reward.to_json(),
+                     "revision": None if z is None else {"request": z.revision_note, "answer": z.text,
+                                                          "advantage": round(z.advantage, 4),
+                                                          "reward": z.reward.to_json()}})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (train/checkpoints.py's protocol: files, then the complete marker, then rotation)
+
+
+def save_checkpoint(run, step: int, policy, opt, sched, keep: int) -> None:
+    import torch
+
+    from tifaforge.train import checkpoints as ckpt
+
+    folder = run.checkpoints / f"checkpoint-{step}"
+    trainable = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}
+    for name, obj in (("trainable.pt", trainable), ("optimizer.pt", opt.state_dict()),
+                      ("scheduler.pt", sched.state_dict())):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        atomic_write_bytes(folder / name, buf.getvalue())
+    ckpt.mark_complete(folder, step)
+    ckpt.rotate(run.checkpoints, keep)
+
+
+def load_checkpoint(folder: Path | None, policy, opt, sched) -> int:
+    """Restore a complete checkpoint (None: a fresh start); return its update count."""
+    import torch
+
+    if folder is None:
+        return 0
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for n, t in torch.load(folder / "trainable.pt", weights_only=True).items():
+            params[n].copy_(t)
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return int(folder.name.split("-")[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
+              stop_after: int | None = None) -> Path:
+    """Train MGRPO from `base_model_dir` into `out_dir`, resuming from its last complete checkpoint.
+
+    `stop_after`: return after this many updates in this call (a time-boxed run; the next call
+    resumes). Returns the final model folder, or the checkpoints folder when stopped early.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from tifaforge.models.load import save_model
+    from tifaforge.train import stage
+    from tifaforge.train.metrics import plot_curves
+
+    m = cfg.mgrpo
+    # --- config, reward, prompts (checked before any model loads), run directory
+    reward = LogicReward(cfg.reward)
+    records = read_prompts(m)
+    run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
+    if (run.out / "manifest.json").exists():  # finished: nothing to redo
+        return run.model
+    # --- model, data, optimizer
+    torch.manual_seed(cfg.seed)
+    policy, tok, ref = build_models(base_model_dir, m)
+    prompts = render_prompts(records, reward, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    opt, sched = make_optimizer(policy, m)
+    start = load_checkpoint(resume_from, policy, opt, sched)
+    # --- the loop
+    bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
+    for step in bar:
+        row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run)
+        bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
+        done = step + 1
+        stopping = stop_after is not None and done - start >= stop_after and done < m.steps
+        if done % m.save_every == 0 or done == m.steps or stopping:
+            save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
+            plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
+        if stopping:
+            return run.checkpoints
+    # --- save: a plain transformers folder (LoRA merged), then the manifest, last
+    final = policy.merge_and_unload() if m.lora_r > 0 else policy
+    save_model(final.eval(), tok, run.model)
+    atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
+                                                  "base": str(Path(base_model_dir).resolve())})
+    return run.model
+
+
+def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
+           run) -> dict:
+    """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples."""
+    from tifaforge.engine.generate import Engine
+
+    engine = Engine(policy, tok)
+    t0 = time.perf_counter()
+    batch_seed = (seed * 1_000_003 + step) * 100_003
+    firsts, zero1 = pass1(engine, reward, prompts_for_step(prompts, step, m.prompts_per_step, seed), m, batch_seed)
+    revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
+    t1 = time.perf_counter()
+    train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
+    store_logps(policy, ref, train1 + train2, m, pad)
+    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad)
+    t2 = time.perf_counter()
+    row = {"step": step + 1, **step_metrics(firsts, zero1, revs, zero2, losses, t1 - t0, t2 - t1,
+                                            sched.get_last_lr()[0])}
+    run.metrics.write(row)
+    for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
+        run.samples.write(sample_row)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: tifa train mgrpo CONFIG
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="a YAML config with `mgrpo:` and `reward:` sections (e.g. configs/tiny.yaml)")
+    p.add_argument("--out", help="the stage's run directory (default: runs/NAME/03-mgrpo)")
+    p.add_argument("--model", help="start from this model folder instead of the config's model.base (a preset is built)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mgrpo.steps=30")
+
+
+def run(args) -> int:
+    """`tifa train mgrpo CONFIG`: one process (vLLM and multi-process rollouts are not wired yet)."""
+    from tifaforge.train.stage import STAGE_DIRS, resolve_base
+
+    cfg = load_config(args.config, args.set, cls=Config)
+    out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[STAGE])
+    base = resolve_base(args.model or cfg.model.base, out, cfg)
+    start = time.perf_counter()
+    model_dir = run_stage(cfg, base, out, resume=args.resume)
+    print(f"{STAGE}: wrote {model_dir} in {time.perf_counter() - start:.0f} s "
+          f"(metrics {out / 'metrics.jsonl'}, samples {out / 'samples.jsonl'}, plots {out / 'plots'})")
+    return 0
