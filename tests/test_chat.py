@@ -127,3 +127,28 @@ def test_chat_interactive_commands(trained_tiny_dir, tmp_path):
     assert "think blocks hidden" in out and "history cleared" in out
     history = json.loads(saved.read_text(encoding="utf-8"))["history"]
     assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "你好"
+
+
+def test_revise_last_replaces_a_faulty_answer_only_when_better(engine):
+    from tifaforge.rewards.literary import LogicReward, RewardConfig
+
+    s = ChatSession(engine, sampling=SamplingConfig(max_new_tokens=24, seed=2))
+    list(s.say("你好"))
+    s.last_text = "走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧"  # no think block and a loop: the rules object
+    s.history[-1]["content"] = s.last_text
+    reward = LogicReward(RewardConfig())
+    before = reward.score(reward.context(s.messages()[:-1]), s.last_text).total
+    new = s.revise_last(reward)
+    if new is not None:  # a revision is kept only when it scores higher, and then it replaces the turn
+        assert reward.score(reward.context(s.messages()[:-1]), new).total > before
+        assert s.history[-1]["content"] == new.split("</think>")[-1].lstrip()
+    else:
+        assert s.history[-1]["content"] == "走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧"
+    with pytest.raises(TifaError, match="nothing to revise"):
+        ChatSession(engine).revise_last(reward)
+
+
+def test_chat_once_with_revise(trained_tiny_dir):
+    code, out = run_in_pty(["chat", str(trained_tiny_dir), "--once", "你好", "--revise", "--set", "sampling.max_new_tokens=12"])
+    assert code == 0, out
+    assert "revise" in out  # either the revised answer or the note that nothing better came

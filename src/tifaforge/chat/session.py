@@ -89,7 +89,26 @@ class ChatSession:
         for d in self.engine.stream([request]):
             text += d.text
             yield d
+        self.last_text = text
         self.history.append({"role": "assistant", "content": strip_think(text).lstrip()})
+
+    def revise_last(self, reward, card: dict | None = None) -> str | None:
+        """MGRPO's pass 2 at inference: if the rules find fault with the last answer, ask for a
+        revision guided by their messages and keep it when it scores higher. Returns the new text
+        (think block included) or None when the answer stays."""
+        from tifaforge.engine.generate import Result
+        from tifaforge.rl.revise import revise
+
+        if not self.history or self.history[-1]["role"] != "assistant" or not getattr(self, "last_text", None):
+            raise TifaError("nothing to revise: say something first")
+        context = self.messages()[:-1]
+        first = Result(self.last_text, [], "stop", None, "", 0)
+        better = revise(self.engine, context, first, reward, self.sampling, card=card)
+        if better is first:
+            return None
+        self.last_text = better.text
+        self.history[-1] = {"role": "assistant", "content": strip_think(better.text).lstrip()}
+        return better.text
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, {"system": self.system, "greeting": self.greeting, "history": self.history})

@@ -28,8 +28,10 @@ def run(args) -> int:
     engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
     session = ChatSession.from_card(engine, args.card, args.user, sampling=cfg.sampling)
     show = {"think": not args.hide_think}
+    reviser = _reviser(args, cfg) if args.revise else None
     if args.once is not None:
         _stream(console, session.say(args.once), show["think"])
+        _maybe_revise(console, session, reviser, show["think"])
         return 0
     name = args.user or "你"
     console.print(f"[bold]tifa chat[/] — {args.model}. {HELP}")
@@ -47,11 +49,38 @@ def run(args) -> int:
                     return 0
             elif line.strip():
                 _stream(console, session.say(line), show["think"])
+                _maybe_revise(console, session, reviser, show["think"])
         except TifaError as e:
             console.print(f"[red]error:[/] {e}")
         for notice in session.notices:
             console.print(f"[yellow]{notice}[/]")
         session.notices.clear()
+
+
+def _reviser(args, cfg):
+    """(reward, card dict) for --revise: the run's reward config, the card's name for in-character."""
+    from tifaforge.rewards.literary import LogicReward
+
+    card = None
+    if args.card:
+        from tifaforge.chat.cards import load_card
+
+        card = load_card(args.card).to_dict()
+    return LogicReward(cfg.reward), card
+
+
+def _maybe_revise(console, session: ChatSession, reviser, show_think: bool) -> None:
+    """With --revise: one rule-guided revision of the answer (MGRPO's pass 2), shown if it won."""
+    if reviser is None:
+        return
+    text = session.revise_last(*reviser)
+    if text is None:
+        console.print("[dim](revise: the rules found nothing better to change)[/]")
+        return
+    console.print("[yellow]revised:[/]")
+    from tifaforge.engine.generate import Delta
+
+    _stream(console, iter([Delta(0, text, "stop")]), show_think)
 
 
 def _command(console, session: ChatSession, line: str, show: dict) -> bool:
