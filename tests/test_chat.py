@@ -152,3 +152,13 @@ def test_chat_once_with_revise(trained_tiny_dir):
     code, out = run_in_pty(["chat", str(trained_tiny_dir), "--once", "你好", "--revise", "--set", "sampling.max_new_tokens=12"])
     assert code == 0, out
     assert "revise" in out  # either the revised answer or the note that nothing better came
+
+
+def test_chat_once_with_the_llamacpp_backend(trained_tiny_dir, tmp_path):
+    from tifaforge.export.gguf import export_gguf
+
+    gguf = tmp_path / "tiny-q8_0.gguf"
+    export_gguf(trained_tiny_dir, gguf, "q8_0")
+    code, out = run_in_pty(["chat", str(gguf), "--backend", "llamacpp", "--once", "你好", "--set", "sampling.max_new_tokens=12"])
+    assert code == 0, out
+    assert "Traceback" not in out

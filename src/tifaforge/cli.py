@@ -56,6 +56,8 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a config file whose `sampling` section sets generation")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
+    p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers",
+                   help="llamacpp runs a .gguf file in llama.cpp (faster on CPU; needs the llamacpp extra)")
 
 
 def _data_check_args(p: argparse.ArgumentParser) -> None:
@@ -107,9 +109,21 @@ COMMANDS: list[Command] = [
     Command(("reward", "score"), "tifaforge.cli:cmd_reward_score",
             "score answers with the logic rewards: total, per-rule scores and messages as JSON lines",
             "tifa reward score data/demo/sft.jsonl", _reward_score_args),
+    Command(("train", "cpt"), "tifaforge.stages.cpt:run",
+            "stage 1: continued pretraining on packed novels (TRL SFTTrainer), full or LoRA, resumable",
+            "tifa train cpt configs/tiny-cpt.yaml --out runs/tiny/01-cpt", _lazy_args("tifaforge.stages.cpt:add_arguments")),
+    Command(("train", "sft"), "tifaforge.stages.sft:run",
+            "stage 2: CoT SFT cold start, loss on the final assistant turn (think block, answer, end tag), resumable",
+            "tifa train sft configs/tiny-sft.yaml --model runs/tiny/01-cpt/model --out runs/tiny/02-sft",
+            _lazy_args("tifaforge.stages.sft:add_arguments")),
     Command(("train", "mgrpo"), "tifaforge.stages.mgrpo:run",
             "MGRPO: GRPO on the logic rewards plus a revision pass guided by the rules' messages (resumable)",
             "tifa train mgrpo configs/tiny.yaml --set mgrpo.steps=30", _lazy_args("tifaforge.stages.mgrpo:add_arguments")),
+    Command(("export", "gguf"), "tifaforge.export.gguf:run",
+            "write a GGUF for llama.cpp/KoboldCpp/Ollama/LM Studio (f32..q5_1 in Python, K-quants via llama.cpp); "
+            "--check FILE validates and compares with transformers",
+            "tifa export gguf models/tiny --out tiny-q8_0.gguf --quant q8_0 --verify",
+            _lazy_args("tifaforge.export.gguf:add_arguments")),
     Command(("eval",), "tifaforge.eval.report:run",
             "evaluate a model or every stage of a run on held-out prompts: report.md, eval.json, plots",
             "tifa eval runs/demo/warm --set eval.max_new_tokens=64", _lazy_args("tifaforge.eval.report:add_arguments")),

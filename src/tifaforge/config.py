@@ -300,6 +300,7 @@ from tifaforge.data.preferences import MiningConfig  # noqa: E402
 from tifaforge.eval.metrics import EvalConfig  # noqa: E402
 from tifaforge.rewards.literary import RewardConfig  # noqa: E402
 from tifaforge.rl.config import MGRPOConfig  # noqa: E402
+from tifaforge.train.config import CPTConfig, SFTConfig  # noqa: E402
 
 
 @dataclass
@@ -312,5 +313,7 @@ class Config:
     sampling: SamplingConfig = section(SamplingConfig, "Generation defaults for chat, serving, rollouts and eval.")
     reward: RewardConfig = section(RewardConfig, "The logic rewards (MGRPO, pair mining, eval, tifa reward score).")
     eval: EvalConfig = section(EvalConfig, "Held-out evaluation (tifa eval, the end of tifa pipeline).")
+    cpt: CPTConfig = section(CPTConfig, "Stage 1: continued pretraining on novels (tifa train cpt).")
+    sft: SFTConfig = section(SFTConfig, "Stage 2: chain-of-thought SFT cold start (tifa train sft).")
     mgrpo: MGRPOConfig = section(MGRPOConfig, "MGRPO: groups, revisions, loss, optimiser (tifa train mgrpo).")
     mining: MiningConfig = section(MiningConfig, "Anti-repetition pair mining (tifa data mine-pairs, the DPO stage).")

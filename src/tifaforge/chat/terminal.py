@@ -25,7 +25,19 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     console = Console(highlight=False, soft_wrap=True)
-    engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+    if getattr(args, "backend", "transformers") == "llamacpp":
+        from tifaforge.engine.llamacpp import LlamaCppEngine
+
+        engine = LlamaCppEngine.load(args.model)
+    else:
+        engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+    try:
+        return _chat(args, cfg, console, engine)
+    finally:
+        getattr(engine, "close", lambda: None)()
+
+
+def _chat(args, cfg, console, engine) -> int:
     session = ChatSession.from_card(engine, args.card, args.user, sampling=cfg.sampling)
     show = {"think": not args.hide_think}
     reviser = _reviser(args, cfg) if args.revise else None

@@ -1,0 +1,59 @@
+"""Stage 1: continued pretraining (CPT) on novels, on TRL's SFTTrainer.
+
+    tifa train cpt configs/tiny-cpt.yaml --out runs/tiny/01-cpt      # or: python -m tifaforge.stages.cpt ...
+
+Next-token loss on every token of the packed blocks that `tifa data novels` writes (documents
+separated by the end-of-text token; attention crosses block-internal document boundaries, as in
+pretraining). Resumable: rerun with --resume after any interruption. `diff cpt.py sft.py` shows only
+the data and the loss mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tifaforge.train import data, stage
+
+STAGE = "cpt"
+
+
+def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
+              extra_callbacks: tuple = ()) -> Path:
+    """Train `cfg.cpt` from `base_model_dir` into `out_dir`; returns `out_dir/model`."""
+    from trl import SFTTrainer
+
+    # --- config: run directory, resume point, trainer arguments --------------------------------
+    tc = cfg.cpt
+    run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
+    args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE)
+
+    # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
+    model, tokenizer = stage.load_for_training(base_model_dir)
+
+    # --- data: packed blocks; the labels are the input ids ---------------------------------------
+    dataset = data.cpt_dataset(tc.data, tokenizer, tc.max_length, run.out / "data", tc.dedup_threshold)
+    prompts = data.cpt_sample_prompts(dataset, tokenizer, tc.sample_prompts)
+
+    # --- trainer ---------------------------------------------------------------------------------
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=stage.lora_config(tc),
+        callbacks=[*stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling), *extra_callbacks],
+    )
+
+    # --- train, then save model/ (atomically) and the plots ---------------------------------------
+    stage.train(trainer, resume_from)
+    return stage.save_final(trainer, tc, base_model_dir, run)
+
+
+def add_arguments(p) -> None:
+    stage.stage_arguments(p)
+
+
+def run(args) -> int:
+    return stage.run_command(args, STAGE, run_stage)
+
+
+if __name__ == "__main__":  # what launchers start on every rank: python -m tifaforge.stages.cpt CONFIG ...
+    raise SystemExit(stage.module_main(STAGE, run_stage))

@@ -1,0 +1,142 @@
+"""Checkpoints that can be trusted: complete-marker last, keep-last-N after, resume from the latest complete.
+
+    tifa train cpt CONFIG --resume      # resumes from OUT/checkpoints/<latest complete>
+
+transformers' Trainer writes `checkpoint-N/` in place (weights, optimizer, scheduler, RNG, trainer
+state) and, with `save_total_limit`, deletes old ones *before* the new one is known good. So the
+stages run it with no limit and `CheckpointCallback` owns the commit protocol, as PyTorch DCP's
+`.metadata` and open-instruct's `COMPLETED` do:
+1. after every rank has written its files (barrier), fsync them and the folder;
+2. write `complete.json` (step and every file's size) atomically: the checkpoint now exists;
+3. only then delete complete checkpoints beyond `keep_last` and torn ones older than the new one.
+A folder without a valid marker, or whose files no longer have the recorded sizes, is torn: resume
+skips it with a message and never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tifaforge.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` under root, oldest first, complete or not."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def torn_reason(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when it is."""
+    import json
+
+    marker = folder / MARKER
+    if not marker.exists():
+        return "no completion marker (the save was interrupted)"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {MARKER}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def latest_complete(root: str | Path, announce: bool = True) -> Path | None:
+    """The newest complete checkpoint under root; newer torn ones are skipped with a message."""
+    for step, folder in reversed(checkpoint_dirs(root)):
+        reason = torn_reason(folder)
+        if reason is None:
+            return folder
+        if announce:
+            log.warning("skipping torn checkpoint %s: %s", folder, reason)
+    return None
+
+
+def mark_complete(folder: Path, step: int) -> None:
+    """fsync every file, then write the marker: the checkpoint is complete from this rename on."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
+        path.chmod(0o666 & ~_umask())  # safetensors writes owner-only files; run outputs are shared
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    atomic_write_json(folder / MARKER, {"step": step, "files": files})
+    _fsync(folder)
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, and torn ones older than the newest
+    complete one (a torn folder newer than it may be a save in progress on another rank)."""
+    dirs = checkpoint_dirs(root)
+    complete = [(s, p) for s, p in dirs if torn_reason(p) is None]
+    if not complete:
+        return []
+    newest = complete[-1][0]
+    doomed = [p for _, p in complete[:-keep_last]] + [p for s, p in dirs if s < newest and (s, p) not in complete]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def discard_after(root: Path, step: int) -> list[Path]:
+    """Remove checkpoints newer than the resume point (torn by definition): the resumed run writes
+    those steps again, and stale files from the killed run must not mix in."""
+    doomed = [p for s, p in checkpoint_dirs(root) if s > step]
+    for p in doomed:
+        log.warning("removing %s (newer than the resume point, not complete)", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_callback(root: Path, keep_last: int):
+    """A TrainerCallback running the commit protocol after each Trainer save (built lazily: transformers)."""
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            _barrier()  # every rank's files (per-rank RNG state) are written before the marker
+            if state.is_world_process_zero:
+                folder = root / f"checkpoint-{state.global_step}"
+                mark_complete(folder, state.global_step)
+                for p in rotate(root, keep_last):
+                    log.info("deleted old checkpoint %s", p.name)
+            _barrier()
+
+    return CheckpointCallback()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,137 @@
+"""Training config sections: the one source of the stages' defaults and help.
+
+    tifa config configs/tiny-cpt.yaml --keys     # every key, its default and its help
+
+`TrainConfig` holds what every trainer shares (optimiser, schedule, batch, checkpoints, samples,
+device); `CPTConfig` and `SFTConfig` add their data. MGRPO and DPO sections subclass `TrainConfig`
+the same way. Defaults suit a 7B model on GPUs; `configs/tiny-*.yaml` sets the tiny CPU values.
+Keep this module free of torch imports (the CLI's --help reads it); `check_precision` imports torch
+only when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from tifaforge.fields import opt, section
+from tifaforge.errors import TifaError
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of a full fine-tune."""
+
+    enabled: bool = opt(False, "Train LoRA adapters instead of every weight.")
+    r: int = opt(16, "LoRA rank.", min=1)
+    alpha: int = opt(32, "LoRA scaling numerator (the update is scaled by alpha / r).", min=1)
+    dropout: float = opt(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
+    target_modules: list[str] = opt(["all-linear"], "Modules that get adapters; 'all-linear' = every linear layer but the head.")
+    merge: bool = opt(True, "Merge the adapters into the weights when saving model/ (a plain transformers folder); "
+                      "false saves the adapter folder only.")
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage shares. `steps` wins over `epochs` when it is positive."""
+
+    learning_rate: float = opt(1e-5, "Peak learning rate.", min=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = opt(
+        "cosine", "Learning-rate schedule after warm-up.")
+    warmup: float = opt(0.03, "Warm-up: a fraction of the steps when below 1, else a number of steps.", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = opt(1.0, "Clip the gradient to this global norm; 0 = no clipping.", min=0.0)
+    steps: int = opt(-1, "Optimizer steps to train; -1 = `epochs` passes over the data.", min=-1)
+    epochs: float = opt(1.0, "Passes over the data (when `steps` is -1).", min=0.0)
+    batch_size: int = opt(8, "Sequences per device per micro-batch.", min=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (global batch = batch_size x grad_accum x devices).", min=1)
+    max_length: int = opt(2048, "Tokens per training sequence.", min=8)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapters (peft).")
+    save_every: int = opt(200, "Write a checkpoint every N optimizer steps (and at the last step).", min=1)
+    keep_last: int = opt(2, "Complete checkpoints kept; older ones are deleted only after a newer one is complete.", min=1)
+    log_every: int = opt(10, "Write a metrics.jsonl row every N steps.", min=1)
+    samples_every: int = opt(200, "Generate samples on fixed prompts every N steps (samples.jsonl); 0 = never.", min=0)
+    sample_prompts: int = opt(3, "How many fixed prompts the samples use.", min=1)
+    sample_max_new_tokens: int = opt(128, "Most new tokens per sample.", min=1)
+    max_nonfinite_steps: int = opt(3, "Stop the stage after this many consecutive steps with a non-finite loss "
+                                   "or gradient (each such step is skipped and reported).", min=1)
+    seed: int | None = opt(None, "Seed of data order and initialisation; null = the run's top-level seed.")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = CUDA when available, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Compute precision: auto = bf16 mixed precision on CUDA, float32 on CPU (bf16 there is slow or missing).")
+    report_to: Literal["none", "tensorboard", "trackio"] = opt("none", "Live curves besides metrics.jsonl.")
+
+
+@dataclass
+class CPTConfig(TrainConfig):
+    """Stage 1: continued pretraining (next-token loss on every token of packed novel text)."""
+
+    learning_rate: float = opt(2e-5, "Peak learning rate.", min=0.0)
+    data: str = opt("data/demo/novels", "The packed dataset written by `tifa data novels`, or a folder/file of "
+                    ".txt/.epub novels (ingested into OUT/data with the model's tokenizer, blocks of max_length).")
+    dedup_threshold: float = opt(0.8, "When `data` is raw novels: near-duplicate threshold of the ingest.", min=0.01, max=1.0)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Stage 2: chain-of-thought SFT cold start (loss on the final assistant turn: think block,
+    answer, end tag), through the chat template's training form."""
+
+    learning_rate: float = opt(1e-5, "Peak learning rate.", min=0.0)
+    data: str = opt("data/demo/sft.jsonl", "SFT dialogues (JSONL, DESIGN.md 2a).")
+    per_turn: bool = opt(True, "One example per assistant turn of a multi-turn dialogue (false: the final turn only).")
+    too_long: Literal["drop", "error"] = opt("drop", "An example over max_length: drop it (counted and reported) or stop.")
+    user_name: str | None = opt(None, "{{user}} in character cards (null: the card's default).")
+
+
+def run_config_class() -> type:
+    """The run config class the stages load (`tifaforge.config.Config`, which holds cpt and sft)."""
+    from tifaforge.config import Config
+
+    return Config
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def resolve_device(tc: TrainConfig) -> str:
+    import torch
+
+    if tc.device == "cuda" and not torch.cuda.is_available():
+        raise TifaError("device: 'cuda' asked, but no CUDA device is available (set device: cpu or auto)")
+    if tc.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return tc.device
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has a bf16 compute path (oneDNN's check: AVX512-BF16 or AMX)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision(tc: TrainConfig, stage: str) -> str:
+    """'bf16' or 'fp32' for this device; bf16 asked where it cannot run is an error, not a slow run."""
+    import torch
+
+    device = resolve_device(tc)
+    if tc.dtype == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if tc.dtype == "float32":
+        return "fp32"
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TifaError(f"{stage}.dtype: bfloat16 asked, but this GPU has no bf16 support; use float32")
+    if device == "cpu" and not cpu_bf16_supported():
+        raise TifaError(f"{stage}.dtype: bfloat16 asked, but this CPU has no bf16 support (no AVX512-BF16/AMX): "
+                        "set dtype: float32 (or auto)")
+    return "bf16"
+
+
+def cosmetic_keys() -> set[str]:
+    """Keys that may change between a run and its resume: they change what is logged, not the math."""
+    return {"log_every", "samples_every", "sample_prompts", "sample_max_new_tokens", "keep_last", "report_to",
+            "max_nonfinite_steps"}

@@ -1,0 +1,310 @@
+"""The steps a stage file strings together: run directory and resume point, TRL arguments, the model
+(with LoRA), callbacks, the final save; plus the `tifa train STAGE` command and its launchers.
+
+    tifa train cpt configs/tiny-cpt.yaml [--out DIR] [--model DIR] [--resume] [--launcher accelerate]
+
+A stage's run directory (DESIGN.md §6): `model/` (written last, atomically), `checkpoints/`,
+`metrics.jsonl`, `samples.jsonl`, `plots/`, `config.yaml` (resolved). Only the main process writes
+files; every rank calls the Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tifaforge.errors import TifaError
+from tifaforge.train import checkpoints as ckpt
+from tifaforge.train.config import TrainConfig, check_precision, cosmetic_keys, resolve_device, run_config_class
+from tifaforge.train.metrics import JsonlLog, metrics_callback, plot_curves, samples_callback
+
+log = logging.getLogger(__name__)
+
+STAGE_DIRS = {"cpt": "01-cpt", "sft": "02-sft", "mgrpo": "03-mgrpo", "dpo": "04-dpo"}
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process); read from the launcher's environment, before torch.distributed starts."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@dataclass
+class RunDir:
+    out: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.out / "model"
+
+    @property
+    def plots(self) -> Path:
+        return self.out / "plots"
+
+    @property
+    def metrics(self) -> JsonlLog:
+        return JsonlLog(self.out / "metrics.jsonl")
+
+    @property
+    def samples(self) -> JsonlLog:
+        return JsonlLog(self.out / "samples.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory and resume
+
+
+def prepare_out(out_dir: str | Path, cfg: Any, stage: str, resume: bool) -> tuple[RunDir, Path | None]:
+    """The run directory and the checkpoint to resume from (None: start fresh).
+
+    Checkpoints from an earlier run are resumed only when `resume` is set and the config's training
+    keys are unchanged; files the killed run wrote past the resume point are dropped.
+    """
+    from tifaforge.config import save_resolved
+
+    run = RunDir(Path(out_dir))
+    found = ckpt.checkpoint_dirs(run.checkpoints)
+    latest = ckpt.latest_complete(run.checkpoints, announce=is_main())
+    if found and not resume:
+        raise TifaError(f"{run.out}: holds checkpoints of an earlier run (latest complete: "
+                        f"{latest.name if latest else 'none'}); pass --resume to continue it, or choose another --out")
+    if latest is not None:
+        check_same_config(run.out / "config.yaml", cfg, stage)
+    if is_main():
+        run.out.mkdir(parents=True, exist_ok=True)
+        step = int(latest.name.split("-")[1]) if latest else 0
+        ckpt.discard_after(run.checkpoints, step)
+        run.metrics.truncate_after(step)
+        run.samples.truncate_after(step)
+        save_resolved(cfg, run.out)
+        if latest:
+            log.info("%s: resuming from %s", stage, latest)
+    return run, latest
+
+
+def check_same_config(saved: Path, cfg: Any, stage: str) -> None:
+    """A resume must not silently mix two configs: any training key that changed is an error."""
+    import yaml
+
+    from tifaforge.config import to_dict
+
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise TifaError(f"{saved}: cannot read the config of the checkpoints being resumed: {e}") from None
+    new = to_dict(cfg)
+    changed = [f"seed {old.get('seed')!r} -> {new['seed']!r}"] if old.get("seed") != new["seed"] else []
+    old_s, new_s = old.get(stage) or {}, new[stage]
+    changed += [f"{stage}.{k} {old_s.get(k)!r} -> {v!r}" for k, v in new_s.items()
+                if k not in cosmetic_keys() and old_s.get(k) != v]
+    if changed:
+        raise TifaError(f"{saved.parent}: config changed since its checkpoints were written ({'; '.join(changed[:4])}): "
+                        "restore it, or train into another --out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer pieces
+
+
+def seed_of(cfg: Any, tc: TrainConfig) -> int:
+    return tc.seed if tc.seed is not None else cfg.seed
+
+
+def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, **extra):
+    """TRL SFTConfig from a stage section. Made before the model: under ZeRO-3 it shards weights as
+    they load. CPU needs bf16 off and gradient checkpointing off explicitly (TRL defaults both on:
+    10x slower here, feasibility.md pitfall 2)."""
+    from trl import SFTConfig
+
+    precision = check_precision(tc, stage)
+    return SFTConfig(
+        output_dir=str(run.checkpoints), seed=seed, data_seed=seed,
+        max_steps=tc.steps, num_train_epochs=tc.epochs,
+        per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+        learning_rate=tc.learning_rate, lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup,
+        weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim="adamw_torch",
+        max_length=tc.max_length, packing=False, dataset_kwargs={"skip_prepare_dataset": True},
+        gradient_checkpointing=tc.gradient_checkpointing,
+        bf16=precision == "bf16", fp16=False, use_cpu=resolve_device(tc) == "cpu",
+        logging_steps=tc.log_every, save_strategy="steps", save_steps=tc.save_every, save_total_limit=None,
+        report_to=tc.report_to, dataloader_num_workers=0, disable_tqdm=False, **extra,
+    )
+
+
+def load_for_training(base_model_dir: str | Path):
+    """(model, tokenizer) in fp32 on CPU: the Trainer moves it; bf16 runs as mixed precision over
+    fp32 master weights."""
+    from tifaforge.models.load import load_model
+
+    model, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu")
+    model.config.use_cache = False  # no KV cache while training (the engine passes its own)
+    return model.train(), tokenizer
+
+
+def lora_config(tc: TrainConfig):
+    """peft's LoraConfig when the stage trains adapters, else None (a full fine-tune)."""
+    if not tc.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    targets = tc.lora.target_modules
+    return LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout, task_type="CAUSAL_LM",
+                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+
+
+def callbacks(tc: TrainConfig, run: RunDir, stage: str, tokenizer, prompts: list[str], sampling) -> list:
+    """Commit protocol, metrics, samples and the non-finite guard (last: it vetoes the step's save)."""
+    import dataclasses
+
+    from tifaforge.train.guards import nonfinite_guard
+
+    sample_cfg = dataclasses.replace(sampling, max_new_tokens=tc.sample_max_new_tokens,
+                                     seed=sampling.seed if sampling.seed is not None else 0)
+    every = 0 if _sharded() else tc.samples_every  # sharded weights: rank 0 alone cannot run them
+    return [
+        ckpt.checkpoint_callback(run.checkpoints, tc.keep_last),
+        metrics_callback(run.metrics),
+        samples_callback(run.samples, tokenizer, prompts, sample_cfg, every),
+        nonfinite_guard(tc.max_nonfinite_steps, stage, run.metrics.write),
+    ]
+
+
+def _sharded() -> bool:
+    return any(os.environ.get(v, "").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def train(trainer, resume_from: Path | None) -> None:
+    """Train (resuming when asked); a stage stopped by the non-finite guard is an error naming the step."""
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    guard = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "failure"))
+    if guard.failure:
+        raise TifaError(f"{guard.failure}; the last complete checkpoint is in {trainer.args.output_dir}")
+
+
+def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir) -> Path:
+    """model/ as a plain transformers folder (LoRA merged unless `lora.merge` is false), plots;
+    written beside and renamed into place, so model/ is never half-written."""
+    tmp = run.out / ".model.partial"
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.config.use_cache = True  # off while training; generation wants it
+    trainer.save_model(str(tmp))  # every rank: gathers sharded weights; rank 0 writes, tokenizer included
+    if is_main():
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config says it all
+        if tc.lora.enabled and tc.lora.merge:
+            _merge_lora(base_model_dir, tmp)
+        for f in tmp.rglob("*"):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~ckpt._umask())  # run outputs are shared
+        if run.model.exists():
+            shutil.rmtree(run.model)
+        tmp.rename(run.model)
+        plot_curves(run.metrics.path, run.plots)
+    trainer.accelerator.wait_for_everyone()
+    return run.model
+
+
+def _merge_lora(base_model_dir: str | Path, adapter_dir: Path) -> None:
+    """Base weights + adapter -> one plain folder, replacing the adapter folder's contents."""
+    from peft import PeftModel
+
+    from tifaforge.models.load import load_model, save_model
+
+    base, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    save_model(merged, tokenizer, adapter_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: tifa train STAGE CONFIG
+
+
+def stage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML config (its stage section, model and seed are used)")
+    p.add_argument("--out", help="run directory of the stage (default: runs/NAME/NN-STAGE)")
+    p.add_argument("--model", help="start from this model folder instead of the config's model.base")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--launcher", choices=["none", "accelerate", "torchrun"], default="none",
+                   help="start the processes with `accelerate launch` (configs/accelerate/*.yaml) or torchrun")
+    p.add_argument("--accelerate-config", help="accelerate config file (with --launcher accelerate)")
+    p.add_argument("--num-processes", type=int, help="processes to start (with a launcher)")
+
+
+def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
+    from tifaforge.config import load_config
+
+    cfg = load_config(args.config, args.set, cls=run_config_class())
+    out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
+    base = resolve_base(args.model or cfg.model.base, out, cfg)
+    if args.launcher != "none":
+        return launch(args, stage, out, base)
+    start = time.perf_counter()
+    model_dir = run_stage(cfg, base, out, resume=args.resume)
+    if is_main():
+        print(f"{stage}: wrote {model_dir} in {time.perf_counter() - start:.0f} s "
+              f"(metrics {out / 'metrics.jsonl'}, plots {out / 'plots'})")
+    return 0
+
+
+def resolve_base(spec: str, out: Path, cfg: Any) -> Path:
+    """A model folder or .gguf as given, or a preset name built (once, deterministically) into OUT/base."""
+    from tifaforge.models import presets
+
+    path = Path(spec)
+    if path.exists():
+        return path
+    if spec not in presets.PRESETS:
+        raise TifaError(f"model.base: {spec}: no such model folder or file (presets: {', '.join(presets.PRESETS)})")
+    folder = out / "base"
+    if is_main() and not (folder / "config.json").exists():
+        presets.init_model(spec, folder, seed=cfg.model.preset_seed)
+    _wait_for(folder / "config.json")
+    return folder
+
+
+def _wait_for(path: Path, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TifaError(f"{path}: not written by rank 0 within {seconds:.0f} s")
+        time.sleep(0.5)
+
+
+def launch(args: argparse.Namespace, stage: str, out: Path, base: Path) -> int:
+    """Re-run this command under a launcher: one process per device, all with the same arguments."""
+    child = [args.config, "--out", str(out), "--model", str(base), *(["--resume"] if args.resume else []),
+             *[a for s in args.set for a in ("--set", s)]]
+    module = f"tifaforge.stages.{stage}"
+    if args.launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch",
+               *(["--config_file", args.accelerate_config] if args.accelerate_config else []),
+               *(["--num_processes", str(args.num_processes)] if args.num_processes else []), "-m", module, *child]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.num_processes or 1),
+               "-m", module, *child]
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def module_main(stage: str, run_stage, argv: list[str] | None = None) -> int:
+    """`python -m tifaforge.stages.STAGE ...`: the same command as `tifa train STAGE`, one-line errors."""
+    parser = argparse.ArgumentParser(prog=f"python -m tifaforge.stages.{stage}")
+    stage_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return run_command(args, stage, run_stage)
+    except TifaError as e:
+        print(f"tifa: error: {e}", file=sys.stderr)
+        return 2

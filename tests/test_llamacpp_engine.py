@@ -1,0 +1,215 @@
+"""The llama.cpp engine backend (issue 4, point 1) behaves like the transformers `Engine`: same results
+for greedy decoding, same streaming, stops, reasoning split and errors; real llama-cpp-python."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from tifaforge.config import SamplingConfig
+from tifaforge.engine.generate import Request
+from tifaforge.engine.llamacpp import LlamaCppEngine
+from tifaforge.errors import TifaError
+from tifaforge.export.gguf import export_gguf
+
+_OFF = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, dry_multiplier=0.0)
+GREEDY = SamplingConfig(do_sample=False, max_new_tokens=32, repetition_penalty=1.0)
+CONVERSATIONS = [
+    [{"role": "user", "content": "写一段雨夜客栈里两位剑客重逢的描写。"}],
+    [{"role": "system", "content": "你是沈清雅。"}, {"role": "user", "content": "清雅姑娘，今晚月色真美。"}],
+    [{"role": "user", "content": "Tell me about the lighthouse."}],
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_files(trained_tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine-gguf")
+    return {q: export_gguf(trained_tiny_dir, out / f"tiny-{q}.gguf", q, progress=False).path for q in ("f32", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def lengine(gguf_files):
+    engine = LlamaCppEngine.load(gguf_files["f32"])
+    yield engine
+    engine.close()
+
+
+def _prompts(engine) -> list[str]:
+    prompts = [engine.render(c) for c in CONVERSATIONS]
+    return prompts + [prompts[0] + "<think>"]  # the think block opened by the prompt
+
+
+def _fields(result) -> tuple:
+    return dataclasses.astuple(result)
+
+
+def test_greedy_results_equal_transformers_engine(engine, gguf_files):
+    """f32: the same weights, so every token must match (q8_0 flips near-ties; test_gguf measures it)."""
+    prompts = _prompts(engine)
+    expected = engine.generate([Request(p, GREEDY) for p in prompts])
+    with LlamaCppEngine.load(gguf_files["f32"]) as lengine:
+        assert [lengine.render(c) for c in CONVERSATIONS] == prompts[:3]  # the file's template renders like ours
+        got = lengine.generate([Request(p, GREEDY) for p in prompts])
+        lengine.stop_ids = set()  # and 32 tokens each, past where the end token stopped them
+        long = [r.token_ids for r in lengine.generate([Request(p, GREEDY) for p in prompts])]
+    assert [_fields(r) for r in got] == [_fields(r) for r in expected]
+    saved, engine.stop_ids = engine.stop_ids, set()
+    try:
+        assert long == [r.token_ids for r in engine.generate([Request(p, GREEDY) for p in prompts])]
+    finally:
+        engine.stop_ids = saved
+    assert got[3].reasoning is not None  # the split knew the prompt opened the think block
+
+
+@pytest.mark.parametrize("setting", [
+    dict(repetition_penalty=1.17), dict(presence_penalty=0.8, frequency_penalty=0.4),
+    dict(dry_multiplier=0.8, dry_allowed_length=2), dict(repetition_penalty=1.3, dry_multiplier=1.0),
+])
+def test_penalties_map_to_llama_cpp_samplers_with_our_semantics(engine, lengine, setting):
+    """Greedy with penalties: only the penalty samplers move the argmax, so both backends must agree
+    token for token if the mapping (window, prompt counted or not, order) is right. Stop tokens are
+    off so every row runs its 48 tokens and repeats enough for the penalties to act."""
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=48, **setting)
+    prompts = _prompts(engine)[:2]
+    saved = engine.stop_ids, lengine.stop_ids
+    engine.stop_ids = lengine.stop_ids = set()
+    try:
+        expected = [r.token_ids for r in engine.generate([Request(p, cfg) for p in prompts])]
+        got = [r.token_ids for r in lengine.generate([Request(p, cfg) for p in prompts])]
+        plain = [r.token_ids for r in engine.generate([Request(p, dataclasses.replace(cfg, **_OFF)) for p in prompts])]
+    finally:
+        engine.stop_ids, lengine.stop_ids = saved
+    assert got == expected
+    assert expected != plain  # the setting changed the text
+
+
+def test_stream_concatenates_to_generate(lengine):
+    prompts = _prompts(lengine)
+    results = lengine.generate([Request(p, GREEDY) for p in prompts])
+    deltas = list(lengine.stream([Request(p, GREEDY) for p in prompts]))
+    for i, r in enumerate(results):
+        mine = [d for d in deltas if d.index == i]
+        assert "".join(d.text for d in mine) == r.text
+        assert mine[-1].finish_reason == r.finish_reason and all(d.finish_reason is None for d in mine[:-1])
+
+
+def test_closing_a_stream_then_generating_again(lengine):
+    prompt = _prompts(lengine)[0]
+    fresh = lengine.generate([Request(prompt, GREEDY)])[0]
+    stream = lengine.stream([Request(prompt, GREEDY)])
+    next(stream)
+    stream.close()  # a client left: generation stops, the sampler is freed
+    assert _fields(lengine.generate([Request(prompt, GREEDY)])[0]) == _fields(fresh)
+
+
+def test_cached_prefix_gives_the_same_answer(gguf_files, lengine):
+    first = _prompts(lengine)[1]
+    reply = lengine.generate([Request(first, GREEDY)])[0]
+    follow = first + reply.text + "<|end▁of▁sentence|><|User|>再说一遍。<|Assistant|>"
+    warm = lengine.generate([Request(follow, GREEDY)])[0]  # reuses the first prompt's KV cache
+    with LlamaCppEngine.load(gguf_files["f32"]) as cold:
+        assert _fields(cold.generate([Request(follow, GREEDY)])[0]) == _fields(warm)
+
+
+def test_stop_strings_cut_exactly(gguf_files):
+    lengine = LlamaCppEngine.load(gguf_files["f32"])
+    lengine.stop_ids = set()  # a long text to cut
+    prompt = _prompts(lengine)[0]
+    full = lengine.generate([Request(prompt, GREEDY)])[0].text
+    stop = full[5:7]
+    got = lengine.generate([Request(prompt, GREEDY, stop=[stop])])[0]
+    assert got.text == full[:full.index(stop)] and got.finish_reason == "stop"
+    streamed = "".join(d.text for d in lengine.stream([Request(prompt, GREEDY, stop=[stop])]))
+    assert streamed == got.text
+    lengine.close()
+
+
+def test_stop_tokens_are_the_transformers_engine_s(engine, lengine):
+    assert lengine.stop_ids == engine.stop_ids
+    tok = lengine.tokenizer
+    assert {tok.token_id(t) for t in ("<|end▁of▁sentence|>", "<|User|>", "<|Assistant|>")} <= lengine.stop_ids
+
+
+def test_length_finish_and_counts(gguf_files):
+    lengine = LlamaCppEngine.load(gguf_files["f32"])
+    lengine.stop_ids = set()
+    r = lengine.generate([Request(_prompts(lengine)[0], dataclasses.replace(GREEDY, max_new_tokens=3))])[0]
+    assert r.finish_reason == "length" and r.completion_tokens == 3
+    assert r.prompt_tokens == len(lengine.tokenizer(_prompts(lengine)[0]).input_ids)
+    lengine.close()
+
+
+def test_sampling_is_reproducible_by_seed(lengine):
+    prompt = _prompts(lengine)[0]
+    cfg = SamplingConfig(temperature=1.5, top_p=1.0, max_new_tokens=24, seed=7, min_p=0.02, top_k=50,
+                         xtc_probability=0.5, xtc_threshold=0.1, dry_multiplier=0.5)
+    a, b = (lengine.generate([Request(prompt, cfg)])[0] for _ in range(2))
+    assert a.token_ids == b.token_ids
+    others = {tuple(lengine.generate([Request(prompt, dataclasses.replace(cfg, seed=s))])[0].token_ids) for s in range(4)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_temperature_zero_with_sampling_is_greedy(lengine):
+    prompt = _prompts(lengine)[0]
+    greedy = lengine.generate([Request(prompt, dataclasses.replace(GREEDY, repetition_penalty=1.0))])[0]
+    cold = SamplingConfig(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=32, seed=1)
+    assert lengine.generate([Request(prompt, cold)])[0].token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (Request("", GREEDY), "empty prompt"),
+    (Request("你好", dataclasses.replace(GREEDY, max_new_tokens=0)), "max_new_tokens"),
+    (Request("你好", dataclasses.replace(GREEDY, temperature=math.nan)), "temperature"),
+])
+def test_bad_requests_are_clear_errors(lengine, request_, message):
+    with pytest.raises(TifaError, match=message):
+        lengine.generate([request_])
+
+
+def test_prompt_longer_than_context(gguf_files):
+    with LlamaCppEngine.load(gguf_files["q8_0"], n_ctx=256) as small:  # llama.cpp pads n_ctx to 256
+        assert small.context == 256
+        with pytest.raises(TifaError, match="does not fit"):
+            small.generate([Request("江南" * 600, GREEDY)])
+        small.stop_ids = set()
+        r = small.generate([Request("江南" * 100, dataclasses.replace(GREEDY, max_new_tokens=1000))])[0]
+        assert r.finish_reason == "length" and r.prompt_tokens + r.completion_tokens == 256
+
+
+def test_load_refuses_what_is_not_a_gguf(tmp_path, trained_tiny_dir):
+    with pytest.raises(TifaError, match="runs a .gguf file"):
+        LlamaCppEngine.load(trained_tiny_dir)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 40)
+    with pytest.raises(TifaError, match="not a valid GGUF"):
+        LlamaCppEngine.load(bad)
+
+
+def test_closed_engine_says_so(gguf_files):
+    e = LlamaCppEngine.load(gguf_files["q8_0"])
+    e.close()
+    e.close()  # twice is fine
+    with pytest.raises(TifaError, match="closed"):
+        e.generate([Request("你好", GREEDY)])
+
+
+def test_chat_session_runs_on_the_llama_cpp_backend(lengine):
+    from tifaforge.chat.session import ChatSession
+
+    session = ChatSession.from_card(lengine, None, "小林", sampling=dataclasses.replace(GREEDY, max_new_tokens=16))
+    text = "".join(d.text for d in session.say("你好"))
+    assert text and session.messages()[-1]["role"] == "assistant"
+
+
+def test_smollm2_chatml_file_through_the_backend():
+    """A real third-party GGUF (Llama architecture, ChatML template, Q4_1) through the same interface."""
+    from tifaforge.models.presets import smollm2_gguf
+
+    with LlamaCppEngine.load(smollm2_gguf(), n_ctx=512) as e:
+        prompt = e.render([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+        assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+        r = e.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                   sampling=dataclasses.replace(GREEDY, max_new_tokens=24))
+    assert "Paris" in r.content and r.finish_reason == "stop"

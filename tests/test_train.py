@@ -1,0 +1,400 @@
+"""Stages 1 and 2 on the tiny preset: CPT loss falls, SFT learns the think format, checkpoints are
+trusted (marker last, rotation after, torn ones skipped), NaN steps are skipped and reported, bad
+input is refused with one clear line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tifaforge.config import load_config
+from tifaforge.errors import TifaError
+from tifaforge.train import checkpoints as ckpt
+from tifaforge.train.config import run_config_class
+
+ROOT = Path(__file__).resolve().parents[1]
+NOVELS = ROOT / "data" / "demo" / "novels"
+
+# A few small steps: 4 sequences of 64 tokens each.
+CPT_SMALL = ["cpt.steps=8", "cpt.batch_size=4", "cpt.max_length=64", "cpt.learning_rate=0.003", "cpt.warmup=0",
+             "cpt.lr_scheduler=constant", "cpt.save_every=2", "cpt.keep_last=2", "cpt.log_every=1",
+             "cpt.samples_every=4", "cpt.sample_prompts=1", "cpt.sample_max_new_tokens=8"]
+
+
+def cfg_with(*overrides: str):
+    return load_config(None, list(overrides), cls=run_config_class())
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The demo novels packed into 64-token blocks by `tifa data novels`' library function."""
+    from tifaforge.data.novels import ingest_novels
+
+    out = tmp_path_factory.mktemp("packed") / "novels"
+    ingest_novels([NOVELS], out, tiny_tokenizer, block_size=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpt_run(tmp_path_factory, packed, tiny_model_dir) -> Path:
+    """One finished 8-step CPT run (shared by the tests that read its outputs; copy it to modify)."""
+    from tifaforge.stages import cpt
+
+    out = tmp_path_factory.mktemp("cpt") / "01-cpt"
+    cpt.run_stage(cfg_with(*CPT_SMALL, f"cpt.data={packed}"), tiny_model_dir, out)
+    return out
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# CPT
+
+
+def test_cpt_loss_falls_and_outputs_are_complete(cpt_run):
+    losses = [r["loss"] for r in metric_rows(cpt_run) if "loss" in r]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5, losses
+    for name in ("loss.png", "learning_rate.png"):
+        assert (cpt_run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(line) for line in (cpt_run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 8] and all(s["text"] for s in samples)
+    assert load_config(cpt_run / "config.yaml", cls=run_config_class()).cpt.steps == 8
+
+
+def test_cpt_model_loads_in_plain_transformers(cpt_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cpt_run / "model")
+    assert not (cpt_run / "model" / "training_args.bin").exists()  # no pickles in model/
+    last = ckpt.latest_complete(cpt_run / "checkpoints")
+    trained = AutoModelForCausalLM.from_pretrained(last)
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_keep_last_after_complete(cpt_run):
+    steps = [s for s, _ in ckpt.checkpoint_dirs(cpt_run / "checkpoints")]
+    assert steps == [6, 8]  # keep_last=2 of saves at 2, 4, 6, 8
+    for _, folder in ckpt.checkpoint_dirs(cpt_run / "checkpoints"):
+        assert ckpt.torn_reason(folder) is None
+        assert json.loads((folder / ckpt.MARKER).read_text())["files"]["optimizer.pt"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_torn_checkpoint_is_skipped_with_a_message(cpt_run, tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(cpt_run / "checkpoints", root)
+    (root / "checkpoint-8" / ckpt.MARKER).unlink()  # killed before the marker
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.latest_complete(root) == root / "checkpoint-6"
+    assert "skipping torn checkpoint" in caplog.text and "checkpoint-8" in caplog.text
+    # a file cut short after the marker was written is torn too
+    with (root / "checkpoint-6" / "optimizer.pt").open("r+b") as f:
+        f.truncate(100)
+    assert "optimizer.pt has 100 bytes" in ckpt.torn_reason(root / "checkpoint-6")
+    assert ckpt.latest_complete(root) is None
+
+
+def test_rotation_never_deletes_before_a_newer_complete_one(tmp_path):
+    root = tmp_path
+    for step in (2, 4):
+        (root / f"checkpoint-{step}").mkdir()
+        (root / f"checkpoint-{step}" / "w").write_bytes(b"x" * step)
+        ckpt.mark_complete(root / f"checkpoint-{step}", step)
+    (root / "checkpoint-6").mkdir()  # being written: no marker yet
+    assert ckpt.rotate(root, keep_last=1) == [root / "checkpoint-2"]
+    assert [s for s, _ in ckpt.checkpoint_dirs(root)] == [4, 6]
+
+
+def test_resume_continues_from_latest_complete(cpt_run, tmp_path, tiny_model_dir):
+    """Resume a copy whose newest checkpoint is torn: it restarts from 6, rewrites 8, and the
+    metrics read as one run."""
+    from tifaforge.stages import cpt
+
+    out = tmp_path / "01-cpt"
+    shutil.copytree(cpt_run, out)
+    shutil.rmtree(out / "model")
+    (out / "checkpoints" / "checkpoint-8" / ckpt.MARKER).unlink()
+    cfg = load_config(out / "config.yaml", cls=run_config_class())
+    with pytest.raises(TifaError, match="pass --resume"):
+        cpt.run_stage(cfg, tiny_model_dir, out, resume=False)
+    cpt.run_stage(cfg, tiny_model_dir, out, resume=True)
+    steps = [r["step"] for r in metric_rows(out) if "loss" in r]
+    assert steps == list(range(1, 9))
+    assert ckpt.torn_reason(out / "checkpoints" / "checkpoint-8") is None
+
+
+def test_resume_refuses_a_changed_config(cpt_run, tmp_path, tiny_model_dir):
+    from tifaforge.stages import cpt
+
+    out = tmp_path / "01-cpt"
+    shutil.copytree(cpt_run, out)
+    cfg = load_config(out / "config.yaml", ["cpt.learning_rate=0.01", "cpt.log_every=3"], cls=run_config_class())
+    with pytest.raises(TifaError, match=r"config changed .*cpt\.learning_rate 0\.003 -> 0\.01"):
+        cpt.run_stage(cfg, tiny_model_dir, out, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def nan_at(steps: set[int]):
+    """A callback that makes the embeddings NaN during the given (1-based) steps."""
+    from transformers import TrainerCallback
+
+    class InjectNaN(TrainerCallback):
+        hook = None
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step + 1 in steps:
+                emb = model.get_input_embeddings()
+                self.hook = emb.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.hook is not None:
+                self.hook.remove()
+                self.hook = None
+
+    return InjectNaN()
+
+
+def test_nan_step_is_skipped_reported_and_never_checkpointed(packed, tiny_model_dir, tmp_path, caplog):
+    import torch
+    from safetensors.torch import load_file
+
+    from tifaforge.stages import cpt
+
+    out = tmp_path / "01-cpt"
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}", "cpt.steps=4", "cpt.save_every=1", "cpt.keep_last=4",
+                   "cpt.samples_every=0")
+    with caplog.at_level(logging.WARNING):
+        cpt.run_stage(cfg, tiny_model_dir, out, extra_callbacks=(nan_at({3}),))
+    assert "step 3: non-finite gradient" in caplog.text and "skipped" in caplog.text
+    events = [r for r in metric_rows(out) if r.get("event")]
+    assert [(e["step"], e["event"]) for e in events] == [(3, "nonfinite_step_skipped")]
+    assert [s for s, _ in ckpt.checkpoint_dirs(out / "checkpoints")] == [1, 2, 4]
+    w2 = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    w4 = load_file(out / "model" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in w4.values())
+    assert any(not torch.equal(w2[k], w4[k]) for k in w2)  # step 4 trained normally
+
+
+def test_repeated_nan_stops_the_stage_naming_the_step(packed, tiny_model_dir, tmp_path):
+    from tifaforge.stages import cpt
+
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}", "cpt.steps=6", "cpt.max_nonfinite_steps=2",
+                   "cpt.samples_every=0")
+    with pytest.raises(TifaError, match=r"cpt: step 3: non-finite loss or gradient for 2 consecutive steps"):
+        cpt.run_stage(cfg, tiny_model_dir, tmp_path / "01-cpt", extra_callbacks=(nan_at({2, 3, 4, 5, 6}),))
+    assert not (tmp_path / "01-cpt" / "model").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_dataset_from_another_tokenizer_is_refused(packed, tmp_path, tiny_tokenizer, tiny_model_dir):
+    """Novels packed with a different (smaller) BPE: ids are in range, but mean other text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tifaforge.data.novels import ingest_novels
+    from tifaforge.stages import cpt
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    from tifaforge.models.presets import corpus_text
+
+    raw.train_from_iterator(corpus_text().split("\n\n"), trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>"]))
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+    ingest_novels([NOVELS], tmp_path / "other", other, block_size=64, progress=False)
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={tmp_path / 'other'}")
+    with pytest.raises(TifaError, match="built with another tokenizer"):
+        cpt.run_stage(cfg, tiny_model_dir, tmp_path / "01-cpt")
+
+
+def test_same_tokenizer_round_trips(packed, tiny_tokenizer):
+    from datasets import load_from_disk
+
+    from tifaforge.train.data import round_trip_agreement
+
+    assert round_trip_agreement(load_from_disk(str(packed)), tiny_tokenizer) > 0.9
+
+
+def test_empty_and_out_of_range_datasets_are_refused(tmp_path, tiny_tokenizer):
+    from datasets import Dataset
+
+    from tifaforge.train.data import cpt_dataset
+
+    Dataset.from_dict({"input_ids": []}).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(TifaError, match=r"empty \(0 blocks\)"):
+        cpt_dataset(str(tmp_path / "empty"), tiny_tokenizer, 64, tmp_path / "x")
+    Dataset.from_dict({"input_ids": [[1, 2, 99999]]}).save_to_disk(str(tmp_path / "wide"))
+    with pytest.raises(TifaError, match=r"token id 99999 is outside this tokenizer's \d+ ids"):
+        cpt_dataset(str(tmp_path / "wide"), tiny_tokenizer, 64, tmp_path / "x")
+    with pytest.raises(TifaError, match=r"longer than cpt.max_length=2"):
+        cpt_dataset(str(tmp_path / "wide"), tiny_tokenizer, 2, tmp_path / "x")
+    with pytest.raises(TifaError, match="no such dataset"):
+        cpt_dataset(str(tmp_path / "missing"), tiny_tokenizer, 64, tmp_path / "x")
+
+
+def test_bf16_on_a_cpu_without_support_is_refused(monkeypatch, packed, tiny_model_dir, tmp_path):
+    from tifaforge.stages import cpt
+    from tifaforge.train import config as train_config
+
+    monkeypatch.setattr(train_config, "cpu_bf16_supported", lambda: False)
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}", "cpt.dtype=bfloat16", "cpt.device=cpu")
+    with pytest.raises(TifaError, match=r"cpt.dtype: bfloat16 asked, but this CPU has no bf16 support"):
+        cpt.run_stage(cfg, tiny_model_dir, tmp_path / "01-cpt")
+    assert train_config.check_precision(cfg.cpt.__class__(device="cpu"), "cpt") == "fp32"  # auto -> fp32 on CPU
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+
+
+DIALOGUES = [
+    ("你好", "打招呼", "你好呀，今天想聊点什么？"),
+    ("今天天气怎么样", "聊天气", "外面晴朗，微风正好。"),
+    ("给我讲个故事", "讲故事", "从前有座山，山里有座庙。"),
+    ("你叫什么名字", "自我介绍", "我叫小满，是云岚宗的弟子。"),
+]
+
+
+def write_dialogues(path: Path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": u},
+                          {"role": "assistant", "content": f"<think>\n{t}\n</think>\n\n{a}"}]}
+            for u, t, a in DIALOGUES]
+    # one two-turn dialogue: it expands into two examples
+    rows.append({"messages": rows[0]["messages"] + rows[1]["messages"]})
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_sft_loss_mask_is_the_final_assistant_turn(tmp_path, tiny_tokenizer):
+    from tifaforge.train.config import SFTConfig
+    from tifaforge.train.data import sft_examples
+
+    ds, chats = sft_examples(write_dialogues(tmp_path / "d.jsonl"), tiny_tokenizer, SFTConfig(max_length=512))
+    assert len(ds) == 6  # 4 one-turn dialogues + a two-turn one expanded per turn
+    row = ds[5]
+    kept = [t for t in row["labels"] if t != -100]
+    text = tiny_tokenizer.decode(kept)
+    assert text == f"<think>\n{DIALOGUES[1][1]}\n</think>\n\n{DIALOGUES[1][2]}<|end▁of▁sentence|>"
+    first = row["labels"].index(kept[0])
+    assert all(t == -100 for t in row["labels"][:first])  # the earlier turns and the prompt: no loss
+    assert tiny_tokenizer.decode(row["input_ids"][first - 1]) == "<|Assistant|>"
+
+
+def test_sft_too_long_examples_are_dropped_or_refused(tmp_path, tiny_tokenizer):
+    from tifaforge.train.config import SFTConfig
+    from tifaforge.train.data import sft_examples
+
+    path = write_dialogues(tmp_path / "d.jsonl")
+    with pytest.raises(TifaError, match=r"d\.jsonl: line 1: \d+ tokens, longer than sft.max_length=20"):
+        sft_examples(path, tiny_tokenizer, SFTConfig(max_length=20, too_long="error"))
+    with pytest.raises(TifaError, match="all 6 examples are longer"):
+        sft_examples(path, tiny_tokenizer, SFTConfig(max_length=8))
+
+
+@pytest.mark.slow
+def test_sft_learns_the_think_format(tmp_path, trained_tiny_dir):
+    from tifaforge.engine.generate import Engine
+    from tifaforge.stages import sft
+
+    cfg = cfg_with(f"sft.data={write_dialogues(tmp_path / 'd.jsonl')}", "sft.steps=40", "sft.batch_size=6",
+                   "sft.max_length=128", "sft.learning_rate=0.003", "sft.warmup=0", "sft.lr_scheduler=constant",
+                   "sft.save_every=40", "sft.log_every=10", "sft.samples_every=40", "sft.sample_prompts=2")
+    model_dir = sft.run_stage(cfg, trained_tiny_dir, tmp_path / "02-sft")
+    engine = Engine.load(model_dir, device="cpu")
+    greedy = cfg.sampling.__class__(do_sample=False, repetition_penalty=1.0, max_new_tokens=32)
+    for user, think, answer in DIALOGUES[:2]:
+        r = engine.chat([{"role": "user", "content": user}], greedy)
+        assert r.text.startswith("<think>\n") and r.finish_reason == "stop", r.text
+        assert r.reasoning.strip() == think and r.content.strip()[:2] == answer[:2], r.text
+
+
+def test_lora_stage_saves_a_merged_plain_model(packed, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tifaforge.stages import cpt
+
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}", "cpt.steps=2", "cpt.samples_every=2", "cpt.lora.enabled=true",
+                   "cpt.lora.r=4", "cpt.lora.alpha=8")
+    out = cpt.run_stage(cfg, tiny_model_dir, tmp_path / "01-cpt")
+    assert not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert merged.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # adapters on the linear layers only
+    assert (tmp_path / "01-cpt" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("tiny-*.yaml")), ids=lambda p: p.name)
+def test_stage_configs_load(path):
+    cfg = load_config(path, cls=run_config_class())
+    assert cfg.cpt.steps > 0 or cfg.sft.steps > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    c = load_config_from_file(str(path))
+    nodes = 2 if "2x8" in path.name else 1
+    assert (c.num_machines, c.num_processes, c.mixed_precision) == (nodes, 8 * nodes, "bf16")
+    assert c.distributed_type.value == ("DEEPSPEED" if "zero3" in path.name else "FSDP")
+    if c.distributed_type.value == "DEEPSPEED":
+        assert c.deepspeed_config["zero_stage"] == 3
+    else:
+        assert c.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Qwen2DecoderLayer"
+
+
+def test_base_model_is_a_folder_or_a_preset_built_once(tmp_path):
+    from tifaforge.train.stage import resolve_base
+
+    cfg = cfg_with()
+    with pytest.raises(TifaError, match="model.base: nope: no such model folder or file"):
+        resolve_base("nope", tmp_path, cfg)
+    built = resolve_base("tiny", tmp_path, cfg)
+    assert built == tmp_path / "base" and (built / "model.safetensors").exists()
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert resolve_base("tiny", tmp_path, cfg) == built and (built / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resolve_base(str(built), tmp_path / "other", cfg) == built
+
+
+def test_launcher_reruns_the_stage_under_accelerate(monkeypatch, tmp_path):
+    import argparse
+
+    from tifaforge.train import stage
+
+    calls = []
+    monkeypatch.setattr(stage.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    p = argparse.ArgumentParser()
+    stage.stage_arguments(p)
+    args = p.parse_args(["c.yaml", "--launcher", "accelerate", "--accelerate-config", "configs/accelerate/zero3-1x8.yaml",
+                         "--resume", "--set", "sft.steps=5"])
+    assert stage.launch(args, "sft", tmp_path / "out", tmp_path / "base") == 0
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    i = cmd.index("tifaforge.stages.sft")
+    assert cmd[i + 1:] == ["c.yaml", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "base"), "--resume",
+                           "--set", "sft.steps=5"]
