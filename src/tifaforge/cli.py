@@ -124,6 +124,11 @@ COMMANDS: list[Command] = [
             "--check FILE validates and compares with transformers",
             "tifa export gguf models/tiny --out tiny-q8_0.gguf --quant q8_0 --verify",
             _lazy_args("tifaforge.export.gguf:add_arguments")),
+    Command(("serve",), "tifaforge.serve.app:run",
+            "OpenAI-compatible server + web chat page: reasoning in reasoning_content, SillyTavern samplers, "
+            "API key, 429 past --max-concurrency",
+            "tifa serve models/tiny --port 8000 --api-key sk-local --max-concurrency 4",
+            _lazy_args("tifaforge.serve.app:add_arguments")),
     Command(("eval",), "tifaforge.eval.report:run",
             "evaluate a model or every stage of a run on held-out prompts: report.md, eval.json, plots",
             "tifa eval runs/demo/warm --set eval.max_new_tokens=64", _lazy_args("tifaforge.eval.report:add_arguments")),

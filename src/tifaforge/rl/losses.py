@@ -76,6 +76,8 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     mask (as the engine's), so a left-padded row scores as it was sampled. With `entropy`, also the
     per-token entropy of that distribution (B, C), without a graph.
     """
+    device = next(model.parameters()).device  # rollouts are collated on the CPU
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 use_cache=False, logits_to_keep=completion_len + 1)

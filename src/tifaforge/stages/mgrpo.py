@@ -276,11 +276,12 @@ def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: i
     n_tokens = sum(len(r.completion_ids) for r in rows)
     for chunk in parts:
         ids, mask, C = collate(chunk, pad)
-        cmask = mask[:, -C:].float()
         logps, ent = completion_logps(policy, ids, mask, C, m.temperature, entropy=True)
-        old = pad_stack([r.old_logps for r in chunk], C) if m.iterations > 1 else logps.detach()
-        ref = pad_stack([r.ref_logps for r in chunk], C) if m.beta > 0 else None
-        adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype)
+        dev = logps.device
+        cmask = mask[:, -C:].float().to(dev)
+        old = pad_stack([r.old_logps for r in chunk], C).to(dev) if m.iterations > 1 else logps.detach()
+        ref = pad_stack([r.ref_logps for r in chunk], C).to(dev) if m.beta > 0 else None
+        adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype, device=dev)
         ptl, stats = per_token_loss(logps, old, adv, cmask, s, ref)
         loss = aggregate(ptl, cmask, s, n_seqs=len(rows), n_tokens=n_tokens, n_micro=len(parts)) * weight
         loss.backward()

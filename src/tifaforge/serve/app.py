@@ -1,0 +1,547 @@
+"""The OpenAI-compatible server and web chat page over the one engine.
+
+    tifa serve models/tiny --port 8000 [--api-key KEY] [--max-concurrency 4]
+
+Routes: `/v1/models`, `/v1/chat/completions` (JSON or SSE), `/v1/completions` (text completion, as
+SillyTavern's text-completion mode uses), `/health`, `/openapi.json` + `/docs`, the page at `/` and
+the card helpers it calls (`/api/cards`, `/api/card`). Think handling is done here, for every client:
+the reply's reasoning goes to `reasoning_content` (optionally mirrored as `reasoning`), never into
+`content`; think blocks in the history a client sends are cut as the seed's template cuts them.
+Text completion returns the raw text, tags included (the client owns the prompt format there).
+
+Order of checks, cheapest first, all before any generation: API key and content type (an ASGI gate,
+before the body is read), body size, JSON and field types (pydantic), request limits, prompt length
+against the context, then admission (429 past the concurrency limit). A client mistake is always a
+4xx with OpenAI's error JSON, never a 5xx (OpenAI's SDK retries those).
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from tifaforge.chat.template import THINK_OPEN, ThinkStreamSplitter, split_reasoning, strip_think
+from tifaforge.config import SamplingConfig
+from tifaforge.engine.generate import Engine, Request
+from tifaforge.extras import require
+from tifaforge.serve.protocol import (
+    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, requested_max_tokens, sampling_for, stops,
+)
+from tifaforge.serve.scheduler import Job, Scheduler
+
+log = logging.getLogger("tifaforge.serve")
+STATIC = Path(__file__).parent / "static"
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # and /static/*: the page asks for the key itself
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_concurrency: int = 4,
+    limits: Limits | None = None,
+    sampling: SamplingConfig | None = None,
+    model_name: str = "tifa",
+    cors_origins: Sequence[str] = (),
+    mirror_reasoning: bool = False,
+    cards: Sequence[dict] | None = None,
+):
+    """The FastAPI app. `sampling`: the server's defaults (the seed's); `cards`: the page's card list
+    (card JSON objects; None: the bundled demo cards); `cors_origins`: empty means same-origin only."""
+    require("serve")
+    from fastapi import FastAPI
+    from fastapi.staticfiles import StaticFiles
+
+    limits = limits or Limits()
+    app = FastAPI(title="tifaforge", version=_version(),
+                  description="OpenAI-compatible role-play server (reasoning in `reasoning_content`).")
+    app.state.scheduler = Scheduler(engine, max_concurrency)
+    app.state.server = _Server(engine, app.state.scheduler, limits, sampling or SamplingConfig(),
+                               model_name, mirror_reasoning)
+    app.router.add_event_handler("shutdown", app.state.scheduler.close)
+    _add_errors(app)
+    _add_api(app, app.state.server)
+    _add_page(app, cards)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
+    app.add_middleware(_Gate, api_key=api_key, max_body=limits.max_body_bytes)  # outermost: first to run
+    return app
+
+
+def _version() -> str:
+    from tifaforge import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: OpenAI's JSON shape, 4xx for anything the client did
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _add_errors(app) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def reply(status: int, message: str, param: str | None = None, headers=None):
+        body = error_body(message, _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error"), param)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return reply(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
+        return reply(400, f"{where or 'body'}: {first['msg']}", where or None)
+
+    @app.exception_handler(BadRequest)
+    async def bad(request, exc):
+        return reply(400, str(exc), exc.param)
+
+    @app.exception_handler(HTTPException)
+    async def http(request, exc):
+        return reply(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request, exc):  # a bug of ours: say so, without the traceback
+        log.exception("internal error on %s", request.url.path)
+        return reply(500, f"internal server error: {type(exc).__name__}")
+
+
+_KEY_IN_QUERY = re.compile(rb"((?:^|&)[^&=]*(?:key|token)[^&=]*=)[^&]*", re.IGNORECASE)
+
+
+class _Gate:
+    """Pure ASGI (no buffering, streams untouched): API key, content type and body size, checked
+    before the body is read. The key is compared in constant time and never logged."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.max_body = app, max_body
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # A key put in the URL is never accepted; scrub it so the access log cannot show it
+        # (uvicorn logs from this same scope dict).
+        scope["query_string"] = _KEY_IN_QUERY.sub(rb"\1***", scope.get("query_string", b""))
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        problem = self._problem(scope, headers)
+        if problem:
+            return await _send_error(send, *problem)
+        if scope["method"] == "POST":
+            receive = self._capped(receive)
+        await self.app(scope, receive, send)
+
+    def _problem(self, scope, headers) -> tuple | None:
+        path = scope["path"]
+        if scope["method"] == "OPTIONS":  # a CORS preflight carries no credentials
+            return None
+        if self.key and path not in PUBLIC_PATHS and not path.startswith("/static/") and not self._authorised(headers):
+            return 401, "missing or wrong API key: send `Authorization: Bearer KEY`", "authentication_error"
+        if scope["method"] != "POST":
+            return None
+        ctype = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if ctype and not (ctype == "application/json" or ctype.endswith("+json")):
+            return 415, f"content type must be application/json, got {ctype!r}", "invalid_request_error"
+        length = headers.get("content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            return 413, f"request body over {self.max_body} bytes", "invalid_request_error"
+        return None
+
+    def _authorised(self, headers) -> bool:
+        given = headers.get("authorization", b"")
+        given = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get("x-api-key", b"")
+        return hmac.compare_digest(given, self.key)
+
+    def _capped(self, receive):
+        """A body sent without Content-Length (chunked) is counted as it arrives."""
+        seen = 0
+
+        async def capped():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                from starlette.exceptions import HTTPException
+
+                raise HTTPException(413, f"request body over {self.max_body} bytes")
+            return message
+
+        return capped
+
+
+async def _send_error(send, status: int, message: str, type_: str) -> None:
+    body = json.dumps(error_body(message, type_)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------
+# The API
+
+
+class _Server:
+    """What the routes share: the engine, the scheduler, limits, defaults; turns bodies into jobs."""
+
+    def __init__(self, engine, scheduler, limits, sampling, model_name, mirror):
+        self.engine, self.scheduler, self.limits = engine, scheduler, limits
+        self.sampling, self.model_name, self.mirror = sampling, model_name, mirror
+
+    def encode(self, text: str) -> list[int]:
+        # The Rust tokenizer directly: safe beside the worker thread's decoding (no settings mutated).
+        tok = self.engine.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        return backend.encode(text, add_special_tokens=False).ids if backend else tok(text, add_special_tokens=False).input_ids
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        if len(messages) > self.limits.max_messages:
+            raise BadRequest(f"at most {self.limits.max_messages} messages, got {len(messages)}", "messages")
+        try:
+            return self.engine.render(history(messages))
+        except Exception as e:  # a template error on odd input is the request's problem
+            raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", "messages") from None
+
+    def rows(self, body: Sampling, prompts: list[list[int]]) -> list[Request]:
+        """Engine requests for every prompt x n, after every limit check."""
+        if len(prompts) * body.n > self.limits.max_n:
+            raise BadRequest(f"at most {self.limits.max_n} choices per request (n x prompts), got "
+                             f"{len(prompts) * body.n}", "n")
+        stop = stops(body, self.limits)
+        out = []
+        for ids in prompts:
+            max_new = self.budget(body, len(ids))
+            out += [Request(ids, sampling_for(body, self.sampling, max_new, i), stop) for i in range(body.n)]
+        return out
+
+    def budget(self, body: Sampling, prompt_tokens: int) -> int:
+        context = self.engine.context
+        if not prompt_tokens:
+            raise BadRequest("the prompt is empty", "prompt")
+        room = context - prompt_tokens
+        if room < 1:
+            raise BadRequest(f"the prompt is {prompt_tokens} tokens; the model's context is {context}", "messages")
+        asked = requested_max_tokens(body)
+        if asked is None:
+            return min(self.sampling.max_new_tokens, room)
+        if asked > room:
+            raise BadRequest(f"max_tokens {asked} + the prompt's {prompt_tokens} tokens exceeds the model's "
+                             f"context of {context} tokens", "max_tokens")
+        return asked
+
+    def admit(self, rows: list[Request]) -> Job:
+        from starlette.exceptions import HTTPException
+
+        if not self.scheduler.try_admit():
+            raise HTTPException(429, f"server busy: {self.scheduler.max_concurrency} requests already running; "
+                                     "retry shortly", headers={"Retry-After": "1"})
+        return self.scheduler.submit(rows)
+
+    def usage(self, prompt_tokens: int, texts: list[str]) -> dict:
+        # The stream carries text, not ids: completion tokens are the text re-encoded (exact unless a
+        # character was split across tokens differently; the end token is not counted).
+        completion = sum(len(self.encode(t)) for t in texts if t)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+
+def history(messages: list[Message]) -> list[dict]:
+    """Messages for the seed's template: earlier think blocks cut, echoed reasoning fields dropped,
+    every system/developer message merged into one (the seed's template keeps only the last)."""
+    system = [m.text() for m in messages if m.role in ("system", "developer")]
+    out = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    for m in messages:
+        if m.role in ("system", "developer"):
+            continue
+        text = m.text()
+        if m.role == "assistant":
+            text = strip_think(text)
+            if text.lstrip().startswith(THINK_OPEN):  # a reply cut off inside its think block
+                text = ""
+        out.append({"role": m.role, "content": text})
+    return out
+
+
+def _add_api(app, server: _Server) -> None:
+    from fastapi import Request as HTTPRequest
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict:
+        s = server.scheduler
+        return {"status": "ok", "running": s.active, "generating": s.busy, "max_concurrency": s.max_concurrency}
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
+                                            "owned_by": "tifaforge", "max_model_len": server.engine.context}]}
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat(body: ChatRequest, request: HTTPRequest):
+        prompt = server.chat_prompt(body.messages)
+        ids = server.encode(prompt)
+        rows = server.rows(body, [ids])
+        meta = _Meta("chatcmpl", "chat.completion", server.model_name, len(ids),
+                     started=prompt.rstrip().endswith(THINK_OPEN), body=body, mirror=server.mirror)
+        job = server.admit(rows)
+        if body.stream:
+            return _sse(_chat_events(job, meta, server), job)
+        texts, finish = await _collect(job, request)
+        return _chat_reply(meta, texts, finish, server) if texts is not None else _gone()
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or len(prompts) > server.limits.max_n:
+            raise BadRequest(f"prompt: give 1 to {server.limits.max_n} prompts", "prompt")
+        ids = [server.encode(p) for p in prompts]
+        rows = server.rows(body, ids)
+        meta = _Meta("cmpl", "text_completion", server.model_name, sum(map(len, ids)), body=body)
+        job = server.admit(rows)
+        if body.stream:
+            return _sse(_completion_events(job, meta, server), job)
+        texts, finish = await _collect(job, request)
+        if texts is None:
+            return _gone()
+        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(zip(texts, finish))]
+        return meta.envelope(choices=choices, usage=server.usage(meta.prompt_tokens, texts))
+
+
+class _Meta:
+    """What every chunk of one response repeats (id, created, model) and the request's reply options."""
+
+    def __init__(self, prefix, object_, model, prompt_tokens, started=False, body=None, mirror=False):
+        self.id, self.object, self.model = f"{prefix}-{uuid.uuid4().hex}", object_, model
+        self.created, self.prompt_tokens, self.started = int(time.time()), prompt_tokens, started
+        opts = getattr(body, "stream_options", None)
+        self.include_usage = bool(opts and opts.include_usage)
+        self.reasoning = getattr(body, "include_reasoning", True)
+        self.mirror = mirror
+
+    def envelope(self, object_: str | None = None, **fields) -> dict:
+        return {"id": self.id, "object": object_ or self.object, "created": self.created, "model": self.model, **fields}
+
+    def reasoning_fields(self, text: str | None) -> dict:
+        if text is None or not self.reasoning:
+            return {}
+        return {"reasoning_content": text, **({"reasoning": text} if self.mirror else {})}
+
+
+async def _collect(job: Job, request) -> tuple[list[str] | None, list[str] | None]:
+    """Every choice's full text and finish reason; stops (and cancels the job) if the client leaves."""
+    n = len(job.requests)
+    texts, finish = [""] * n, ["length"] * n
+
+    async def consume():
+        async for d in job.deltas():
+            texts[d.index] += d.text
+            finish[d.index] = d.finish_reason or finish[d.index]
+
+    consumer, watcher = asyncio.ensure_future(consume()), asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer not in done:
+            return None, None  # the client left: nobody reads the reply
+        consumer.result()  # re-raise a worker error
+        return texts, finish
+    finally:
+        consumer.cancel()
+        watcher.cancel()
+        job.close()
+
+
+def _gone():
+    from starlette.responses import Response
+
+    return Response(status_code=499)  # nginx's "client closed request"; never delivered
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _chat_reply(meta: _Meta, texts: list[str], finish: list[str], server: _Server) -> dict:
+    choices = []
+    for i, (text, reason) in enumerate(zip(texts, finish)):
+        reasoning, content = split_reasoning(text, started_in_think=meta.started)
+        message = {"role": "assistant", "content": content, **meta.reasoning_fields(reasoning)}
+        choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+    return meta.envelope(choices=choices, usage=server.usage(meta.prompt_tokens, texts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Server-sent events
+
+
+def _sse(events: AsyncIterator[dict], job: Job):
+    from starlette.background import BackgroundTask
+    from starlette.responses import StreamingResponse
+
+    async def lines():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except Exception as e:  # headers are sent: report in the stream, as OpenAI does
+            log.exception("generation failed mid-stream")
+            yield f"data: {json.dumps(error_body(f'generation failed: {type(e).__name__}', 'api_error'))}\n\n"
+        finally:
+            job.close()
+        yield "data: [DONE]\n\n"
+
+    # The background task also runs when the client disconnected before the body started.
+    return StreamingResponse(lines(), media_type="text/event-stream", background=BackgroundTask(job.close),
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_events(job: Job, meta: _Meta, server: _Server) -> AsyncIterator[dict]:
+    n = len(job.requests)
+    splitters = [ThinkStreamSplitter(started_in_think=meta.started) for _ in range(n)]
+    texts = [""] * n
+    extra = {"usage": None} if meta.include_usage else {}
+
+    def chunk(i, delta, finish=None):
+        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return meta.envelope("chat.completion.chunk", choices=[choice], **extra)
+
+    for i in range(n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for d in job.deltas():
+        texts[d.index] += d.text
+        for kind, piece in splitters[d.index].feed(d.text, final=d.finish_reason is not None):
+            delta = {"content": piece} if kind == "content" else meta.reasoning_fields(piece)
+            if delta:
+                yield chunk(d.index, delta)
+        if d.finish_reason:
+            yield chunk(d.index, {}, d.finish_reason)
+    if meta.include_usage:
+        yield meta.envelope("chat.completion.chunk", choices=[], usage=server.usage(meta.prompt_tokens, texts))
+
+
+async def _completion_events(job: Job, meta: _Meta, server: _Server) -> AsyncIterator[dict]:
+    texts = [""] * len(job.requests)
+    extra = {"usage": None} if meta.include_usage else {}
+    async for d in job.deltas():
+        texts[d.index] += d.text
+        if d.text or d.finish_reason:
+            choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+            yield meta.envelope(choices=[choice], **extra)
+    if meta.include_usage:
+        yield meta.envelope(choices=[], usage=server.usage(meta.prompt_tokens, texts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The web page and its card helpers
+
+
+def _add_page(app, cards: Sequence[dict] | None) -> None:
+    from fastapi import Body
+    from fastapi.responses import FileResponse
+
+    listed = list(cards) if cards is not None else demo_cards()
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    @app.get("/api/cards", tags=["page"])
+    async def card_list() -> dict:
+        return {"cards": [{"name": c.get("data", c).get("name", "?"), "card": c} for c in listed]}
+
+    @app.post("/api/card", tags=["page"])
+    async def card_prompt(card: dict = Body(..., embed=True), user: str = Body("", embed=True, max_length=64)) -> dict:
+        """A card (JSON object, e.g. an uploaded file) as the page uses it: system prompt and greeting."""
+        return card_view(card, user)
+
+
+# The page never needs inline script or other origins: a strict CSP makes injected markup inert.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                            "base-uri 'none'; frame-ancestors 'none'",
+                 "X-Content-Type-Options": "nosniff"}
+
+
+def card_view(obj: dict, user: str) -> dict:
+    from tifaforge.chat.cards import card_from_dict, card_to_system_prompt, expand_macros
+    from tifaforge.errors import TifaError
+
+    try:
+        card = card_from_dict(obj, "<uploaded card>")
+    except TifaError as e:
+        raise BadRequest(str(e), "card") from None
+    user = user.strip() or "用户"
+    return {"name": card.name, "system_prompt": card_to_system_prompt(card, user),
+            "first_mes": expand_macros(card.get("first_mes"), card.name, user)}
+
+
+def demo_cards() -> list[dict]:
+    """The bundled demo cards (Chinese, then English) as card JSON objects."""
+    from importlib.resources import files
+
+    out = []
+    for name in ("cards_zh.json", "cards_en.json"):
+        out += [entry["card"] for entry in json.loads((files("tifaforge") / "assets/demo" / name).read_text("utf-8"))]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tifa serve
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="a model folder (or .gguf file)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key (Authorization: Bearer KEY) on every route but /health and the page; "
+                        "default: $TIFA_API_KEY, else no key")
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests admitted at once; more get 429 (default 4)")
+    p.add_argument("--model-name", help="the id /v1/models reports (default: the model folder's name)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from this origin (repeatable; default: none)")
+    p.add_argument("--reasoning-mirror", action="store_true",
+                   help="also send the reasoning as `reasoning` (Ollama / new vLLM clients)")
+    p.add_argument("--config", help="a config file whose `sampling` section sets the default sampling")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
+
+
+def run(args) -> int:
+    import os
+
+    from tifaforge.config import load_config
+    from tifaforge.errors import TifaError
+
+    uvicorn = require("serve", "uvicorn")
+    if not 1 <= args.max_concurrency <= 1024:
+        raise TifaError(f"--max-concurrency must be 1 to 1024, got {args.max_concurrency}")
+    sampling = load_config(args.config, args.set).sampling
+    engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+    app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
+                     max_concurrency=args.max_concurrency, sampling=sampling,
+                     model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,
+                     mirror_reasoning=args.reasoning_mirror)
+    print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,172 @@
+"""Request bodies of the OpenAI-compatible API, and how they become engine requests.
+
+    tifa serve models/tiny     # every POST body is parsed by the models below
+
+Unknown fields are ignored, never rejected (vLLM's behaviour): SillyTavern sends one large body with
+several aliases for each setting and dozens of other back ends' keys. Where aliases disagree the
+OpenAI name wins, then SillyTavern's, then llama.cpp's. Unset fields take the server's defaults (the
+seed's `SamplingConfig`). pydantic comes with transformers (through typer), so importing this module
+needs no extra.
+
+Departures from the wire conventions, each on purpose:
+1. `dry_penalty_last_n: 0` means "the whole context" here, as in SillyTavern (which sends 0 by
+   default) and text-generation-webui; in our config 0 turns DRY off, but DRY is already off unless
+   `dry_multiplier > 0`.
+2. `seed: -1` (llama.cpp, SillyTavern) means "no fixed seed". With `n > 1`, choice i uses seed + i so
+   the choices differ yet the whole response is reproducible.
+3. `model` is not checked: SillyTavern echoes whatever name it was last given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tifaforge.config import SamplingConfig
+
+
+class Limits(BaseModel):
+    """Bounds checked on every request before any work (tokenisation, admission, generation)."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 1024
+    max_n: int = 8  # choices (rows) per request: n x prompts
+    max_stop: int = 32  # SillyTavern sends more than OpenAI's 4 in text-completion mode
+    max_stop_chars: int = 256
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_Body):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    # `reasoning_content` / `reasoning` echoed back by clients are ignored (extra="ignore").
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+NonNegFloat = Field(default=None, ge=0)
+
+
+class Sampling(_Body):
+    """Sampler settings, with OpenAI, SillyTavern and llama.cpp names (any may be given)."""
+
+    temperature: float | None = NonNegFloat
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)  # llama.cpp/ST: 0 or -1 = off
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    rep_pen: float | None = Field(default=None, gt=0)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    dry_multiplier: float | None = NonNegFloat
+    dry_base: float | None = Field(default=None, ge=1)
+    dry_allowed_length: int | None = Field(default=None, ge=0)
+    dry_penalty_last_n: int | None = Field(default=None, ge=-1)
+    dry_sequence_breakers: list[str] | str | None = None  # SillyTavern sends a JSON-encoded string
+    xtc_threshold: float | None = Field(default=None, ge=0, le=1)
+    xtc_probability: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    sampler_seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    n_predict: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    stopping_strings: list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    include_reasoning: bool = True  # OpenRouter/SillyTavern: false drops the reasoning from the reply
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    model: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# From a request body to engine settings
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def first(*values: Any) -> Any:
+    """The first value that was given (not None): aliases in order of precedence."""
+    return next((v for v in values if v is not None), None)
+
+
+def stops(body: Sampling, limits: Limits) -> list[str]:
+    given = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    found = [s for s in given + list(body.stopping_strings or []) if s]
+    if len(found) > limits.max_stop:
+        raise BadRequest(f"at most {limits.max_stop} stop strings, got {len(found)}", "stop")
+    if any(len(s) > limits.max_stop_chars for s in found):
+        raise BadRequest(f"a stop string is longer than {limits.max_stop_chars} characters", "stop")
+    return list(dict.fromkeys(found))
+
+
+def breakers(value: list[str] | str | None) -> list[str] | None:
+    """DRY breakers as a list or as SillyTavern's JSON-encoded string; an empty one keeps the default."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError:
+            raise BadRequest("dry_sequence_breakers: not a JSON list of strings", "dry_sequence_breakers") from None
+        if value is not None and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+            raise BadRequest("dry_sequence_breakers: must be a list of strings", "dry_sequence_breakers")
+    return value or None
+
+
+def requested_max_tokens(body: Sampling) -> int | None:
+    return first(body.max_completion_tokens, body.max_tokens, body.max_new_tokens, body.n_predict)
+
+
+def sampling_for(body: Sampling, base: SamplingConfig, max_new_tokens: int, choice: int) -> SamplingConfig:
+    """The engine settings for one choice: `base` (the server's defaults) with the body's overrides."""
+    seed = first(body.seed, body.sampler_seed)
+    last_n = body.dry_penalty_last_n
+    given = {
+        "temperature": body.temperature, "top_p": body.top_p, "min_p": body.min_p,
+        "top_k": None if body.top_k is None else max(body.top_k, 0),
+        "repetition_penalty": first(body.repetition_penalty, body.rep_pen, body.repeat_penalty),
+        "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+        "dry_multiplier": body.dry_multiplier, "dry_base": body.dry_base,
+        "dry_allowed_length": body.dry_allowed_length,
+        "dry_penalty_last_n": -1 if last_n == 0 else last_n,
+        "dry_sequence_breakers": breakers(body.dry_sequence_breakers),
+        "xtc_threshold": body.xtc_threshold, "xtc_probability": body.xtc_probability,
+    }
+    cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    cfg.max_new_tokens = max_new_tokens
+    cfg.seed = None if seed is None or seed < 0 else (seed + choice) % 2**63
+    return cfg

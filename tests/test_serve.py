@@ -1,0 +1,399 @@
+"""`tifa serve` against real clients: the openai SDK and raw HTTP, on a real uvicorn on 127.0.0.1.
+
+    .venv/bin/python -m pytest tests/test_serve.py -q
+
+Three real tiny models: `think_dir` is the tiny preset trained for a few steps to answer every chat
+with `<think>\n先想一想。\n</think>\n好的，我在。` (so reasoning handling is checked on real output),
+`engine` (conftest) for sampler fields, and the random-weight preset for long generations (it rarely
+emits its end token), used by the overload and disconnect tests.
+"""
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+import hashlib
+import json
+import logging
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tifaforge.serve.app import create_app, history
+from tifaforge.serve.protocol import ChatRequest, sampling_for
+from tifaforge.config import SamplingConfig
+
+USERS = ["你好", "今天天气如何", "讲个故事", "hello", "我们去哪", "你是谁", "累了", "吃了吗"]
+THINK_TEXTS = [f"<|begin▁of▁sentence|>系统<|User|>{u}<|Assistant|><think>\n先想一想。\n</think>\n好的，我在。"
+               "<|end▁of▁sentence|>" for u in USERS] * 4
+KEY = "sk-test-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def live(app, log_level="warning"):
+    """uvicorn in a thread on a free port of 127.0.0.1; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def think_dir(tiny_model_dir):
+    from conftest import cached_dir
+
+    from tifaforge.models.presets import warm_up
+
+    key = hashlib.sha256(("".join(THINK_TEXTS) + str(tiny_model_dir)).encode()).hexdigest()[:12]
+    return cached_dir("tiny-think", key, lambda p: warm_up(tiny_model_dir, p / "model", THINK_TEXTS, steps=30,
+                                                           seq_len=48, batch=4)) / "model"
+
+
+@pytest.fixture(scope="module")
+def think_engine(think_dir):
+    from tifaforge.engine.generate import Engine
+
+    return Engine.load(think_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def long_engine(tiny_model_dir):
+    from tifaforge.engine.generate import Engine
+
+    return Engine.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(think_engine):
+    with live(create_app(think_engine, max_concurrency=2, model_name="tiny-think")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+GREEDY = {"temperature": 0, "max_tokens": 40}
+
+
+def ask(client, text="你好", **kw):
+    return client.chat.completions.create(model="tiny-think", messages=[{"role": "user", "content": text}],
+                                          **{**GREEDY, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# The API with the openai SDK
+
+
+def test_models_health_and_openapi(client, url):
+    assert [m.id for m in client.models.list()] == ["tiny-think"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    paths = httpx.get(url + "/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(paths)
+
+
+def test_reasoning_goes_to_reasoning_content_never_into_content(client, url):
+    r = ask(client)
+    msg = r.choices[0].message
+    raw = httpx.post(url + "/v1/completions", timeout=120, json={
+        "prompt": "<|begin▁of▁sentence|><|User|>你好<|Assistant|>", **GREEDY}).json()["choices"][0]["text"]
+    assert "</think>" in raw  # the model really writes a think block ...
+    reasoning, content = raw.split("</think>")
+    assert msg.reasoning_content == reasoning.removeprefix("<think>").strip("\n")  # ... which the API moves out
+    assert msg.content == content.lstrip() and msg.content
+    assert "think>" not in msg.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_splits_reasoning_and_content_and_sends_usage_last(client):
+    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    content = "".join(d.content or "" for d in deltas)
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    plain = ask(client).choices[0].message
+    assert (reasoning, content) == (plain.reasoning_content, plain.content)
+    assert deltas[0].role == "assistant" and "think>" not in content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_sse_ends_with_done_and_n_choices_are_indexed(url):
+    body = {"messages": [{"role": "user", "content": "你好"}], "stream": True, "n": 2, **GREEDY}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    finishes = [c["index"] for e in events[:-1] for c in json.loads(e[6:])["choices"] if c["finish_reason"]]
+    assert sorted(finishes) == [0, 1]
+
+
+def test_reasoning_mirror_and_include_reasoning_false(think_engine):
+    with live(create_app(think_engine, mirror_reasoning=True)) as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        m = ask(c).choices[0].message
+        assert m.reasoning == m.reasoning_content and m.reasoning
+        hidden = ask(c, extra_body={"include_reasoning": False}).choices[0].message
+        assert getattr(hidden, "reasoning_content", None) is None and "think>" not in hidden.content
+
+
+def test_history_think_blocks_stripped_as_the_seed_template_does(client, think_engine, url):
+    sent = [{"role": "system", "content": "你是沈青崖。"},
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "<think>\n秘密的思考\n</think>\n嗯。", "reasoning_content": "回声"},
+            {"role": "user", "content": "剑呢"}]
+    seed = think_engine.render([{k: v for k, v in m.items() if k != "reasoning_content"} for m in sent])
+    stripped = think_engine.render([*sent[:2], {"role": "assistant", "content": "\n嗯。"}, sent[3]])
+    assert seed == stripped and "秘密" not in seed and "回声" not in seed
+    served = think_engine.render(history(ChatRequest(messages=sent).messages))
+    assert served == seed
+    r = client.chat.completions.create(model="x", messages=sent, **GREEDY)  # echoed fields are accepted
+    assert r.usage.prompt_tokens == len(think_engine.tokenizer(seed, add_special_tokens=False).input_ids)
+
+
+def test_unclosed_think_in_history_and_several_system_messages(think_engine):
+    msgs = ChatRequest(messages=[{"role": "system", "content": "甲"}, {"role": "user", "content": "u"},
+                                 {"role": "assistant", "content": "<think>\n被截断的思考"},
+                                 {"role": "developer", "content": "乙"}, {"role": "user", "content": "v"}]).messages
+    out = history(msgs)
+    assert out[0] == {"role": "system", "content": "甲\n\n乙"}
+    assert out[2] == {"role": "assistant", "content": ""}
+
+
+# ---------------------------------------------------------------------------------------------
+# SillyTavern's fields
+
+
+def test_sillytavern_aliases_map_onto_sampling():
+    body = ChatRequest.model_validate({
+        "messages": [{"role": "user", "content": "x"}], "rep_pen": 1.3, "top_k": -1, "min_p": 0.05,
+        "dry_multiplier": 0.8, "dry_penalty_last_n": 0, "dry_sequence_breakers": '["\\n", "：", "*"]',
+        "xtc_threshold": 0.2, "xtc_probability": 0.5, "seed": -1, "sampler_seed": 7, "mirostat_mode": 2,
+        "banned_strings": ["x"], "presence_penalty": 0.5})
+    cfg = sampling_for(body, SamplingConfig(), 99, choice=1)
+    assert (cfg.repetition_penalty, cfg.top_k, cfg.min_p, cfg.max_new_tokens) == (1.3, 0, 0.05, 99)
+    assert (cfg.dry_multiplier, cfg.dry_penalty_last_n, cfg.dry_sequence_breakers) == (0.8, -1, ["\n", "：", "*"])
+    assert (cfg.xtc_threshold, cfg.xtc_probability, cfg.presence_penalty, cfg.seed) == (0.2, 0.5, 0.5, None)
+    assert sampling_for(ChatRequest(messages=body.messages, seed=5), SamplingConfig(), 9, choice=1).seed == 6
+    default = sampling_for(ChatRequest(messages=body.messages), SamplingConfig(), 9, choice=0)
+    assert (default.temperature, default.top_p, default.repetition_penalty) == (0.4, 0.6, 1.17)
+
+
+@pytest.fixture(scope="module")
+def rp_url(engine):
+    with live(create_app(engine, max_concurrency=2)) as base:
+        yield base
+
+
+def test_sillytavern_text_completion_body_and_seeds(rp_url):
+    st = {"prompt": "<|begin▁of▁sentence|><|User|>你好<|Assistant|>", "max_new_tokens": 12, "max_tokens": 12,
+          "rep_pen": 1.1, "temperature": 0.9, "top_p": 0.9, "top_k": 40, "typical_p": 1, "min_p": 0.05,
+          "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 0,
+          "dry_sequence_breakers": '["\\n", ":", "\\"", "*"]', "xtc_threshold": 0.1, "xtc_probability": 0.5,
+          "stopping_strings": ["\n\n"], "stop": [], "seed": 11, "ban_eos_token": False, "skip_special_tokens": True,
+          "truncation_length": 4096, "samplers": ["dry", "top_k"], "n": 2}
+    a, b = (httpx.post(rp_url + "/v1/completions", json=st, timeout=120) for _ in range(2))
+    assert a.status_code == 200, a.text
+    texts = [c["text"] for c in a.json()["choices"]]
+    assert texts == [c["text"] for c in b.json()["choices"]]  # same seed, same answers
+    bad = httpx.post(rp_url + "/v1/completions", json={**st, "dry_sequence_breakers": "[oops"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "dry_sequence_breakers"
+
+
+def test_stop_and_max_tokens(rp_url):
+    c = openai.OpenAI(base_url=rp_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "你好"}]
+    r = c.chat.completions.create(model="m", messages=msgs, max_completion_tokens=3, temperature=0,
+                                  extra_body={"repetition_penalty": 1.0})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens <= 4
+    full = c.chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0).choices[0].message.content
+    stop = full[2:4]
+    cut = c.chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: 4xx with OpenAI's error JSON, before any work; the server keeps serving
+
+
+@pytest.mark.parametrize("body, ctype, status", [
+    (b"", "application/json", 400),
+    (b"{not json", "application/json", 400),
+    (b'{"messages": [{"role": "user", "content": "x"}', "application/json", 400),
+    (b"[1, 2]", "application/json", 400),
+    (b'"text"', "application/json", 400),
+    (b"\xff\xfe\x00", "application/json", 400),
+    (b'{"messages": []}', "application/json", 400),
+    (b'{"messages": [{"role": "robot", "content": "x"}]}', "application/json", 400),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "application/json", 400),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "application/json", 400),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400),
+    (b"x" * (10 * 1024 * 1024), "application/json", 413),
+    (b"messages=x", "application/x-www-form-urlencoded", 415),
+    (b"{}", "text/plain", 415),
+])
+def test_malformed_bodies(url, body, ctype, status):
+    r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": ctype}, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"] and r.json()["error"]["type"]
+    assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_413(url):
+    def chunks():
+        for _ in range(6):
+            yield b" " * (1024 * 1024)
+
+    r = httpx.post(url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 9}, "n"),
+    ({"stop": [f"s{i}" for i in range(33)]}, "stop"),
+    ({"stop": ["x" * 300]}, "stop"),
+    ({"max_tokens": 10**9}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"seed": 2**70}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}] * 1025}, "messages"),
+])
+def test_limits_are_400_with_the_field_named(client, extra, param):
+    kw = {"model": "m", "messages": [{"role": "user", "content": "x"}], **extra}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**{k: v for k, v in kw.items() if k in ("model", "messages")},
+                                       extra_body={k: v for k, v in kw.items() if k not in ("model", "messages")})
+    assert param in (e.value.body.get("param") or "") + e.value.body["message"]
+
+
+def test_prompt_longer_than_the_context_is_400(client, think_engine):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(client, "你好" * think_engine.context)
+
+
+def test_unknown_route_is_openai_404(url):
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+# ---------------------------------------------------------------------------------------------
+# API key, CORS
+
+
+def test_api_key_on_every_route_but_health_and_page(think_engine, caplog):
+    import tifaforge.serve.app as serve_app
+
+    calls = []
+    real = serve_app.hmac.compare_digest
+    serve_app.hmac.compare_digest = lambda a, b: calls.append(1) or real(a, b)
+    caplog.set_level("DEBUG")
+    try:
+        with live(create_app(think_engine, api_key=KEY), log_level="debug") as base:
+            for name in ("uvicorn.access", "uvicorn.error"):  # uvicorn's loggers do not propagate
+                logging.getLogger(name).addHandler(caplog.handler)
+            protected = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                         ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/api/cards"), ("POST", "/api/card")]
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY[:-1]}x"},
+                            {"Authorization": KEY}, {"X-Api-Key": KEY + "x"}):
+                for method, path in protected:
+                    r = httpx.request(method, base + path, headers=headers, json={})
+                    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, headers)
+            assert httpx.get(base + f"/v1/models?api_key={KEY}").status_code == 401
+            for path in ("/health", "/", "/static/app.js"):
+                assert httpx.get(base + path).status_code == 200
+            assert httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+            assert httpx.get(base + "/v1/models", headers={"X-Api-Key": KEY}).status_code == 200
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+            assert openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0).models.list().data
+    finally:
+        serve_app.hmac.compare_digest = real
+    assert calls  # the constant-time comparison is the one used
+    server_logs = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("uvicorn", "tifaforge", "fastapi")]
+    assert any("/v1/models" in m for m in server_logs) and not any(KEY in m for m in server_logs)  # clients may log their own key
+
+
+def test_cors_allow_list_is_empty_by_default(think_engine):
+    pre = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    with live(create_app(think_engine)) as base:
+        r = httpx.options(base + "/v1/chat/completions", headers=pre)
+        assert "access-control-allow-origin" not in r.headers
+    with live(create_app(think_engine, cors_origins=["http://ok.example"])) as base:
+        ok = httpx.options(base + "/v1/chat/completions", headers={**pre, "Origin": "http://ok.example"})
+        assert ok.headers.get("access-control-allow-origin") == "http://ok.example"
+        evil = httpx.options(base + "/v1/chat/completions", headers=pre)
+        assert evil.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+# ---------------------------------------------------------------------------------------------
+# Overload and disconnects (the random-weight model writes until max_tokens)
+
+LONG = {"prompt": "<|begin▁of▁sentence|><|User|>写<|Assistant|>", "max_tokens": 3000, "temperature": 1.0,
+        "stream": True}
+
+
+def _wait(cond, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_overload_gets_fast_429s_while_admitted_requests_finish(long_engine):
+    with live(create_app(long_engine, max_concurrency=2)) as base:
+        results = {}
+
+        def admitted(i):
+            body = {**LONG, "max_tokens": 300, "seed": i}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=300) as r:
+                results[i] = (r.status_code, [line for line in r.iter_lines() if line])
+
+        threads = [threading.Thread(target=admitted, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        _wait(lambda: httpx.get(base + "/health").json()["running"] == 2, 120)
+        started = time.monotonic()
+        extra = {**LONG, "stream": False, "max_tokens": 2}  # cheap even if one were wrongly admitted
+        with ThreadPoolExecutor(10) as pool:
+            burst = list(pool.map(lambda _: httpx.post(base + "/v1/completions", json=extra, timeout=60), range(20)))
+        took = time.monotonic() - started
+        still_running = httpx.get(base + "/health").json()["running"]
+        for t in threads:
+            t.join(timeout=300)
+    assert all(r.status_code == 429 and r.headers["retry-after"] for r in burst)
+    assert burst[0].json()["error"]["type"] == "rate_limit_error"
+    assert took < 20 and still_running == 2, (took, still_running)  # refused at once, not queued
+    assert [results[i][0] for i in range(2)] == [200, 200] and all(v[1][-1] == "data: [DONE]" for v in results.values())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_generation_and_frees_the_slot(long_engine, stream):
+    with live(create_app(long_engine, max_concurrency=1)) as base:
+        health = lambda: httpx.get(base + "/health").json()  # noqa: E731
+        if stream:
+            with httpx.stream("POST", base + "/v1/completions", json=LONG, timeout=300) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(base + "/v1/completions", json={**LONG, "stream": False}, timeout=httpx.Timeout(30, read=1.5))
+        _wait(lambda: health()["running"] == 0 and not health()["generating"])  # 3000 tokens would take far longer
+        r = httpx.post(base + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 2}, timeout=120)
+        assert r.status_code == 200
