@@ -23,6 +23,7 @@ import yaml
 
 from tifaforge.errors import ConfigError
 from tifaforge.fields import opt, section  # noqa: F401  (re-exported: sections elsewhere use them)
+from tifaforge.models.looping import LoopConfig
 from tifaforge.utils import atomic_write_text
 
 
@@ -66,6 +67,7 @@ class ModelConfig:
         "auto", "Weights' dtype: auto = float32 on CPU (bf16 is ~100x slower there), bfloat16 on GPU."
     )
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights. Off: they can run code when loaded.")
+    loop: LoopConfig = section(LoopConfig, "Looped decoder layers (DESIGN.md §5.4): off unless end > start.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,7 +108,12 @@ def load_model(
         if not (path / "config.json").exists():
             raise TifaError(f"{path}: not a model folder (no config.json)")
         check_weights(path, allow_pickle)
+        from tifaforge.models.looping import apply_saved_loop, saved_base_config
+
+        # A looped folder's config.json names a type plain transformers refuses; read it as its base type.
+        kwargs["config"] = saved_base_config(path)
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not allow_pickle, **kwargs)
+        model = apply_saved_loop(model)
     else:
         raise TifaError(f"{path}: expected a model folder or a .gguf file")
     ensure_template_tokens(model, tokenizer, spelling)
