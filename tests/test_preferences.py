@@ -52,7 +52,7 @@ def test_pick_pair_natural_synthetic_impossible(reward, ctx):
 
 @pytest.fixture(scope="module")
 def looping_model(tiny_model_dir, tmp_path_factory):
-    """The tiny preset trained on replies that loop half the time: sampling it gives both kinds."""
+    """The tiny preset trained on replies that loop a quarter of the time: sampling gives both kinds."""
     from tifaforge.chat.template import render
     from tifaforge.models.load import load_tokenizer
     from tifaforge.models.presets import warm_up
@@ -63,7 +63,7 @@ def looping_model(tiny_model_dir, tmp_path_factory):
     texts = []
     for i in range(400):
         w = rng.choice(words)
-        answer = f"{w}走吧" * 12 if i % 2 else f"他看着{w}，想起了{rng.choice(words)}和{rng.choice(words)}的往事。"
+        answer = f"{w}走吧" * 12 if i % 4 == 0 else f"他看着{w}，想起了{rng.choice(words)}和{rng.choice(words)}的往事。"
         chat = [{"role": "user", "content": f"说说{w}。"}, {"role": "assistant", "content": f"<think>\n想{w}。\n</think>\n\n{answer}"}]
         texts.append(render(chat, tok, training=True))
     return warm_up(tiny_model_dir, tmp_path_factory.mktemp("loop") / "model", texts, steps=120, seq_len=64)
