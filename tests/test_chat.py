@@ -2,7 +2,6 @@ import json
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 

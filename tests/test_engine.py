@@ -1,10 +1,9 @@
 import math
 
 import pytest
-import torch
 
 from tifaforge.config import SamplingConfig
-from tifaforge.engine.generate import Engine, Request
+from tifaforge.engine.generate import Request
 from tifaforge.errors import TifaError
 
 GREEDY = SamplingConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=24)

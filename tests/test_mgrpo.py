@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 import threading
 import time
 from argparse import Namespace

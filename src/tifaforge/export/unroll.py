@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
-import tempfile
 from pathlib import Path
 
 from tifaforge.errors import TifaError
@@ -83,26 +81,16 @@ def export_unrolled(model, tokenizer, out: str | Path, k: int | None = None) -> 
     """Write the plain folder atomically; returns {layers, bytes, base_bytes, extra_bytes}."""
     from safetensors.torch import save_file
 
-    from tifaforge.models.load import _make_readable
+    from tifaforge.utils import atomic_dir
 
     tensors = unrolled_state_dict(model, k)
     config = unrolled_config(model, k)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        _make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return size_report(model, tensors, config.num_hidden_layers)
 
 

@@ -16,8 +16,6 @@ Rules every caller gets for free:
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -203,30 +201,11 @@ def _grow_embeddings(model, new_size: int) -> None:
             out.weight[old:] = mean_out
 
 
-def _make_readable(folder: Path) -> None:
-    """mkdtemp and some writers create owner-only files; a model folder is meant to be shared."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.rglob("*"):
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-
-
 def save_model(model, tokenizer, out: str | Path) -> Path:
     """Save a plain transformers folder atomically: written beside, then renamed into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    from tifaforge.utils import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

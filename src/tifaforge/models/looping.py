@@ -45,7 +45,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from tifaforge.errors import TifaError
 from tifaforge.fields import opt
