@@ -86,3 +86,11 @@ def test_every_shipped_config_loads(path):
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     # YAML 1.1 reads `3e-4` as a string; a float field accepts it as the number it means
     assert load_config(write(tmp_path, "mgrpo:\n  learning_rate: 3e-4\n")).mgrpo.learning_rate == 3e-4
+
+
+def test_yaml_off_is_the_literal_off(tmp_path):
+    # YAML 1.1 reads `off` as false; a field whose choices include "off" takes the word meant
+    assert load_config(write(tmp_path, "mgrpo:\n  pass2: off\n")).mgrpo.pass2 == "off"
+    assert load_config(None, ["mgrpo.pass2=off"]).mgrpo.pass2 == "off"
+    with pytest.raises(ConfigError, match="expected one of 'auto'"):
+        load_config(write(tmp_path, "model:\n  dtype: off\n"))

@@ -215,6 +215,10 @@ def _conforms(value: Any, t: Any) -> tuple[bool, Any]:
     if t is type(None):
         return value is None, value
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads off/no/false (on/yes/true) as booleans: map back to the literal meant
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((a for a in args if isinstance(a, str) and a.lower() in words), value)
         return value in args, value
     if origin is list:
         if not isinstance(value, list):
