@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import threading
 import time
@@ -394,3 +395,18 @@ def test_thirty_updates_raise_the_think_format_reward(sft_tiny_dir, short_prompt
     before = _think_format_rate(sft_tiny_dir, SHORT_PROMPTS)
     after = _think_format_rate(run_stage(cfg, sft_tiny_dir, tmp_path / "out"), SHORT_PROMPTS)
     assert after >= before + 0.15, (before, after)
+
+
+def test_a_looped_policy_trains_and_keeps_its_loop(trained_tiny_dir, short_prompts, tmp_path):
+    """`model.loop` in the config: rollouts and updates run the looped block; model/ keeps the loop."""
+    from tifaforge.models.load import load_model
+    from tifaforge.models.looping import get_loop
+    from tifaforge.stages.mgrpo import run_stage
+
+    cfg = stage_cfg("mgrpo.steps=1", "mgrpo.group_size=2", "mgrpo.max_new_tokens=6", "model.loop.start=1",
+                    "model.loop.end=3", "model.loop.k=2", prompts=short_prompts)
+    out = run_stage(cfg, trained_tiny_dir, tmp_path / "03-mgrpo")
+    model, _ = load_model(out, device="cpu")
+    assert get_loop(model) is not None and get_loop(model).cfg.k == 2
+    rows = [json.loads(x) for x in (tmp_path / "03-mgrpo" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)

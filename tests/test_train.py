@@ -5,6 +5,7 @@ input is refused with one clear line."""
 from __future__ import annotations
 
 import json
+import math
 import logging
 import shutil
 from pathlib import Path
@@ -398,3 +399,24 @@ def test_launcher_reruns_the_stage_under_accelerate(monkeypatch, tmp_path):
     i = cmd.index("tifaforge.stages.sft")
     assert cmd[i + 1:] == ["c.yaml", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "base"), "--resume",
                            "--set", "sft.steps=5"]
+
+
+def test_a_looped_cpt_stage_saves_a_looped_model(packed, tiny_model_dir, tmp_path):
+    """`model.loop` in a stage's config: the block runs k times while training (sampled k advanced by
+    the step callback) and the stage's model/ keeps the loop for every later stage and command."""
+    from transformers import AutoModelForCausalLM
+
+    from tifaforge.models.load import load_model
+    from tifaforge.models.looping import get_loop
+    from tifaforge.stages import cpt
+
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}", "cpt.steps=3", "cpt.samples_every=0",
+                   "model.loop.start=1", "model.loop.end=3", "model.loop.schedule=uniform", "model.loop.k_max=3")
+    out = cpt.run_stage(cfg, tiny_model_dir, tmp_path / "01-cpt")
+    model, _ = load_model(out, device="cpu")
+    loop = get_loop(model)
+    assert loop is not None and (loop.cfg.start, loop.cfg.end, loop.cfg.schedule) == (1, 3, "uniform")
+    rows = metric_rows(tmp_path / "01-cpt")
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    with pytest.raises(Exception, match="tifaforge_looped"):
+        AutoModelForCausalLM.from_pretrained(out)

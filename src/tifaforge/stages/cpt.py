@@ -29,7 +29,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE)
 
     # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
-    model, tokenizer = stage.load_for_training(base_model_dir)
+    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop)
 
     # --- data: packed blocks; the labels are the input ids ---------------------------------------
     dataset = data.cpt_dataset(tc.data, tokenizer, tc.max_length, run.out / "data", tc.dedup_threshold)
@@ -39,7 +39,8 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=stage.lora_config(tc),
-        callbacks=[*stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling), *extra_callbacks],
+        callbacks=[*stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling), *stage.loop_callbacks(model),
+                   *extra_callbacks],
     )
 
     # --- train, then save model/ (atomically) and the plots ---------------------------------------

@@ -103,13 +103,17 @@ def prompts_for_step(prompts: list[Prompt], step: int, per_step: int, seed: int)
 # Model: policy (+ LoRA), frozen reference when beta > 0
 
 
-def build_models(base_dir: str | Path, m: MGRPOConfig):
-    """(policy, tokenizer, reference or None). With LoRA the reference is the base, adapters off."""
+def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None):
+    """(policy, tokenizer, reference or None). With LoRA the reference is the base, adapters off.
+    `loop` (the config's `model.loop`) loops the block; use a fixed k here: rollouts and old
+    log-probs run without autograd, where a sampled k is not drawn."""
     import torch
 
     from tifaforge.models.load import load_model
+    from tifaforge.train.stage import apply_configured_loop
 
     policy, tok = load_model(base_dir, device="cpu" if not torch.cuda.is_available() else "cuda")
+    apply_configured_loop(policy, loop)
     ref = None
     if m.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -441,7 +445,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
         return run.model
     # --- model, data, optimizer
     torch.manual_seed(cfg.seed)
-    policy, tok, ref = build_models(base_model_dir, m)
+    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop)
     prompts = render_prompts(records, reward, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)

@@ -142,14 +142,34 @@ def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, **extra):
     )
 
 
-def load_for_training(base_model_dir: str | Path):
+def load_for_training(base_model_dir: str | Path, loop=None):
     """(model, tokenizer) in fp32 on CPU: the Trainer moves it; bf16 runs as mixed precision over
-    fp32 master weights."""
+    fp32 master weights. `loop` (the config's `model.loop`), when it names a block, makes those
+    layers run k times; a base saved with a loop keeps its own otherwise."""
     from tifaforge.models.load import load_model
 
     model, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu")
     model.config.use_cache = False  # no KV cache while training (the engine passes its own)
+    apply_configured_loop(model, loop)
     return model.train(), tokenizer
+
+
+def apply_configured_loop(model, loop) -> None:
+    """Apply `model.loop` from the config (replacing a saved loop) when its block is not empty."""
+    if loop is None or loop.end <= loop.start:
+        return
+    from tifaforge.models.looping import apply_loop, get_loop, remove_loop
+
+    if get_loop(model) is not None:
+        remove_loop(model)
+    apply_loop(model, loop)
+
+
+def loop_callbacks(model) -> list:
+    """The looped block's k schedule advanced every step (sampled or curriculum k); none if unlooped."""
+    from tifaforge.models.looping import get_loop, trainer_callback
+
+    return [trainer_callback()] if get_loop(model) is not None else []
 
 
 def lora_config(tc: TrainConfig):
