@@ -361,3 +361,37 @@ def test_smollm2_round_trip_through_llama_cpp(smollm2_hf_dir, tmp_path):
     report = export.check_gguf(path, smollm2_hf_dir, n_tokens=12)
     assert report.greedy_equal == report.prompts and report.top1 == 1.0
     assert report.tokenization_equal and report.template_equal
+
+
+def test_a_looped_model_exports_unrolled_and_runs_in_llama_cpp(trained_tiny_dir, tmp_path):
+    """A looped folder goes through `tifa export unroll` first; llama.cpp then runs the k copies and its
+    greedy tokens equal the looped model's in transformers."""
+    import torch
+
+    from tifaforge.models.load import load_model, save_model
+    from tifaforge.models.looping import LoopConfig, apply_loop
+
+    model, tok = load_model(trained_tiny_dir, device="cpu")
+    apply_loop(model, LoopConfig(start=1, end=3, k=2))
+    save_model(model, tok, tmp_path / "looped")
+    path = tmp_path / "looped.gguf"
+    export.export_gguf(tmp_path / "looped", path, "f32")
+    assert export.read_gguf(path).metadata["qwen2.block_count"] == 6  # 4 layers, the block of 2 twice
+    ids = tok("楚夜站在屋顶上，", add_special_tokens=False).input_ids
+    llm = export.open_llama(path)
+    try:
+        llm.reset()
+        ours, want = [], []
+        for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+            ours.append(t)
+            if len(ours) == 8:
+                break
+    finally:
+        llm.close()
+    cur = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = int(model(input_ids=cur).logits[0, -1].argmax())
+            want.append(nxt)
+            cur = torch.cat([cur, torch.tensor([[nxt]])], dim=1)
+    assert ours == want

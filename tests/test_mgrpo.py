@@ -410,3 +410,4 @@ def test_a_looped_policy_trains_and_keeps_its_loop(trained_tiny_dir, short_promp
     assert get_loop(model) is not None and get_loop(model).cfg.k == 2
     rows = [json.loads(x) for x in (tmp_path / "03-mgrpo" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rows and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert all(r["loop_grad_norm"] > 0 for r in rows if "loss" in r)  # the looped block, logged apart

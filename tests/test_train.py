@@ -416,7 +416,8 @@ def test_a_looped_cpt_stage_saves_a_looped_model(packed, tiny_model_dir, tmp_pat
     model, _ = load_model(out, device="cpu")
     loop = get_loop(model)
     assert loop is not None and (loop.cfg.start, loop.cfg.end, loop.cfg.schedule) == (1, 3, "uniform")
-    rows = metric_rows(tmp_path / "01-cpt")
-    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    rows = [r for r in metric_rows(tmp_path / "01-cpt") if "loss" in r]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(0 < r["loop_grad_norm"] < math.inf for r in rows)  # the looped block's norm, logged apart
     with pytest.raises(Exception, match="tifaforge_looped"):
         AutoModelForCausalLM.from_pretrained(out)

@@ -124,6 +124,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="iterations to unroll (default: the saved loop's k)")
 
 
+def unroll(folder: str | Path, out: str | Path, k: int | None = None) -> Path:
+    """A saved looped model folder -> a plain folder at `out` (what `tifa export gguf` runs first)."""
+    from tifaforge.models.looping import load_looped
+
+    model, tokenizer = load_looped(folder, device="cpu", dtype=None)
+    export_unrolled(model, tokenizer, out, k)
+    return Path(out)
+
+
 def run(args: argparse.Namespace) -> int:
     from tifaforge.models.looping import load_looped
 

@@ -39,7 +39,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=stage.lora_config(tc),
-        callbacks=[*stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling), *stage.loop_callbacks(model),
+        callbacks=[*stage.loop_callbacks(model), *stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling),
                    *extra_callbacks],
     )
 

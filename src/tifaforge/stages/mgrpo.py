@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import random
 import time
 from collections import defaultdict
@@ -296,11 +295,9 @@ def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: i
 
 def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: MGRPOConfig, pad: int) -> dict:
     """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ)."""
-    import torch
-
+    from tifaforge.models.looping import clip_and_check, get_loop
     from tifaforge.rl.losses import LossStats
 
-    params = [p for p in policy.parameters() if p.requires_grad]
     out: dict[str, float] = defaultdict(float)
     policy.train()
     for _ in range(m.iterations):
@@ -309,14 +306,17 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
         for rows, weight in batches:
             if rows:
                 pass_loss(policy, rows, weight, m, pad, acc)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, m.max_grad_norm))
-        if math.isfinite(norm):
+        # clip_and_check also reports the looped block's norm apart (0 when the model does not loop)
+        norm, loop_norm, ok = clip_and_check(policy, m.max_grad_norm)
+        if ok:
             opt.step()
         else:  # one bad batch must not poison the weights: skip and count it
             out["skipped_steps"] += 1
         sched.step()
         means = {"loss": acc["loss"], "grad_norm": norm, **acc["stats"].means(),
                  "entropy": acc["entropy"] / max(acc["stats"].tokens, 1.0)}
+        if get_loop(policy) is not None:
+            means["loop_grad_norm"] = loop_norm
         for k, v in means.items():
             out[k] += v / m.iterations
     opt.zero_grad(set_to_none=True)

@@ -166,10 +166,32 @@ def apply_configured_loop(model, loop) -> None:
 
 
 def loop_callbacks(model) -> list:
-    """The looped block's k schedule advanced every step (sampled or curriculum k); none if unlooped."""
+    """For a looped model: the k schedule advanced every step, and the looped block's gradient norm
+    (before clipping) logged apart as `loop_grad_norm` (exploding recurrence shows there first).
+    Put them before the metrics callbacks so the logged row carries the norm."""
+    from transformers import TrainerCallback
+
     from tifaforge.models.looping import get_loop, trainer_callback
 
-    return [trainer_callback()] if get_loop(model) is not None else []
+    if get_loop(model) is None:
+        return []
+
+    class LoopGradNorm(TrainerCallback):
+        norm = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            loop = get_loop(model)
+            grads = [p.grad.detach().float().norm() for layer in loop.block for p in layer.parameters()
+                     if p.grad is not None]
+            self.norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and self.norm is not None and "loss" in logs:
+                logs["loop_grad_norm"] = self.norm
+
+    import torch
+
+    return [trainer_callback(), LoopGradNorm()]
 
 
 def lora_config(tc: TrainConfig):
