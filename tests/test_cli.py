@@ -70,3 +70,12 @@ def test_doctor_flags_a_template_with_split_tags(tiny_model_dir, tmp_path):
     r = run_tifa("doctor", str(broken))
     assert r.returncode == 1
     assert "<|Human|>" in r.stdout and "PROBLEM" in r.stdout
+
+
+def test_make_demo_runs_end_to_end(tmp_path):
+    """`make demo`'s script, with a short warm-up: builds the tiny model and answers one role-play turn."""
+    r = subprocess.run([sys.executable, "-m", "tifaforge.demo", "--out", str(tmp_path / "demo"), "--steps", "5"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "小林>" in r.stdout and "沈青崖>" in r.stdout and "done in" in r.stdout
+    assert (tmp_path / "demo" / "warm" / "model.safetensors").exists()
