@@ -149,6 +149,9 @@ def run(args) -> int:
     cfg = load_config(args.config, args.set)
     s = mine_pairs(Engine.load(args.model), args.prompts, args.out, cfg.mining, cfg.sampling)
     atomic_write_json(Path(args.out).with_suffix(".summary.json"), s)
+    from tifaforge.config import save_resolved
+
+    save_resolved(cfg, Path(args.out).parent, Path(args.out).stem + ".config.yaml")
     print(f"{s['prompts']} prompts: {s['natural']} natural pairs, {s['synthetic']} synthetic, "
           f"{s['impossible']} impossible" + "".join(f"\n  {v} x {k}" for k, v in s["why_impossible"].items()))
     print(f"wrote {args.out}")

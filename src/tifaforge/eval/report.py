@@ -131,6 +131,9 @@ def run(args) -> int:
     if args.prompts:
         cfg.eval.prompts = args.prompts
     res = run_eval(args.target, args.out, cfg.eval, cfg.sampling)
+    from tifaforge.config import save_resolved
+
+    save_resolved(cfg, res["out"], "eval_config.yaml")  # what produced these numbers, beside them
     print(res["table"])
     print(f"\nwrote {res['out'] / 'report.md'}, eval.json and plots/")
     return 0
