@@ -29,6 +29,7 @@ class ChatSession:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     history: list[dict] = field(default_factory=list)  # user/assistant turns; assistant content has no think
     notices: list[str] = field(default_factory=list)  # things the user should be told (trimmed turns)
+    last_text: str | None = None  # the last answer as generated (think block included), for --revise
 
     @classmethod
     def from_card(cls, engine: Engine, card_path: str | Path | None, user: str | None, **kw) -> ChatSession:
@@ -41,6 +42,7 @@ class ChatSession:
         return cls(engine, system=card_to_system_prompt(card, user), greeting=greeting, **kw)
 
     def reset(self) -> None:
+        self.last_text = None
         self.history = [{"role": "assistant", "content": self.greeting}] if self.greeting else []
 
     def __post_init__(self) -> None:
@@ -99,7 +101,7 @@ class ChatSession:
         from tifaforge.engine.generate import Result
         from tifaforge.rl.revise import revise
 
-        if not self.history or self.history[-1]["role"] != "assistant" or not getattr(self, "last_text", None):
+        if not self.history or self.history[-1]["role"] != "assistant" or not self.last_text:
             raise TifaError("nothing to revise: say something first")
         context = self.messages()[:-1]
         first = Result(self.last_text, [], "stop", None, "", 0)
