@@ -269,7 +269,7 @@ def test_stage_outputs_and_resume_mid_stage_equal_an_uninterrupted_run(trained_t
     sample = json.loads((part / "samples.jsonl").read_text().splitlines()[0])
     assert {"prompt", "answer", "reward", "revision"} <= sample.keys() and sample["revision"]["request"]
     assert "think_format" in sample["reward"]["rules"] and sample["reward"]["rules"]["think_format"]["message"]
-    assert (part / "plots" / "reward" / "pass1.png").read_bytes()[:4] == b"\x89PNG"
+    assert (part / "plots" / "reward_pass1.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((part / "manifest.json").read_text())["status"] == "complete"
 
 

@@ -101,3 +101,106 @@ def test_mining_reports_every_prompt(trained_tiny_dir, tmp_path, engine):
     assert summary["prompts"] == 10
     assert summary["natural"] + summary["synthetic"] + summary["impossible"] == 10
     assert sum(summary["why_impossible"].values()) == summary["impossible"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The DPO stage (stages/dpo.py)
+
+
+def _prompts_file(path, words, split):
+    path.write_text("".join(json.dumps({"id": f"{split}{i}", "messages": [{"role": "user", "content": f"说说{w}。"}],
+                                        "split": split}, ensure_ascii=False) + "\n" for i, w in enumerate(words)),
+                    encoding="utf-8")
+    return path
+
+
+def _dpo_cfg(*sets):
+    from tifaforge.config import load_config
+
+    base = ["dpo.steps=6", "dpo.batch_size=2", "dpo.max_length=96", "dpo.learning_rate=0.001", "dpo.warmup=0",
+            "dpo.lr_scheduler=constant", "dpo.log_every=1", "dpo.save_every=3", "dpo.samples_every=1000",
+            "dpo.sample_max_new_tokens=8", "eval.ppl_text=", "eval.bootstrap=10"]
+    return load_config(None, [*base, *sets])
+
+
+def test_dpo_step_lowers_the_loss_and_widens_the_margin(trained_tiny_dir, tmp_path):
+    """A hand-built pair, plain DPO (no SFT term): the loss falls and the chosen-rejected margin widens."""
+    from tifaforge.stages import dpo
+    from tifaforge.train.metrics import JsonlLog
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"messages": [{"role": "user", "content": "外面下雨了。"}], "chosen": GOOD,
+                                 "rejected": LOOP}, ensure_ascii=False) + "\n", encoding="utf-8")
+    cfg = _dpo_cfg("dpo.mine=false", f"dpo.pairs={pairs}", "dpo.sft_weight=0", "dpo.report=false", "dpo.batch_size=1")
+    model = dpo.run_stage(cfg, trained_tiny_dir, tmp_path / "04-dpo")
+    rows = [r for r in JsonlLog(tmp_path / "04-dpo" / "metrics.jsonl").rows() if "loss" in r and "rewards/margins" in r]
+    assert len(rows) == 6
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1, rows
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] + 0.5, rows
+    assert (model / "config.json").exists() and (tmp_path / "04-dpo" / "plots" / "rewards_margins.png").exists()
+    assert json.loads((tmp_path / "04-dpo" / "data_report.json").read_text()) == {"pairs": 1, "used": 1, "dropped": []}
+
+
+def test_dpo_bad_pairs_are_reported_per_line(tmp_path, tiny_tokenizer):
+    from tifaforge.errors import TifaError
+    from tifaforge.stages.dpo import pair_dataset, user_pairs
+
+    def line(chosen, rejected, user="外面下雨了。"):
+        return json.dumps({"messages": [{"role": "user", "content": user}], "chosen": chosen, "rejected": rejected},
+                          ensure_ascii=False) + "\n"
+
+    same = tmp_path / "same.jsonl"
+    same.write_text(line(GOOD, LOOP) + line(GOOD, GOOD), encoding="utf-8")
+    with pytest.raises(TifaError, match=r"same\.jsonl:2: rejected: identical to chosen"):
+        user_pairs(str(same), "小林")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(line(GOOD, "<think>\n想。\n</think>\n\n  "), encoding="utf-8")
+    with pytest.raises(TifaError, match=r"empty\.jsonl:1: rejected: empty answer"):
+        user_pairs(str(empty), "小林")
+    long = tmp_path / "long.jsonl"
+    long.write_text(line(GOOD, LOOP) + line(GOOD, LOOP, user="雨" * 200), encoding="utf-8")
+    pairs = user_pairs(str(long), "小林")
+    cfg = _dpo_cfg("dpo.max_length=64").dpo
+    ds, dropped = pair_dataset(pairs, tiny_tokenizer, cfg)
+    assert len(ds) == 1 and len(dropped) == 1 and "long.jsonl:2: messages: the prompt is" in dropped[0]
+    cfg.too_long = "error"
+    with pytest.raises(TifaError, match=r"long\.jsonl:2: messages: the prompt is \d+ tokens, it fills dpo.max_length"):
+        pair_dataset(pairs, tiny_tokenizer, cfg)
+
+
+@pytest.mark.slow
+def test_dpo_on_mined_pairs_lowers_repetition_on_held_out_prompts(looping_model, tmp_path):
+    """End to end: mine the looping model's own answers, train DPO (+ SFT term), and the before/after
+    report on held-out prompts shows less repetition."""
+    from tifaforge.stages import dpo
+
+    train = _prompts_file(tmp_path / "train.jsonl", "雨剑酒灯风月", "train")
+    held = _prompts_file(tmp_path / "eval.jsonl", "江山雨剑酒灯", "eval")
+    cfg = _dpo_cfg(f"dpo.prompts={train}", f"eval.prompts={held}", "eval.max_new_tokens=40", "eval.batch_size=6",
+                   "mining.k=8", "mining.max_new_tokens=40", "mining.temperature=1.0", "mining.synthesize=true",
+                   "sampling.temperature=1.0", "sampling.top_p=1.0", "sampling.repetition_penalty=1.0",
+                   "dpo.steps=12", "dpo.max_length=128", "dpo.learning_rate=0.002", "dpo.beta=0.1",
+                   "dpo.sft_weight=0.5")
+    dpo.run_stage(cfg, looping_model, tmp_path / "04-dpo")
+    out = tmp_path / "04-dpo"
+    summary = json.loads((out / "pairs.summary.json").read_text())
+    assert summary["natural"] >= 1 and summary["prompts"] == 6
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["before"]["repetition_4gram"]["mean"], report["after"]["repetition_4gram"]["mean"]
+    assert after < before, (before, after)
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "character 4-gram repetition rate" in text and "distinct-2" in text
+    assert ("Warning: distinct-2 dropped" in text) == report["distinct_2_dropped"]
+
+
+def test_dpo_report_flags_a_distinct_2_drop(tmp_path):
+    from tifaforge.stages.dpo import write_report
+
+    def res(rep, d2):
+        return {"n": 3, "max_new_tokens": 8, "metrics": {"repetition_4gram": {"mean": rep}, "distinct_1": {"mean": 0.5},
+                                                        "distinct_2": {"mean": d2}}}
+
+    text = write_report(tmp_path, res(0.4, 0.8), res(0.1, 0.6), 5, 5)
+    assert "| character 4-gram repetition rate ↓ | 0.4 | 0.1 | -0.3 (better) |" in text
+    assert "Warning: distinct-2 dropped from 0.8 to 0.6" in text
+    assert "Warning" not in write_report(tmp_path, res(0.4, 0.8), res(0.1, 0.9), 5, 5)

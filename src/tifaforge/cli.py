@@ -119,6 +119,15 @@ COMMANDS: list[Command] = [
     Command(("train", "mgrpo"), "tifaforge.stages.mgrpo:run",
             "MGRPO: GRPO on the logic rewards plus a revision pass guided by the rules' messages (resumable)",
             "tifa train mgrpo configs/tiny.yaml --set mgrpo.steps=30", _lazy_args("tifaforge.stages.mgrpo:add_arguments")),
+    Command(("train", "dpo"), "tifaforge.stages.dpo:run",
+            "stage 4: anti-repetition DPO (TRL DPOTrainer + SFT term) on pairs mined from the model's own answers; "
+            "before/after report",
+            "tifa train dpo configs/tiny.yaml --model runs/tiny/03-mgrpo/model --out runs/tiny/04-dpo",
+            _lazy_args("tifaforge.stages.dpo:add_arguments")),
+    Command(("pipeline",), "tifaforge.pipeline:run",
+            "run the recipe (cpt -> sft -> mgrpo -> dpo) into runs/NAME, resumably, then evaluate every stage",
+            "tifa pipeline configs/tiny.yaml --stages cpt,sft,mgrpo,dpo --name tiny",
+            _lazy_args("tifaforge.pipeline:add_arguments")),
     Command(("export", "gguf"), "tifaforge.export.gguf:run",
             "write a GGUF for llama.cpp/KoboldCpp/Ollama/LM Studio (f32..q5_1 in Python, K-quants via llama.cpp); "
             "--check FILE validates and compares with transformers",

@@ -306,7 +306,7 @@ from tifaforge.data.preferences import MiningConfig  # noqa: E402
 from tifaforge.eval.metrics import EvalConfig  # noqa: E402
 from tifaforge.rewards.literary import RewardConfig  # noqa: E402
 from tifaforge.rl.config import MGRPOConfig  # noqa: E402
-from tifaforge.train.config import CPTConfig, SFTConfig  # noqa: E402
+from tifaforge.train.config import CPTConfig, DPOConfig, SFTConfig  # noqa: E402
 
 
 @dataclass
@@ -315,6 +315,8 @@ class Config:
 
     name: str = opt("tiny", "Run name: outputs go to runs/NAME/.")
     seed: int = opt(1234, "Global random seed (data order, initialisation, sampling).")
+    stages: list[str] = opt(["cpt", "sft", "mgrpo", "dpo"], "Stages `tifa pipeline` runs, in recipe order "
+                            "(any subset of cpt, sft, mgrpo, dpo).")
     model: ModelConfig = section(ModelConfig, "The starting model.")
     sampling: SamplingConfig = section(SamplingConfig, "Generation defaults for chat, serving, rollouts and eval.")
     reward: RewardConfig = section(RewardConfig, "The logic rewards (MGRPO, pair mining, eval, tifa reward score).")
@@ -323,3 +325,4 @@ class Config:
     sft: SFTConfig = section(SFTConfig, "Stage 2: chain-of-thought SFT cold start (tifa train sft).")
     mgrpo: MGRPOConfig = section(MGRPOConfig, "MGRPO: groups, revisions, loss, optimiser (tifa train mgrpo).")
     mining: MiningConfig = section(MiningConfig, "Anti-repetition pair mining (tifa data mine-pairs, the DPO stage).")
+    dpo: DPOConfig = section(DPOConfig, "Stage 4: anti-repetition DPO (tifa train dpo).")

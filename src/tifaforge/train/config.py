@@ -85,6 +85,28 @@ class SFTConfig(TrainConfig):
     user_name: str | None = opt(None, "{{user}} in character cards (null: the card's default).")
 
 
+@dataclass
+class DPOConfig(TrainConfig):
+    """Stage 4: anti-repetition DPO (TRL's DPOTrainer) on pairs mined from the starting model's own
+    answers (the `mining` section) and/or a preference file of your own; an SFT term on the chosen
+    answers guards the lexical diversity plain DPO is known to lose."""
+
+    learning_rate: float = opt(5e-7, "Peak learning rate (DPO wants a small one).", min=0.0)
+    mine: bool = opt(True, "Mine pairs from the starting model's own answers to `prompts` (the `mining` section).")
+    prompts: str = opt("data/demo/prompts.jsonl", "Prompts JSONL to mine pairs on (its `mining.split` lines).")
+    pairs: str = opt("", "A preference-pairs JSONL of your own (DESIGN 2a), used with or instead of mined pairs; '' = none.")
+    beta: float = opt(0.1, "DPO beta: how far the policy may move from the reference (modest by default).", min=1e-6)
+    loss_type: Literal["sigmoid", "ipo", "robust", "hinge"] = opt("sigmoid", "The preference loss (TRL's names).")
+    sft_weight: float = opt(0.2, "Weight of an SFT (NLL) term on the chosen answers; 0 = plain DPO.", min=0.0)
+    precompute_ref: bool = opt(False, "Compute the reference log-probs once before training (no reference model "
+                               "kept in memory while training).")
+    too_long: Literal["drop", "error"] = opt("drop", "A pair whose prompt fills max_length: drop it (reported per "
+                                             "line) or stop.")
+    report: bool = opt(True, "Evaluate the model before and after on the `eval` prompts and write report.md "
+                       "(repetition, distinct-n, think format, reward; a distinct-2 drop is flagged).")
+    report_limit: int = opt(0, "Prompts in the before/after report (0 = the whole eval split).", min=0)
+
+
 def run_config_class() -> type:
     """The run config class the stages load (`tifaforge.config.Config`, which holds cpt and sft)."""
     from tifaforge.config import Config

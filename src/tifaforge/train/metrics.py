@@ -131,7 +131,7 @@ def plot_curves(metrics_path: str | Path, out_dir: str | Path, keys: Iterable[st
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        path = Path(out_dir) / f"{key}.png"
+        path = Path(out_dir) / f"{key.replace('/', '_')}.png"  # reward/pass1 -> reward_pass1.png
         atomic_write_bytes(path, buf.getvalue())
         written.append(path)
     return written

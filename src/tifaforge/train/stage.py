@@ -121,25 +121,28 @@ def seed_of(cfg: Any, tc: TrainConfig) -> int:
     return tc.seed if tc.seed is not None else cfg.seed
 
 
-def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, **extra):
-    """TRL SFTConfig from a stage section. Made before the model: under ZeRO-3 it shards weights as
-    they load. CPU needs bf16 off and gradient checkpointing off explicitly (TRL defaults both on:
-    10x slower here, feasibility.md pitfall 2)."""
+def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_config=None, **extra):
+    """TRL's config for a stage section (SFTConfig unless `trl_config` names another, e.g. DPOConfig).
+    Made before the model: under ZeRO-3 it shards weights as they load. CPU needs bf16 off and
+    gradient checkpointing off explicitly (TRL defaults both on: 10x slower here, feasibility.md
+    pitfall 2)."""
     from trl import SFTConfig
 
     precision = check_precision(tc, stage)
-    return SFTConfig(
+    common = dict(
         output_dir=str(run.checkpoints), seed=seed, data_seed=seed,
         max_steps=tc.steps, num_train_epochs=tc.epochs,
         per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
         learning_rate=tc.learning_rate, lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup,
-        weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim="adamw_torch",
-        max_length=tc.max_length, packing=False, dataset_kwargs={"skip_prepare_dataset": True},
+        weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim="adamw_torch", max_length=tc.max_length,
         gradient_checkpointing=tc.gradient_checkpointing,
         bf16=precision == "bf16", fp16=False, use_cpu=resolve_device(tc) == "cpu",
         logging_steps=tc.log_every, save_strategy="steps", save_steps=tc.save_every, save_total_limit=None,
-        report_to=tc.report_to, dataloader_num_workers=0, disable_tqdm=False, **extra,
+        report_to=tc.report_to, dataloader_num_workers=0, disable_tqdm=False,
     )
+    if trl_config is None:
+        return SFTConfig(**common, packing=False, dataset_kwargs={"skip_prepare_dataset": True}, **extra)
+    return trl_config(**common, **extra)
 
 
 def load_for_training(base_model_dir: str | Path, loop=None):
@@ -234,7 +237,7 @@ def train(trainer, resume_from: Path | None) -> None:
         raise TifaError(f"{guard.failure}; the last complete checkpoint is in {trainer.args.output_dir}")
 
 
-def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir) -> Path:
+def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir, plot_keys=None) -> Path:
     """model/ as a plain transformers folder (LoRA merged unless `lora.merge` is false), plots;
     written beside and renamed into place, so model/ is never half-written."""
     tmp = run.out / ".model.partial"
@@ -251,7 +254,7 @@ def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir
         if run.model.exists():
             shutil.rmtree(run.model)
         tmp.rename(run.model)
-        plot_curves(run.metrics.path, run.plots)
+        plot_curves(run.metrics.path, run.plots, *([plot_keys] if plot_keys else []))
     trainer.accelerator.wait_for_everyone()
     return run.model
 
