@@ -45,7 +45,7 @@ def models_of(path: str | Path) -> list[tuple[str, Path]]:
     return found
 
 
-def format_table(results: dict[str, dict], max_new_tokens: int) -> str:
+def format_table(results: dict[str, dict], max_new_tokens: int, sampling=None) -> str:
     labels = list(results)
     lines = [f"| metric | {' | '.join(labels)} |", "|---|" + "---|" * len(labels)]
     for key, (name, better) in SHOWN.items():
@@ -54,8 +54,11 @@ def format_table(results: dict[str, dict], max_new_tokens: int) -> str:
             arrow = "" if better is None else (" ↑" if better else " ↓")
             lines.append(f"| {name}{arrow} | {' | '.join(cells)} |")
     n = next(iter(results.values()))["n"]
-    lines.append(f"\n{n} held-out prompts, at most {max_new_tokens} new tokens per answer, the seed's sampling "
-                 "(temperature 0.4, top_p 0.6, repetition_penalty 1.17) with a fixed seed; [95% bootstrap interval].")
+    how = ("the seed's sampling (temperature 0.4, top_p 0.6, repetition_penalty 1.17)" if sampling is None else
+           f"sampling temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, "
+           f"repetition_penalty {sampling.repetition_penalty:g}")
+    lines.append(f"\n{n} held-out prompts, at most {max_new_tokens} new tokens per answer, {how}, "
+                 "with a fixed seed; [95% bootstrap interval].")
     return "\n".join(lines)
 
 
@@ -95,6 +98,43 @@ def plot(results: dict[str, dict], out: Path) -> list[Path]:
     return [path]
 
 
+# the curve shown per stage in the run's training_curves.png
+MAIN_CURVE = {"mgrpo": "reward/pass1"}
+
+
+def _stage_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in run.iterdir() if p.is_dir() and p.name[:2].isdigit() and (p / "metrics.jsonl").exists())
+
+
+def training_curves(run: Path, out: Path) -> Path | None:
+    """One PNG with a panel per stage: its loss against step (MGRPO: its pass-1 reward)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tifaforge.train.metrics import JsonlLog
+
+    stages = _stage_dirs(run)
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, d in zip(axes[0], stages):
+        key = MAIN_CURVE.get(d.name.split("-", 1)[-1], "loss")
+        pts = [(r["step"], r[key]) for r in JsonlLog(d / "metrics.jsonl").rows()
+               if isinstance(r.get(key), (int, float)) and "step" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(f"{d.name}: {key}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress: bool = True) -> dict:
     """Evaluate every model of `target`; write eval.json, report.md and plots/ into `out`."""
     from tifaforge.engine.generate import Engine
@@ -110,8 +150,13 @@ def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress
         del engine
     atomic_write_json(out / "eval.json", results)
     plots = plot(results, out / "plots")
-    table = format_table(results, cfg.max_new_tokens)
+    table = format_table(results, cfg.max_new_tokens, sampling)
     body = f"# Evaluation of {target}\n\n{table}\n\n" + "".join(f"![{p.stem}](plots/{p.name})\n" for p in plots)
+    curves = training_curves(Path(target), out / "plots") if len(pairs) > 1 else None
+    if curves is not None:
+        body += f"\n## Training curves\n\n![training curves](plots/{curves.name})\n\n" + "".join(
+            f"- {d.name}: " + ", ".join(f"[{p.stem}]({d.name}/plots/{p.name})" for p in sorted((d / "plots").glob("*.png")))
+            + "\n" for d in _stage_dirs(Path(target)) if (d / "plots").is_dir())
     atomic_write_text(out / "report.md", body)
     return {"out": out, "table": table, "results": results}
 
