@@ -4,21 +4,28 @@
 
 At each concurrency level c, c streaming requests start together: once straight into one batched
 `Engine.stream` call, once as c HTTP clients against the real server (uvicorn on 127.0.0.1,
---max-concurrency c), which batches them itself. Every row generates exactly --new-tokens tokens
-(the random-weight tiny preset almost never writes its end token; rows that do are counted as they
-are). Target: server tokens/s within 5% of the engine's. The llama.cpp comparison (our server on a
-GGUF against llama-cpp-python's own server) is not written yet.
+--max-concurrency c), which batches them itself as they arrive. Both run the engine from a thread
+with the server's torch thread count (`scheduler.worker_threads`), so the difference is the server.
+Every row generates exactly --new-tokens tokens (the random-weight tiny preset almost never writes
+its end token; rows that do are counted as they are). The clients are raw sockets that only look
+for the first event: they share this process (and its GIL) with the server, and an HTTP client that
+parsed every event (httpx) cost half as much CPU as the engine at c=16, which is not the server's.
+Target: server tokens/s within 5% of the engine's. The llama.cpp comparison (our server on a GGUF
+against llama-cpp-python's own server) is not written yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -31,7 +38,7 @@ PROMPT = "<|begin▁of▁sentence|><|User|>讲一个长安城的故事。<|Assis
 
 def engine_run(engine: Engine, c: int, new_tokens: int) -> tuple[float, float]:
     """(tokens/s, median time to first token) for c rows in one engine call, made from a worker thread
-    as the server makes it (torch's CPU threading differs between the main thread and others)."""
+    with the server worker's torch threads, as the server makes it."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:
@@ -39,6 +46,11 @@ def engine_run(engine: Engine, c: int, new_tokens: int) -> tuple[float, float]:
 
 
 def _engine_run(engine: Engine, c: int, new_tokens: int) -> tuple[float, float]:
+    import torch
+
+    from tifaforge.serve.scheduler import worker_threads
+
+    torch.set_num_threads(worker_threads())
     reqs = [Request(PROMPT, SamplingConfig(max_new_tokens=new_tokens, seed=i), ()) for i in range(c)]
     t0, first = time.perf_counter(), {}
     for d in engine.stream(reqs):
@@ -47,32 +59,36 @@ def _engine_run(engine: Engine, c: int, new_tokens: int) -> tuple[float, float]:
 
 
 def server_run(base: str, c: int, new_tokens: int) -> tuple[float, float]:
-    import httpx
-
+    url = urlsplit(base)
     first: list[float] = []
-    tokens: list[int] = []
     barrier = threading.Barrier(c)
 
     def client(i: int) -> None:
-        body = {"prompt": PROMPT, "max_tokens": new_tokens, "seed": i, "stream": True,
-                "stream_options": {"include_usage": True}}
-        barrier.wait()
-        t = time.perf_counter()
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {") and not first_seen[i]:
-                    first_seen[i] = True
-                    first.append(time.perf_counter() - t)
-        tokens.append(new_tokens)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": new_tokens, "seed": i, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            barrier.wait()
+            t, reply = time.perf_counter(), b""
+            sock.sendall(head + body)
+            while b"data: {" not in reply:
+                if not (chunk := sock.recv(1 << 16)):
+                    raise RuntimeError(f"client {i}: {reply[:300]!r}")
+                reply += chunk
+            first.append(time.perf_counter() - t)
+            while sock.recv(1 << 16):  # the rest: the server closes the connection after [DONE]
+                pass
+        if not reply.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"client {i}: {reply[:300]!r}")
 
-    first_seen = [False] * c
     threads = [threading.Thread(target=client, args=(i,)) for i in range(c)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(tokens) / (time.perf_counter() - t0), statistics.median(first)
+    return c * new_tokens / (time.perf_counter() - t0), statistics.median(first)
 
 
 def main() -> int:

@@ -1,9 +1,10 @@
+import copy
 import math
 
 import pytest
 
 from tifaforge.config import SamplingConfig
-from tifaforge.engine.generate import Request
+from tifaforge.engine.generate import Batch, Request
 from tifaforge.errors import TifaError
 
 GREEDY = SamplingConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=24)
@@ -50,6 +51,84 @@ def test_sampling_is_reproducible_per_seed_and_mixed_settings(engine):
     mixed = engine.generate([Request(p, GREEDY), Request(p, a)])
     assert mixed[1].token_ids == alone
     assert engine.generate([Request(p, SamplingConfig(max_new_tokens=16, seed=8, temperature=1.0, top_p=1.0))])[0].token_ids != alone
+
+
+@pytest.fixture
+def endless(engine):
+    """The trained engine without stop tokens: every row runs to its max_new_tokens, so the test decides
+    which rows share each step."""
+    endless = copy.copy(engine)
+    endless.stop_ids = set()
+    return endless
+
+
+def _drain(batch, deltas, steps=None):
+    """Step `batch` (`steps` times, or until it is empty), gathering each index's text and last delta."""
+    while batch and steps != 0:
+        for d in batch.step():
+            text, _ = deltas.get(d.index, ("", None))
+            deltas[d.index] = (text + d.text, d)
+        steps = None if steps is None else steps - 1
+    return deltas
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(max_new_tokens=16, seed=5)], ids=["greedy", "seeded"])
+def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(endless, sampling):
+    # The first to join has a longer prompt than the running rows (their cache is padded to it) and
+    # leaves before one of them (the columns only it used are cut); the second has a shorter prompt
+    # than the running width (its cache is padded).
+    running = [Request(endless.render(CHATS[0]), SamplingConfig(max_new_tokens=48, seed=1)),
+               Request(endless.render(CHATS[2]), SamplingConfig(do_sample=False, max_new_tokens=4))]
+    late = [Request(endless.render(CHATS[1]), sampling), Request(endless.render(CHATS[2]), sampling)]
+    batch, deltas = Batch(endless), {}
+    assert batch.add(running) == [0, 1]
+    _drain(batch, deltas, steps=3)
+    assert batch.add(late[:1]) == [2]
+    _drain(batch, deltas, steps=5)
+    assert deltas[1][1].finish_reason and len(batch) == 2  # the short row has left
+    assert batch.add(late[1:]) == [3]
+    _drain(batch, deltas)
+    for index, req in [(0, running[0]), (2, late[0]), (3, late[1])]:
+        alone = endless.generate([req])[0]
+        text, last = deltas[index]
+        assert (text, last.tokens, last.finish_reason) == (alone.text, alone.completion_tokens, "length")
+
+
+def test_cancelled_rows_leave_the_batch_and_the_rest_are_unchanged(endless):
+    reqs = [Request(endless.render(c), SamplingConfig(max_new_tokens=12, seed=i)) for i, c in enumerate(CHATS)]
+    batch, deltas = Batch(endless), {}
+    batch.add(reqs)
+    _drain(batch, deltas, steps=2)
+    batch.cancel([1])
+    assert len(batch) == 2
+    seen = deltas.get(1, ("", None))[0]
+    _drain(batch, deltas)
+    assert deltas.get(1, ("", None))[0] == seen  # nothing more for the cancelled row
+    for i in (0, 2):
+        assert deltas[i][0] == endless.generate([reqs[i]])[0].text
+
+
+def test_with_sliding_window_layers_a_late_request_waits_for_the_running_ones(endless):
+    # Such a cache cannot be left-padded: the late row starts when the batch has drained.
+    from tifaforge.engine.generate import Engine
+
+    config = copy.deepcopy(endless.model.config)
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    config.sliding_window = 1024  # wider than any row here: the same tokens as full attention
+    model = type(endless.model)(config)
+    model.load_state_dict(endless.model.state_dict())
+    sliding = Engine(model, endless.tokenizer)
+    sliding.stop_ids = set()
+    running = Request(sliding.render(CHATS[0]), SamplingConfig(do_sample=False, max_new_tokens=6))
+    late = Request(sliding.render(CHATS[1]), GREEDY)
+    batch, deltas = Batch(sliding), {}
+    batch.add([running])
+    _drain(batch, deltas, steps=2)
+    batch.add([late])
+    _drain(batch, deltas, steps=4)
+    assert deltas[0][1].finish_reason == "length" and 1 not in deltas  # nothing for the late row yet
+    _drain(batch, deltas)
+    assert deltas[1][0] == sliding.generate([late])[0].text
 
 
 def test_streaming_concatenates_to_the_result(engine):

@@ -220,7 +220,7 @@ def test_stop_and_max_tokens(rp_url):
     msgs = [{"role": "user", "content": "你好"}]
     r = c.chat.completions.create(model="m", messages=msgs, max_completion_tokens=3, temperature=0,
                                   extra_body={"repetition_penalty": 1.0})
-    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens <= 4
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3  # the engine's ids, counted
     full = c.chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0).choices[0].message.content
     stop = full[2:4]
     cut = c.chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0, stop=[stop])
@@ -381,6 +381,18 @@ def test_overload_gets_fast_429s_while_admitted_requests_finish(long_engine):
     assert burst[0].json()["error"]["type"] == "rate_limit_error"
     assert took < 20 and still_running == 2, (took, still_running)  # refused at once, not queued
     assert [results[i][0] for i in range(2)] == [200, 200] and all(v[1][-1] == "data: [DONE]" for v in results.values())
+
+
+def test_a_request_arriving_mid_decode_does_not_wait_for_the_running_one(long_engine):
+    with live(create_app(long_engine, max_concurrency=2)) as base:
+        with httpx.stream("POST", base + "/v1/completions", json={**LONG, "seed": 1}, timeout=300) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("data: ")
+            short = httpx.post(base + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 4, "seed": 2},
+                               timeout=120).json()
+            # it joined the running decode: the 3000-token request is still generating
+            assert httpx.get(base + "/health").json()["generating"]
+    assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 4
 
 
 @pytest.mark.parametrize("stream", [True, False])

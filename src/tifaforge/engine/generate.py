@@ -6,14 +6,15 @@ Why our own decode loop instead of `model.generate`: per-request sampling settin
 one batch, stop strings cut exactly, streaming deltas that never split a UTF-8 character or leak
 the start of a stop string, and cancellation by simply closing the stream (the server's client
 disconnect). The loop is the standard one: left-padded prompts, one prefill, then one token per
-step through the KV cache; samplers come from `engine.samplers` (llama.cpp semantics).
+step through the KV cache; samplers come from `engine.samplers` (llama.cpp semantics). It batches
+continuously (`Batch`): requests join a running decode between steps and leave it when they finish.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,11 +50,14 @@ class Result:
 
 @dataclass
 class Delta:
-    """A streamed piece of request `index`'s text; the last one for a request has a finish reason."""
+    """A streamed piece of request `index`'s text; the last one for a request has a finish reason.
+    `tokens`: the tokens generated so far, stop token excluded (what the server reports as usage);
+    None from a backend that does not count them (llama.cpp's, which the server does not run)."""
 
     index: int
     text: str
     finish_reason: FinishReason | None = None
+    tokens: int | None = None
 
 
 class _Row:
@@ -219,57 +223,197 @@ class Engine:
         return ids
 
     def _decode(self, rows: list[_Row]) -> Iterator[Delta]:
+        batch = Batch(self)
+        batch.join(rows)
+        while batch:
+            yield from batch.step()
+
+
+class Batch:
+    """A decode that requests join between steps and leave the moment they finish (continuous batching).
+
+        batch = Batch(engine)
+        batch.add(requests)
+        while batch:
+            deltas = batch.step()  # batch.add(...) and batch.cancel(...) may come between steps
+
+    The server's worker keeps one running, so a request that arrives mid-decode starts at the next step
+    instead of waiting for the whole batch; `Engine.stream` is a batch that nobody joins.
+
+    Rows share one forward pass per step over one KV cache, right-aligned. Rows that join are prefilled
+    together into a cache of their own, which is then left-padded to the running cache's width (or that
+    one to theirs) and stacked under it. Padding is masked and positions are per row, so a row's tokens
+    do not depend on what it is batched with (up to float rounding across padded shapes, as in any
+    left-padded batch). A finished or cancelled row leaves the cache at once, and columns that only the
+    rows that left were using are cut. A cache with sliding-window layers cannot be padded or cut that
+    way: there, rows that arrive wait until the running ones have finished.
+    """
+
+    def __init__(self, engine: Engine):
+        tok = engine.tokenizer
+        self.engine, self.pad = engine, tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.waiting: list[tuple[int, _Row]] = []  # (index, row) joining at the next step
+        self.live: list[_Row] = []  # decoding, in cache order
+        self.index: list[int] = []  # each live row's delta index
+        self.cohorts: list[_Cohort] = []
+        self.cache = self.mask = self.pos = self.last = None  # KV cache, (B, T) mask, (B,) next position, (B,) last token
+        self.added = 0
+
+    def __len__(self) -> int:
+        """Rows waiting or decoding."""
+        return len(self.waiting) + len(self.live)
+
+    def add(self, requests: Sequence[Request]) -> list[int]:
+        """Validate `requests` and queue them to join at the next step; returns their delta indices."""
+        return self.join(self.engine._rows(requests))
+
+    def join(self, rows: list[_Row]) -> list[int]:
+        """`add` for rows already built (and validated) by `Engine._rows`."""
+        indices = list(range(self.added, self.added + len(rows)))
+        self.added += len(rows)
+        self.waiting += zip(indices, rows)
+        return indices
+
+    def cancel(self, indices: Iterable[int]) -> None:
+        """Drop these rows now (their client left): no more deltas, no more compute."""
+        gone = set(indices)
+        self.waiting = [(i, r) for i, r in self.waiting if i not in gone]
+        self._keep([s for s, i in enumerate(self.index) if i not in gone])
+
+    def step(self) -> list[Delta]:
+        """One token for every live row; waiting rows are prefilled and join in this step where they can."""
         import torch
 
+        with torch.inference_mode():
+            logits = [self._forward()] if self.live else []
+            if self.waiting and (self.cache is None or _paddable(self.cache)):
+                logits.append(self._prefill())
+            self.last = self._sample(torch.cat(logits))
+        deltas = []
+        for slot, (r, token) in enumerate(zip(self.live, self.last.tolist())):
+            piece = r.push(token, self.engine.context - len(r.prompt_ids) - len(r.ids) - 1)
+            if piece or r.finish:
+                deltas.append(Delta(self.index[slot], piece, r.finish, len(r.ids)))
+        self._keep([s for s, r in enumerate(self.live) if r.finish is None])
+        return deltas
+
+    def _forward(self):
+        """The live rows' last tokens through the cache: logits (B, V)."""
+        import torch
+
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.live), 1)], dim=1)  # (B, T+1)
+        out = self.engine.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.pos[:, None],
+                                cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask, self.pos = out.cache, mask, self.pos + 1
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self):
+        """The waiting rows' prompts, left-padded together into a new cache that is stacked under the
+        running one: their first logits (b, V)."""
+        import torch
+
+        model, device = self.engine.model, self.engine.model.device
+        cohorts = _by_settings(self.waiting)
+        self.waiting = []
+        index, rows = zip(*(entry for cohort in cohorts for entry in cohort))
+        lengths = torch.tensor([len(r.prompt_ids) for r in rows], device=device)
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()  # (b, P)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    cache=_new_cache(model), use_cache=True, logits_to_keep=1)
+        self._stack(out.cache, mask)
+        self.pos = lengths if self.pos is None else torch.cat([self.pos, lengths])
+        self.live += rows
+        self.index += index
+        at = 0
+        for cohort in cohorts:
+            self.cohorts.append(_Cohort([r for _, r in cohort], ids[at:at + len(cohort)], self.engine.tokenizer))
+            at += len(cohort)
+        return out.logits[:, -1, :].float()
+
+    def _stack(self, cache, mask) -> None:
+        """Put the joining rows' cache under the running rows', left-padding the narrower of the two."""
+        import torch
+
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for run, new in zip(self.cache.layers, cache.layers):  # (B, H, T, D) each
+            run.keys = torch.cat([_pad_left(run.keys, width, -2), _pad_left(new.keys, width, -2)])
+            run.values = torch.cat([_pad_left(run.values, width, -2), _pad_left(new.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
+
+    def _keep(self, slots: list[int]) -> None:
+        """Keep only these live rows, and cut the columns that none of them uses."""
+        import torch
+
+        if len(slots) == len(self.live):
+            return
+        self.live, self.index = [self.live[s] for s in slots], [self.index[s] for s in slots]
+        live = set(self.live)
+        self.cohorts = [c for c in self.cohorts if not live.isdisjoint(c.rows)]
+        if not slots:
+            self.cache = self.mask = self.pos = self.last = None
+            return
+        keep = torch.tensor(slots, device=self.mask.device)
+        self.cache.batch_select_indices(keep)
+        self.mask, self.pos, self.last = self.mask[keep], self.pos[keep], self.last[keep]
+        if _paddable(self.cache):
+            start = int(self.mask.any(0).int().argmax())  # the first column a kept row uses
+            if start:
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+                self.mask = self.mask[:, start:]
+
+    def _sample(self, logits):
+        """Each cohort's processors over its rows' tokens, then every live row's pick: (B,) next tokens.
+        Rows are in the batch in cohort order, so a cohort's live rows are one slice of `logits`."""
+        import torch
+
+        live, heres, scores, at = set(self.live), [], [], 0
+        for c in self.cohorts:
+            here = [j for j, r in enumerate(c.rows) if r in live]
+            mine = logits[at:at + len(here)]  # (h, V)
+            at += len(here)
+            if len(here) < len(c.rows):  # rows that left keep their place in the chain's input, scores unused
+                padded = mine.new_zeros(len(c.rows), mine.shape[-1])
+                padded[here] = mine
+                mine = c.procs(c.ids, padded)[here]
+            else:
+                mine = c.procs(c.ids, mine)
+            heres.append(here)
+            scores.append(mine)
+        nxt = _pick(self.live, torch.cat(scores))
+        for c, here, tokens in zip(self.cohorts, heres, nxt.split([len(h) for h in heres])):
+            column = tokens
+            if len(here) < len(c.rows):
+                column = torch.full((len(c.rows),), self.pad, device=tokens.device)
+                column[here] = tokens
+            c.ids = torch.cat([c.ids, column[:, None]], dim=1)
+        return nxt
+
+
+class _Cohort:
+    """Rows that joined at the same step with the same sampling settings: one processor chain, applied
+    batched. A chain learns its rows' layout at its first call, so a row that leaves keeps its place
+    in `ids` (its scores unused) until the whole cohort has left."""
+
+    def __init__(self, rows: list[_Row], ids, tokenizer):
         from tifaforge.engine.samplers import build_logits_processors
 
-        model, device = self.model, self.model.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        lengths = [len(r.prompt_ids) for r in rows]
-        width = max(lengths)
-        ids = torch.tensor([[pad] * (width - n) + r.prompt_ids for r, n in zip(rows, lengths)], device=device)
-        mask = (torch.arange(width, device=device)[None, :] >= torch.tensor([width - n for n in lengths], device=device)[:, None]).long()
-        groups = self._groups(rows, lengths, build_logits_processors)
-        budget = self.context - width
-        cache = _new_cache(model)
-        step_input, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            while True:
-                out = model(input_ids=step_input, attention_mask=mask, position_ids=positions,
-                            cache=cache, use_cache=True, logits_to_keep=1)
-                cache = out.cache
-                logits = out.logits[:, -1, :].float()  # (B, V)
-                nxt = torch.full((len(rows),), pad, dtype=torch.long, device=device)
-                for idx, procs in groups:
-                    nxt[idx] = _pick(rows, idx, procs(ids[idx], logits[idx]))
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                budget -= 1
-                for i, r in enumerate(rows):
-                    if r.finish is None:
-                        piece = r.push(int(nxt[i]), budget)
-                        if piece or r.finish:
-                            yield Delta(i, piece, r.finish)
-                if all(r.finish for r in rows):
-                    return
-                done = torch.tensor([r.finish is not None for r in rows], device=device)
-                mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-                positions = positions[:, -1:] + 1
-                step_input = nxt[:, None]
+        self.rows, self.ids = rows, ids  # ids (b, T): their prompts, left-padded together, then every token since
+        self.procs = build_logits_processors(rows[0].req.sampling, tokenizer, generator=rows[0].gen,
+                                             prompt_lengths=[len(r.prompt_ids) for r in rows])
 
-    def _groups(self, rows: list[_Row], lengths: list[int], build):
-        """Rows with equal sampling settings share one processor chain (applied batched)."""
-        import torch
 
-        by_cfg: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):
-            key = repr(dataclasses.replace(r.req.sampling, seed=None, max_new_tokens=1))
-            by_cfg.setdefault(key, []).append(i)
-        groups = []
-        for idx in by_cfg.values():
-            cfg = rows[idx[0]].req.sampling
-            procs = build(cfg, self.tokenizer, prompt_lengths=[lengths[i] for i in idx], generator=rows[idx[0]].gen)
-            groups.append((torch.tensor(idx, device=self.model.device), procs))
-        return groups
+def _by_settings(entries: list[tuple[int, _Row]]) -> list[list[tuple[int, _Row]]]:
+    """(index, row) pairs split by sampling settings, in order; seeds aside (each row has its own)."""
+    groups: dict[str, list[tuple[int, _Row]]] = {}
+    for i, r in entries:
+        groups.setdefault(repr(dataclasses.replace(r.req.sampling, seed=None, max_new_tokens=1)), []).append((i, r))
+    return list(groups.values())
 
 
 def _new_cache(model):
@@ -278,7 +422,21 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
-def _pick(rows: list[_Row], idx, scores):
+def _paddable(cache) -> bool:
+    """Full-attention layers only: their columns can be padded and cut (a sliding window's cannot)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _pad_left(x, width: int, dim: int):
+    """`x` with zeros before its first column along `dim` (-1 or -2), `width` columns in all."""
+    import torch.nn.functional as F
+
+    return F.pad(x, [0, 0] * (-dim - 1) + [width - x.shape[dim], 0])
+
+
+def _pick(rows: list[_Row], scores):
     """Greedy or sampled next token per row; each row draws from its own generator (its seed).
 
     Sampling is the exponential race (argmax of p / E with E ~ Exp(1)), exact for the categorical
@@ -288,13 +446,12 @@ def _pick(rows: list[_Row], idx, scores):
     import torch
 
     greedy = scores.argmax(dim=-1)  # (b,)
-    rows_idx = idx.tolist()
-    sampled = [j for j, i in enumerate(rows_idx) if rows[i].req.sampling.do_sample]
+    sampled = [j for j, r in enumerate(rows) if r.req.sampling.do_sample]
     if not sampled:
         return greedy
     probs = torch.softmax(scores[sampled], dim=-1)  # (s, V)
     # uniform draws per row (own generator), then one batched -log: torch's exponential_ is slow on CPU
-    u = torch.stack([torch.rand(scores.shape[-1], generator=rows[rows_idx[j]].gen) for j in sampled])
+    u = torch.stack([torch.rand(scores.shape[-1], generator=rows[j].gen) for j in sampled])
     noise = -torch.log(u.clamp_min(1e-20))  # (s, V) ~ Exp(1)
     greedy[sampled] = (probs / noise.to(probs.device)).argmax(dim=-1)
     return greedy

@@ -260,12 +260,11 @@ class _Server:
                                      "retry shortly", headers={"Retry-After": "1"})
         return self.scheduler.submit(rows)
 
-    def usage(self, prompt_tokens: int, texts: list[str]) -> dict:
-        # The stream carries text, not ids: completion tokens are the text re-encoded (exact unless a
-        # character was split across tokens differently; the end token is not counted).
-        completion = sum(len(self.encode(t)) for t in texts if t)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+
+def usage(prompt_tokens: int, tokens: list[int]) -> dict:
+    """`tokens`: each choice's generated token count as the engine counted its ids (no stop token)."""
+    completion = sum(tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def history(messages: list[Message]) -> list[dict]:
@@ -307,9 +306,9 @@ def _add_api(app, server: _Server) -> None:
                      started=prompt.rstrip().endswith(THINK_OPEN), body=body, mirror=server.mirror)
         job = server.admit(rows)
         if body.stream:
-            return _sse(_chat_events(job, meta, server), job)
-        texts, finish = await _collect(job, request)
-        return _chat_reply(meta, texts, finish, server) if texts is not None else _gone()
+            return _sse(_chat_events(job, meta), job)
+        texts, finish, tokens = await _collect(job, request)
+        return _chat_reply(meta, texts, finish, tokens) if texts is not None else _gone()
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: HTTPRequest):
@@ -321,12 +320,12 @@ def _add_api(app, server: _Server) -> None:
         meta = _Meta("cmpl", "text_completion", server.model_name, sum(map(len, ids)), body=body)
         job = server.admit(rows)
         if body.stream:
-            return _sse(_completion_events(job, meta, server), job)
-        texts, finish = await _collect(job, request)
+            return _sse(_completion_events(job, meta), job)
+        texts, finish, tokens = await _collect(job, request)
         if texts is None:
             return _gone()
         choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(zip(texts, finish))]
-        return meta.envelope(choices=choices, usage=server.usage(meta.prompt_tokens, texts))
+        return meta.envelope(choices=choices, usage=usage(meta.prompt_tokens, tokens))
 
 
 class _Meta:
@@ -349,23 +348,25 @@ class _Meta:
         return {"reasoning_content": text, **({"reasoning": text} if self.mirror else {})}
 
 
-async def _collect(job: Job, request) -> tuple[list[str] | None, list[str] | None]:
-    """Every choice's full text and finish reason; stops (and cancels the job) if the client leaves."""
+async def _collect(job: Job, request) -> tuple[list[str] | None, list[str] | None, list[int] | None]:
+    """Every choice's full text, finish reason and token count; stops (and cancels the job) if the
+    client leaves."""
     n = len(job.requests)
-    texts, finish = [""] * n, ["length"] * n
+    texts, finish, tokens = [""] * n, ["length"] * n, [0] * n
 
     async def consume():
         async for d in job.deltas():
             texts[d.index] += d.text
             finish[d.index] = d.finish_reason or finish[d.index]
+            tokens[d.index] = d.tokens
 
     consumer, watcher = asyncio.ensure_future(consume()), asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if consumer not in done:
-            return None, None  # the client left: nobody reads the reply
+            return None, None, None  # the client left: nobody reads the reply
         consumer.result()  # re-raise a worker error
-        return texts, finish
+        return texts, finish, tokens
     finally:
         consumer.cancel()
         watcher.cancel()
@@ -383,13 +384,13 @@ async def _disconnected(request) -> None:
         pass
 
 
-def _chat_reply(meta: _Meta, texts: list[str], finish: list[str], server: _Server) -> dict:
+def _chat_reply(meta: _Meta, texts: list[str], finish: list[str], tokens: list[int]) -> dict:
     choices = []
     for i, (text, reason) in enumerate(zip(texts, finish)):
         reasoning, content = split_reasoning(text, started_in_think=meta.started)
         message = {"role": "assistant", "content": content, **meta.reasoning_fields(reasoning)}
         choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
-    return meta.envelope(choices=choices, usage=server.usage(meta.prompt_tokens, texts))
+    return meta.envelope(choices=choices, usage=usage(meta.prompt_tokens, tokens))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,10 +417,10 @@ def _sse(events: AsyncIterator[dict], job: Job):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_events(job: Job, meta: _Meta, server: _Server) -> AsyncIterator[dict]:
+async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
     n = len(job.requests)
     splitters = [ThinkStreamSplitter(started_in_think=meta.started) for _ in range(n)]
-    texts = [""] * n
+    tokens = [0] * n
     extra = {"usage": None} if meta.include_usage else {}
 
     def chunk(i, delta, finish=None):
@@ -429,7 +430,7 @@ async def _chat_events(job: Job, meta: _Meta, server: _Server) -> AsyncIterator[
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for d in job.deltas():
-        texts[d.index] += d.text
+        tokens[d.index] = d.tokens
         for kind, piece in splitters[d.index].feed(d.text, final=d.finish_reason is not None):
             delta = {"content": piece} if kind == "content" else meta.reasoning_fields(piece)
             if delta:
@@ -437,19 +438,19 @@ async def _chat_events(job: Job, meta: _Meta, server: _Server) -> AsyncIterator[
         if d.finish_reason:
             yield chunk(d.index, {}, d.finish_reason)
     if meta.include_usage:
-        yield meta.envelope("chat.completion.chunk", choices=[], usage=server.usage(meta.prompt_tokens, texts))
+        yield meta.envelope("chat.completion.chunk", choices=[], usage=usage(meta.prompt_tokens, tokens))
 
 
-async def _completion_events(job: Job, meta: _Meta, server: _Server) -> AsyncIterator[dict]:
-    texts = [""] * len(job.requests)
+async def _completion_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
+    tokens = [0] * len(job.requests)
     extra = {"usage": None} if meta.include_usage else {}
     async for d in job.deltas():
-        texts[d.index] += d.text
+        tokens[d.index] = d.tokens
         if d.text or d.finish_reason:
             choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
             yield meta.envelope(choices=[choice], **extra)
     if meta.include_usage:
-        yield meta.envelope(choices=[], usage=server.usage(meta.prompt_tokens, texts))
+        yield meta.envelope(choices=[], usage=usage(meta.prompt_tokens, tokens))
 
 
 # ---------------------------------------------------------------------------------------------

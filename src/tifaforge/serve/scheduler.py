@@ -3,24 +3,28 @@
     tifa serve models/tiny --max-concurrency 4
 
 Up to `max_concurrency` requests are admitted at once; the app answers the rest with an immediate
-429 (a queue nobody bounds only moves the wait into every client's timeout). The worker takes every
-admitted job that is waiting and runs them as ONE batched `Engine.stream` call, so concurrent
-clients share each forward pass. A job that arrives while a batch runs waits for the next batch: the
-engine has no continuous batching.
+429 (a queue nobody bounds only moves the wait into every client's timeout). The worker keeps one
+`engine.generate.Batch` decoding: between two steps it adds every admitted job that arrived, so
+concurrent clients share each forward pass and a new one waits one step, not for a whole batch.
 
-A job whose client left is cancelled: it gets no more deltas and its slot is free at once. Its rows
-keep decoding only while some live row shares the batch; the stream is closed (which stops
-generation) as soon as every row still running belongs to a cancelled job.
+A job whose client left is cancelled: it gets no more deltas, its slot is free at once and its rows
+leave the batch before the next step.
+
+The worker runs torch on all CPUs but one (`worker_threads`), the one left to the event loop: every
+CPU op waits for all its OpenMP threads, so a thread preempted by the event loop or another process
+stalls it. On the 2-core dev machine, with another process training, one thread served 5 to 30 times
+faster than two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from tifaforge.engine.generate import Delta, Engine, Request
+from tifaforge.engine.generate import Batch, Delta, Engine, Request
 
 
 class Job:
@@ -31,15 +35,10 @@ class Job:
         self.loop, self._on_close = loop, on_close
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
-        self.finished: set[int] = set()  # choices the worker saw finish (worker thread only)
 
-    def put(self, item: Delta | BaseException) -> None:
-        """Called from the worker thread."""
-        if not self.cancelled:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-
-    def running(self) -> bool:
-        return not self.cancelled and len(self.finished) < len(self.requests)
+    def fail(self, error: BaseException) -> None:
+        """Called from the worker thread: `deltas()` raises `error`."""
+        self.loop.call_soon_threadsafe(_put, [(self, error)])
 
     def close(self) -> None:
         """Stop wanting output (done, or the client left) and give the slot back; idempotent."""
@@ -64,7 +63,7 @@ class Scheduler:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.engine, self.max_concurrency = engine, max_concurrency
         self.active = 0  # admitted jobs not yet closed
-        self.busy = False  # the worker is inside an engine call (shown by /health)
+        self.busy = False  # the worker has rows decoding (shown by /health)
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="tifa-engine", daemon=True)
@@ -94,60 +93,79 @@ class Scheduler:
     # -- worker thread ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        waiting: list[Job] = []  # jobs that did not fit the last batch
+        import torch
+
+        torch.set_num_threads(worker_threads())
+        batch, owners = Batch(self.engine), {}  # owners: batch index -> (job, choice)
         while True:
-            if not waiting:
-                job = self._queue.get()
+            for job in self._arrivals(wait=not batch):
                 if job is None:
                     return
-                waiting.append(job)
-            waiting += self._drain()
-            batch, waiting = self._fit([j for j in waiting if j is None or not j.cancelled])
+                if not job.cancelled:
+                    self._add(batch, owners, job)
+            gone = [index for index, (job, _) in owners.items() if job.cancelled]
+            batch.cancel(gone)
+            for index in gone:
+                del owners[index]
             if batch:
-                self._run(batch)
-            if None in waiting:
-                return
+                self.busy = True
+                batch = self._step(batch, owners)
 
-    def _drain(self) -> list:
+    def _step(self, batch: Batch, owners: dict) -> Batch:
+        """One decode step, its deltas sent to their jobs; after an error, a new empty batch."""
+        try:
+            deltas = batch.step()
+        except Exception as e:  # a bug or an engine error: every client in the batch hears of it
+            for job in {job for job, _ in owners.values()}:
+                job.fail(e)
+            owners.clear()
+            return Batch(self.engine)
+        self._deliver([(owners.pop(d.index) if d.finish_reason else owners[d.index], d) for d in deltas])
+        return batch
+
+    @staticmethod
+    def _deliver(deltas: list) -> None:
+        """Hand a step's deltas ((job, choice), delta) to the event loop in one call, not one each: a
+        call writes to the loop's wake-up socket, and the loop it wakes takes the GIL from this thread."""
+        by_loop: dict = {}
+        for (job, i), d in deltas:
+            by_loop.setdefault(job.loop, []).append((job, dataclasses.replace(d, index=i)))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put, items)
+
+    def _arrivals(self, wait: bool) -> list:
+        """Every job queued since the last step; with `wait`, block until there is one."""
         out = []
+        if wait:
+            self.busy = False
+            out.append(self._queue.get())
         while True:
             try:
                 out.append(self._queue.get_nowait())
             except queue.Empty:
                 return out
 
-    def _fit(self, jobs: list) -> tuple[list[Job], list]:
-        """The jobs that share one batch: the engine gives every row `context - longest prompt` new
-        tokens, so a job joins only if its rows keep their full `max_new_tokens` (first job always)."""
-        batch, rest, width, longest = [], [], 0, 0
-        for job in jobs:
-            if job is None:
-                rest.append(job)
-                continue
-            w = max([width] + [len(r.prompt) for r in job.requests])
-            m = max([longest] + [r.sampling.max_new_tokens for r in job.requests])
-            if batch and w + m > self.engine.context:
-                rest.append(job)
-                continue
-            batch.append(job)
-            width, longest = w, m
-        return batch, rest
-
-    def _run(self, batch: list[Job]) -> None:
-        owners = [(job, i) for job in batch for i in range(len(job.requests))]
-        stream = self.engine.stream([r for job in batch for r in job.requests])
-        self.busy = True
+    @staticmethod
+    def _add(batch: Batch, owners: dict, job: Job) -> None:
         try:
-            for d in stream:
-                job, i = owners[d.index]
-                job.put(Delta(i, d.text, d.finish_reason))
-                if d.finish_reason is not None:
-                    job.finished.add(i)
-                if not any(j.running() for j in batch):
-                    break
-        except Exception as e:  # a bug or an engine error: every waiting client hears of it
-            for job in batch:
-                job.put(e)
-        finally:
-            stream.close()  # closing the generator stops the decode loop
-            self.busy = False
+            indices = batch.add(job.requests)
+        except Exception as e:  # an invalid request fails alone
+            job.fail(e)
+            return
+        owners.update((index, (job, i)) for i, index in enumerate(indices))
+
+
+def _put(items: list) -> None:
+    """On the event loop: each (job, delta or error) to its job, unless the job was closed meanwhile."""
+    for job, d in items:
+        if not job.cancelled:
+            job.events.put_nowait(d)
+
+
+def worker_threads() -> int:
+    """torch threads for the engine's thread: the process's setting (the main thread's
+    `torch.set_num_threads`, else OMP_NUM_THREADS, else the CPUs) less one. Setting it in a thread
+    other than the main one leaves the rest of the process as it was (OpenMP keeps it per thread)."""
+    import torch
+
+    return max(1, torch.get_num_threads() - 1)
