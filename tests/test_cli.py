@@ -1,10 +1,13 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tifaforge.cli import COMMANDS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_tifa(*args, timeout=120):
@@ -73,9 +76,16 @@ def test_doctor_flags_a_template_with_split_tags(tiny_model_dir, tmp_path):
 
 
 def test_make_demo_runs_end_to_end(tmp_path):
-    """`make demo`'s script, with a short warm-up: builds the tiny model and answers one role-play turn."""
-    r = subprocess.run([sys.executable, "-m", "tifaforge.demo", "--out", str(tmp_path / "demo"), "--steps", "5"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """`make demo`'s script with a few steps per stage: all four stages, the evaluation table, one turn."""
+    quick = ["cpt.steps=2", "cpt.max_length=64", "sft.steps=2", "sft.batch_size=2", "mgrpo.steps=1",
+             "mgrpo.prompts_per_step=1", "mgrpo.group_size=2", "mgrpo.max_new_tokens=4", "mining.k=2",
+             "mining.max_new_tokens=4", "mining.split=eval", "dpo.steps=1", "dpo.batch_size=2", "dpo.report=false",
+             "eval.limit=2", "eval.max_new_tokens=4", "eval.bootstrap=10", "sampling.max_new_tokens=8",
+             f"dpo.pairs={ROOT / 'data/demo/prefs.jsonl'}"]
+    r = subprocess.run([sys.executable, "-m", "tifaforge.demo", "--runs", str(tmp_path), "--name", "demo",
+                        *[a for q in quick for a in ("--set", q)]], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    assert "| think-format rate ↑ |" in r.stdout and "04-dpo" in r.stdout
     assert "小林>" in r.stdout and "沈青崖>" in r.stdout and "done in" in r.stdout
-    assert (tmp_path / "demo" / "warm" / "model.safetensors").exists()
+    assert (tmp_path / "demo" / "04-dpo" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "demo" / "report.md").exists()

