@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m tifaforge.demo --out runs/demo
+	$(BIN)/python -m tifaforge.demo --runs runs --name demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -189,7 +189,7 @@ def test_dpo_on_mined_pairs_lowers_repetition_on_held_out_prompts(looping_model,
     before, after = report["before"]["repetition_4gram"]["mean"], report["after"]["repetition_4gram"]["mean"]
     assert after < before, (before, after)
     text = (out / "report.md").read_text(encoding="utf-8")
-    assert "character 4-gram repetition rate" in text and "distinct-2" in text
+    assert "4-gram repetition rate" in text and "distinct-2" in text
     assert ("Warning: distinct-2 dropped" in text) == report["distinct_2_dropped"]
 
 
@@ -201,7 +201,7 @@ def test_dpo_report_flags_a_distinct_2_drop(tmp_path):
                                                         "distinct_2": {"mean": d2}}}
 
     text = write_report(tmp_path, res(0.4, 0.8), res(0.1, 0.6), 5, 5)
-    assert "| character 4-gram repetition rate ↓ | 0.4 | 0.1 | -0.3 (better) |" in text
+    assert "| 4-gram repetition rate ↓ | 0.4 | 0.1 | -0.3 (better) |" in text
     assert "Warning: distinct-2 dropped from 0.8 to 0.6" in text
     assert "Warning" not in write_report(tmp_path, res(0.4, 0.8), res(0.1, 0.9), 5, 5)
 

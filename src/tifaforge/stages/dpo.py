@@ -30,15 +30,8 @@ log = logging.getLogger(__name__)
 STAGE = "dpo"
 PLOT_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate",
              "grad_norm")
-# metric -> (label, higher is better): the before/after table of report.md
-REPORT_ROWS = {
-    "repetition_4gram": ("character 4-gram repetition rate", False),
-    "cross_turn_overlap": ("cross-turn overlap", False),
-    "distinct_1": ("distinct-1", True),
-    "distinct_2": ("distinct-2", True),
-    "think_format": ("think-format rate", True),
-    "reward": ("mean logic reward", True),
-}
+# the before/after table of report.md: these rows of the eval report's metrics
+REPORT_KEYS = ("repetition_4gram", "cross_turn_overlap", "distinct_1", "distinct_2", "think_format", "reward")
 
 
 def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
@@ -175,7 +168,10 @@ def write_report(out: Path, before: dict, after: dict, n_pairs: int, n_used: int
              f"{n_used} of {n_pairs} preference pairs trained; {before['n']} held-out prompts, at most "
              f"{before['max_new_tokens']} new tokens each, the run's `sampling` settings with a fixed seed.\n",
              "| metric | before | after | change |", "|---|---|---|---|"]
-    for key, (label, higher) in REPORT_ROWS.items():
+    from tifaforge.eval.report import SHOWN
+
+    for key in REPORT_KEYS:
+        label, higher = SHOWN[key]
         b, a = before["metrics"].get(key, {}).get("mean"), after["metrics"].get(key, {}).get("mean")
         if b is None or a is None:
             continue
