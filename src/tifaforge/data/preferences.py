@@ -43,7 +43,9 @@ class MiningConfig:
 
 
 def inject_repetition(answer: str, rng: random.Random) -> str:
-    """A looping version of a good answer: one of its sentences (or a phrase) repeated several times.
+    """A looping version of a good answer, the two ways models loop (as in DITTO): half the time one
+    of its sentences restated several times after it, otherwise a short phrase from somewhere in it
+    repeated until the end (the stuck n-gram loop, 「一个一个一个……」).
 
     The think block is kept as it is; only the answer after `</think>` loops, which is where the
     repetition rule looks.
@@ -53,13 +55,16 @@ def inject_repetition(answer: str, rng: random.Random) -> str:
 
     head, sep, body = answer.rpartition(THINK_CLOSE)
     sents = [s for _, s in sentences(body) if len(s.strip()) >= 4]
-    if sents:
+    text = body.rstrip()
+    if sents and rng.random() < 0.5:
         s = rng.choice(sents).strip()
-        looped = body.rstrip() + "\n\n" + "\n\n".join([s] * 3)
-    else:
-        piece = body.strip()[:12] or "……"
-        looped = body.rstrip() + (piece * 6)
-    return head + sep + looped
+        return head + sep + text + "\n\n" + "\n\n".join([s] * 3)
+    if len(text.strip()) < 6:
+        return head + sep + text + (text.strip() or "……") * 6
+    start = len(text) - len(text.lstrip())
+    pos = rng.randrange(start, len(text) - 2)
+    piece = text[pos:pos + rng.randint(2, 4)]
+    return head + sep + text[:pos] + piece * 10
 
 
 def classify(reward, ctx, answer: str, cfg: MiningConfig) -> str:
