@@ -70,9 +70,14 @@ def think_engine(think_dir):
 
 @pytest.fixture(scope="module")
 def long_engine(tiny_model_dir):
+    """A random model that never stops by itself: LONG requests run their whole max_tokens (at
+    temperature 1.0 a random model samples an end token within a few hundred tokens often enough to
+    make timing tests flaky)."""
     from tifaforge.engine.generate import Engine
 
-    return Engine.load(tiny_model_dir, device="cpu")
+    engine = Engine.load(tiny_model_dir, device="cpu")
+    engine.stop_ids = set()
+    return engine
 
 
 @pytest.fixture(scope="module")
