@@ -120,11 +120,12 @@ def resolve_model_path(path: str | Path) -> Path:
         raise TifaError(f"{path}: expected a model folder or run folder (to check a GGUF file: --check FILE)")
     if (path / "config.json").exists() or (path / "adapter_config.json").exists():
         return path
-    # DESIGN.md §6: stages are 01-cpt/ 02-sft/ …; manifest.json is written last, when a stage finished.
-    stages = sorted(p for p in path.glob("[0-9][0-9]-*") if (p / "manifest.json").exists() and (p / "model").is_dir())
-    if not stages:
+    from tifaforge.models.load import run_model
+
+    model = run_model(path)  # a run folder: its last finished stage (manifest.json is written last)
+    if model == path:
         raise TifaError(f"{path}: not a model folder (no config.json) nor a run folder with a finished stage")
-    return stages[-1] / "model"
+    return model
 
 
 def load_source(path: str | Path, workdir: Path):
