@@ -49,6 +49,16 @@ def path_fingerprint(path: str | Path) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     if not files:
         return "missing"
+    stats = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stats not in _HASHED:  # a pipeline checks every stage up front, then again as it runs: hash once
+        _HASHED[stats] = _hash_files(path, files)
+    return _HASHED[stats]
+
+
+_HASHED: dict[tuple, str] = {}
+
+
+def _hash_files(path: Path, files: list[Path]) -> str:
     big = sum(f.stat().st_size for f in files) > HASH_LIMIT
     h = hashlib.sha256()
     for f in files:
