@@ -10,8 +10,16 @@ Every row generates exactly --new-tokens tokens (the random-weight tiny preset a
 its end token; rows that do are counted as they are). The clients are raw sockets that only look
 for the first event: they share this process (and its GIL) with the server, and an HTTP client that
 parsed every event (httpx) cost half as much CPU as the engine at c=16, which is not the server's.
-Target: server tokens/s within 5% of the engine's. The llama.cpp comparison (our server on a GGUF
-against llama-cpp-python's own server) is not written yet.
+Target: server tokens/s within 5% of the engine's.
+
+    .venv/bin/python bench/serve.py --backend llamacpp [--gguf FILE]
+
+With the llama.cpp backend, our server (`tifa serve FILE.gguf --backend llamacpp`) runs against
+llama-cpp-python's own OpenAI server on the same GGUF file (default: the fresh tiny preset exported
+to q8_0), same threads, context and sampling, both in this process on 127.0.0.1. Both answer one
+request at a time, so c clients queue on either. Tokens are counted from each reply's `usage` (the
+random tiny model rarely stops early; a row that does is counted as it is); time to first token is
+the first streamed event of a lone request.
 """
 
 from __future__ import annotations
@@ -91,13 +99,121 @@ def server_run(base: str, c: int, new_tokens: int) -> tuple[float, float]:
     return c * new_tokens / (time.perf_counter() - t0), statistics.median(first)
 
 
+SAMPLING = {"temperature": 0.4, "top_p": 0.6, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.17,
+            "repetition_penalty": 1.17}  # the seed's settings, in both servers' spellings
+
+
+def _post(url, path: str, body: dict) -> bytes:
+    """One raw HTTP/1.1 POST; the whole reply (headers and body). The server closes the connection."""
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(head + data)
+        reply = b""
+        while chunk := sock.recv(1 << 16):
+            reply += chunk
+    if not reply.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{path}: {reply[:300]!r}")
+    return reply
+
+
+def _ttft(url, body: dict) -> float:
+    data = json.dumps({**body, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        t, reply = time.perf_counter(), b""
+        sock.sendall(head + data)
+        while b"data: {" not in reply:
+            if not (chunk := sock.recv(1 << 16)):
+                raise RuntimeError(f"no event: {reply[:300]!r}")
+            reply += chunk
+        first = time.perf_counter() - t
+        while sock.recv(1 << 16):
+            pass
+    return first
+
+
+def queued_run(base: str, c: int, new_tokens: int) -> float:
+    """tokens/s for c simultaneous non-streaming completions, tokens from each reply's usage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = urlsplit(base)
+
+    def one(i: int) -> int:
+        reply = _post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": new_tokens, "seed": i, **SAMPLING})
+        body = reply.split(b"\r\n\r\n", 1)[1]
+        if b"\r\n" in body.split(b"{", 1)[0]:  # chunked transfer encoding: drop the chunk sizes
+            body = b"".join(body.split(b"\r\n")[1::2])
+        return json.loads(body)["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(c) as pool:
+        tokens = sum(pool.map(one, range(c)))
+    return tokens / (time.perf_counter() - t0)
+
+
+def llamacpp_main(args) -> int:
+    """Our server on the llama.cpp backend against llama-cpp-python's own server, same GGUF."""
+    from test_serve import live
+
+    from tifaforge.engine.llamacpp import LlamaCppEngine
+    from tifaforge.export.gguf import default_threads
+    from tifaforge.extras import require
+    from tifaforge.serve.app import create_app
+
+    require("llamacpp")
+    try:
+        from llama_cpp.server.app import create_app as lc_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise SystemExit(f"llama-cpp-python's server needs its server packages ({e}): make setup installs them")
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = args.gguf
+        if gguf is None:
+            from tifaforge.export.gguf import export_gguf
+            from tifaforge.models.presets import init_model
+
+            model = init_model("tiny", Path(tmp) / "tiny", seed=0)
+            gguf = str(export_gguf(model, Path(tmp) / "tiny-q8_0.gguf", "q8_0", progress=False).path)
+        threads, n_ctx = default_threads(gguf), 4096
+        print(f"GGUF {gguf}, {threads} threads, context {n_ctx}, {args.new_tokens} new tokens")
+        ours = LlamaCppEngine.load(gguf, n_ctx=n_ctx, n_threads=threads)
+        theirs = lc_app(server_settings=ServerSettings(),
+                        model_settings=[ModelSettings(model=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                                      verbose=False)])
+        print(f"{'c':>3} {'llama-cpp-python server tok/s':>30} {'tifa serve tok/s':>17} {'ratio':>6} "
+              f"{'their TTFT':>11} {'our TTFT':>9}")
+        body = {"prompt": PROMPT, "max_tokens": 8, "seed": 0, **SAMPLING}
+        try:
+            with live(create_app(ours, max_concurrency=max(args.levels))) as a, live(theirs) as b:
+                for base in (a, b):
+                    queued_run(base, 1, 8)  # warm-up
+                ttft = [min(_ttft(urlsplit(base), body) for _ in range(args.repeats)) for base in (b, a)]
+                for c in args.levels:
+                    t_tps = max(queued_run(b, c, args.new_tokens) for _ in range(args.repeats))
+                    o_tps = max(queued_run(a, c, args.new_tokens) for _ in range(args.repeats))
+                    print(f"{c:>3} {t_tps:>30.1f} {o_tps:>17.1f} {o_tps / t_tps:>6.2f} "
+                          f"{ttft[0] * 1000:>9.0f}ms {ttft[1] * 1000:>7.0f}ms")
+        finally:
+            ours.close()
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model folder (default: a fresh tiny preset in a temp folder)")
+    p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers")
+    p.add_argument("--gguf", help="with --backend llamacpp: the GGUF file (default: the tiny preset in q8_0)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--levels", type=int, nargs="+", default=None, help="concurrency levels (default 1 4 16; llamacpp 1 4)")
     p.add_argument("--repeats", type=int, default=3, help="runs per side and level; the best is kept")
     args = p.parse_args()
+    if args.backend == "llamacpp":
+        args.levels = args.levels or [1, 4]
+        return llamacpp_main(args)
+    args.levels = args.levels or [1, 4, 16]
     from test_serve import live  # the tests' uvicorn-in-a-thread helper
 
     from tifaforge.serve.app import create_app

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -92,6 +93,31 @@ def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(endless, samp
         alone = endless.generate([req])[0]
         text, last = deltas[index]
         assert (text, last.tokens, last.finish_reason) == (alone.text, alone.completion_tokens, "length")
+
+
+def test_rows_that_join_at_different_steps_share_one_sampler_chain(endless):
+    # Every sampler on (penalties, DRY, top_k/top_p/min_p, XTC): rows with these settings that arrive
+    # over several steps (as a burst reaches the server) join one chain, and each still gets the
+    # tokens it gets alone; one leaves early, another joins after it left.
+    every = SamplingConfig(repetition_penalty=1.1, presence_penalty=0.3, frequency_penalty=0.2, dry_multiplier=0.8,
+                           top_k=40, top_p=0.9, min_p=0.02, xtc_threshold=0.1, xtc_probability=0.5, temperature=0.9)
+    reqs = [Request(endless.render(CHATS[i % 3]), dataclasses.replace(every, seed=i, max_new_tokens=n))
+            for i, n in enumerate([20, 4, 14, 8])]
+    batch, deltas = Batch(endless), {}
+    batch.add(reqs[:1])
+    _drain(batch, deltas, steps=2)
+    batch.add(reqs[1:3])
+    _drain(batch, deltas, steps=1)
+    assert len(batch.cohorts) == 1 and len(batch.cohorts[0].rows) == 3
+    _drain(batch, deltas, steps=5)
+    assert deltas[1][1].finish_reason and len(batch.cohorts[0].rows) == 2  # the short one left
+    batch.add(reqs[3:])
+    _drain(batch, deltas, steps=1)
+    assert len(batch.cohorts) == 1 and len(batch.cohorts[0].rows) == 3
+    _drain(batch, deltas)
+    for i, req in enumerate(reqs):
+        alone = endless.generate([req])[0]
+        assert deltas[i][0] == alone.text and deltas[i][1].tokens == alone.completion_tokens
 
 
 def test_cancelled_rows_leave_the_batch_and_the_rest_are_unchanged(endless):

@@ -213,3 +213,60 @@ def test_smollm2_chatml_file_through_the_backend():
         r = e.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                    sampling=dataclasses.replace(GREEDY, max_new_tokens=24))
     assert "Paris" in r.content and r.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------
+# `tifa serve --backend llamacpp`: the same server on this engine, one request at a time
+
+
+def test_the_server_runs_the_llama_cpp_backend(lengine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from test_serve import live
+
+    from tifaforge.serve.app import create_app
+
+    messages = [{"role": "user", "content": "清雅姑娘，今晚月色真美。"}]
+    alone = lengine.chat(messages, dataclasses.replace(GREEDY, max_new_tokens=24))
+    with live(create_app(lengine, max_concurrency=2, model_name="tiny-gguf")) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ask = lambda **kw: client.chat.completions.create(  # noqa: E731
+            model="tiny-gguf", messages=messages, temperature=0, max_tokens=24, extra_body={"repetition_penalty": 1.0}, **kw)
+        reply = ask()
+        msg = reply.choices[0].message
+        assert (msg.content, getattr(msg, "reasoning_content", None)) == (alone.content, alone.reasoning)
+        assert reply.usage.completion_tokens == alone.completion_tokens
+        chunks = list(ask(stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == alone.content and chunks[-1].usage.completion_tokens == alone.completion_tokens
+        with ThreadPoolExecutor(2) as pool:  # two clients at once: served in turn, both complete
+            both = list(pool.map(lambda _: ask().choices[0].message.content, range(2)))
+        assert both == [alone.content] * 2
+
+
+def test_a_client_that_leaves_stops_its_llama_cpp_generation(gguf_files):
+    import httpx
+    from test_serve import _wait, live
+
+    from tifaforge.serve.app import create_app
+
+    with LlamaCppEngine.load(gguf_files["q8_0"]) as endless:
+        endless.stop_ids = set()  # it would run all its max_tokens
+        made, stream = [], endless.stream
+
+        def counting(requests):  # watches how far the engine got
+            for d in stream(requests):
+                made.append(d.tokens)
+                yield d
+
+        endless.stream = counting
+        body = {"prompt": "从前", "max_tokens": 3500, "temperature": 1.0, "stream": True}
+        with live(create_app(endless, max_concurrency=1)) as base:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+                assert next(r.iter_lines()).startswith("data: ")
+            health = lambda: httpx.get(base + "/health").json()  # noqa: E731
+            _wait(lambda: health()["running"] == 0 and not health()["generating"])
+            assert max(made) < 3500, made[-1]  # stopped when the client left
+            r = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=120)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -23,6 +23,7 @@ from tifaforge.engine.samplers import (
     PaddedRepetitionPenalty,
     PresenceFrequencyPenalty,
     XTCLogitsWarper,
+    Layout,
     build_logits_processors,
 )
 from tifaforge.errors import ConfigError
@@ -334,3 +335,36 @@ def test_batched_rows_match_unbatched_rows_with_adversarial_left_padding():
             torch.testing.assert_close(out[i : i + 1], alone)
     assert torch.isfinite(out).any(1).all()
 
+
+
+def test_a_fixed_layout_gives_rows_that_started_generating_at_different_columns_their_own_result():
+    # A continuous batch: row 0 has generated 3 tokens, row 1 one, row 2 none yet; one chain for all
+    # three must give each row what a chain of its own (learned layout) gives it. XTC draws from each
+    # row's own generator, so a row's draw does not depend on its neighbours.
+    prompts = [ids("A B C A B C"), ids("B X A B"), ids("C D")]
+    gen = [ids("A B C"), ids("X"), []]
+    full = [p + g for p, g in zip(prompts, gen)]
+    width = max(map(len, full))
+    cfg = SamplingConfig(
+        repetition_penalty=1.3, presence_penalty=0.3, frequency_penalty=0.2, dry_multiplier=0.8,
+        top_k=6, top_p=0.95, min_p=0.01, xtc_threshold=0.05, xtc_probability=0.5, temperature=0.7,
+    )  # fmt: skip
+    scores = torch.randn(len(prompts), V, generator=torch.Generator().manual_seed(0))
+    pads = torch.tensor([width - len(f) for f in full])
+    starts = torch.tensor([width - len(g) for g in gen])
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    chain = build_logits_processors(cfg, TOK, generator=gens, layout=Layout.fixed(pads, starts))
+    padded = torch.tensor([[ID["A"]] * (width - len(f)) + f for f in full])
+    out = chain(padded, scores.clone())
+    for i, (p, g) in enumerate(zip(prompts, gen)):
+        single = build_logits_processors(cfg, TOK, generator=torch.Generator().manual_seed(10 + i))
+        single(torch.tensor([p]), torch.zeros(1, V))  # the first call learns where the prompt ends
+        torch.testing.assert_close(out[i : i + 1], single(torch.tensor([p + g]), scores[i : i + 1].clone()))
+    no_xtc = build_logits_processors(dataclasses.replace(cfg, xtc_probability=0.0), TOK, layout=Layout.fixed(pads, starts))
+    assert not torch.equal(torch.isfinite(out), torch.isfinite(no_xtc(padded, scores.clone())))  # XTC fired somewhere
+    # Presence/frequency count only each row's own generated tokens: row 2 has none, so it is untouched.
+    pf = PresenceFrequencyPenalty(1.0, 1.0, layout=Layout.fixed(pads, starts))
+    got = pf(padded, torch.zeros(len(full), V))
+    assert got[2].eq(0).all() and got[1, ID["X"]] == -2 and got[0, ID["A"]] == -2
+    with pytest.raises(ValueError, match="padding"):
+        Layout.fixed(torch.tensor([2]), torch.tensor([1]))

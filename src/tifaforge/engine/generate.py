@@ -51,8 +51,7 @@ class Result:
 @dataclass
 class Delta:
     """A streamed piece of request `index`'s text; the last one for a request has a finish reason.
-    `tokens`: the tokens generated so far, stop token excluded (what the server reports as usage);
-    None from a backend that does not count them (llama.cpp's, which the server does not run)."""
+    `tokens`: the tokens generated so far, stop token excluded (what the server reports as usage)."""
 
     index: int
     text: str
@@ -148,6 +147,8 @@ def _ends_in_think(tokenizer, prompt_ids: list[int]) -> bool:
 
 class Engine:
     """Batched, streaming generation over a transformers causal LM (CPU or GPU)."""
+
+    continuous_batching = True  # `Batch` can run it: requests join and leave a running decode
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -326,10 +327,15 @@ class Batch:
         self.pos = lengths if self.pos is None else torch.cat([self.pos, lengths])
         self.live += rows
         self.index += index
-        at = 0
+        at, running = 0, {c.key: c for c in self.cohorts}
         for cohort in cohorts:
-            self.cohorts.append(_Cohort([r for _, r in cohort], ids[at:at + len(cohort)], self.engine.tokenizer))
+            joining, prompts = [r for _, r in cohort], ids[at:at + len(cohort)]
             at += len(cohort)
+            key = _settings_key(joining[0])
+            if key in running:  # same settings as running rows: one chain for all of them
+                running[key].join(joining, prompts)
+            else:
+                self.cohorts.append(_Cohort(key, joining, prompts, self.engine.tokenizer))
         return out.logits[:, -1, :].float()
 
     def _stack(self, cache, mask) -> None:
@@ -354,6 +360,8 @@ class Batch:
         self.live, self.index = [self.live[s] for s in slots], [self.index[s] for s in slots]
         live = set(self.live)
         self.cohorts = [c for c in self.cohorts if not live.isdisjoint(c.rows)]
+        for c in self.cohorts:
+            c.keep(live)
         if not slots:
             self.cache = self.mask = self.pos = self.last = None
             return
@@ -368,51 +376,87 @@ class Batch:
                 self.mask = self.mask[:, start:]
 
     def _sample(self, logits):
-        """Each cohort's processors over its rows' tokens, then every live row's pick: (B,) next tokens.
-        Rows are in the batch in cohort order, so a cohort's live rows are one slice of `logits`."""
+        """Each cohort's processors over its rows' scores, then every live row's pick: (B,) next tokens."""
         import torch
 
-        live, heres, scores, at = set(self.live), [], [], 0
-        for c in self.cohorts:
-            here = [j for j, r in enumerate(c.rows) if r in live]
-            mine = logits[at:at + len(here)]  # (h, V)
-            at += len(here)
-            if len(here) < len(c.rows):  # rows that left keep their place in the chain's input, scores unused
-                padded = mine.new_zeros(len(c.rows), mine.shape[-1])
-                padded[here] = mine
-                mine = c.procs(c.ids, padded)[here]
-            else:
-                mine = c.procs(c.ids, mine)
-            heres.append(here)
-            scores.append(mine)
-        nxt = _pick(self.live, torch.cat(scores))
-        for c, here, tokens in zip(self.cohorts, heres, nxt.split([len(h) for h in heres])):
-            column = tokens
-            if len(here) < len(c.rows):
-                column = torch.full((len(c.rows),), self.pad, device=tokens.device)
-                column[here] = tokens
-            c.ids = torch.cat([c.ids, column[:, None]], dim=1)
+        slot_of = {id(r): s for s, r in enumerate(self.live)}
+        slots = [[slot_of[id(r)] for r in c.rows] for c in self.cohorts]
+        if slots == [list(range(len(self.live)))]:  # one cohort, in cache order: no gather
+            scores = self.cohorts[0].procs(self.cohorts[0].ids, logits)
+            orders = [None]
+        else:
+            scores = torch.empty_like(logits)
+            orders = [torch.tensor(o, device=logits.device) for o in slots]
+            for c, order in zip(self.cohorts, orders):
+                scores.index_copy_(0, order, c.procs(c.ids, logits.index_select(0, order)))
+        nxt = _pick(self.live, scores)
+        for c, order in zip(self.cohorts, orders):
+            c.ids = torch.cat([c.ids, (nxt if order is None else nxt.index_select(0, order))[:, None]], dim=1)
         return nxt
 
 
 class _Cohort:
-    """Rows that joined at the same step with the same sampling settings: one processor chain, applied
-    batched. A chain learns its rows' layout at its first call, so a row that leaves keeps its place
-    in `ids` (its scores unused) until the whole cohort has left."""
+    """Live rows with the same sampling settings (seeds aside): one processor chain, applied batched,
+    whenever they joined. `ids` holds each row's prompt and every token since, left-padded; the chain's
+    `Layout` says where each row's tokens and its generated tokens start, so rows that joined a
+    running cohort at a later step share its chain. When rows join or leave, the chain is rebuilt
+    (its state, e.g. DRY's match lengths, is then measured afresh at the next call). A burst of
+    requests reaches the server's worker over a few steps; one chain per burst instead of one per
+    step kept the batch's sampling cost that of a batch the engine got at once."""
 
-    def __init__(self, rows: list[_Row], ids, tokenizer):
-        from tifaforge.engine.samplers import build_logits_processors
+    def __init__(self, key: str, rows: list[_Row], prompts, tokenizer):
+        import torch
 
-        self.rows, self.ids = rows, ids  # ids (b, T): their prompts, left-padded together, then every token since
-        self.procs = build_logits_processors(rows[0].req.sampling, tokenizer, generator=rows[0].gen,
-                                             prompt_lengths=[len(r.prompt_ids) for r in rows])
+        self.key, self.tokenizer, self.rows, self.ids = key, tokenizer, list(rows), prompts
+        width = prompts.shape[1]
+        self.pads = torch.tensor([width - len(r.prompt_ids) for r in rows], device=prompts.device)
+        self.starts = torch.full_like(self.pads, width)
+        self._build()
+
+    def join(self, rows: list[_Row], prompts) -> None:
+        """Add rows whose prompts (left-padded together) were just prefilled."""
+        import torch
+
+        width = max(self.ids.shape[1], prompts.shape[1])
+        grow = width - self.ids.shape[1]
+        pads = torch.tensor([width - len(r.prompt_ids) for r in rows], device=prompts.device)
+        self.ids = torch.cat([_pad_left(self.ids, width, -1), _pad_left(prompts, width, -1)])
+        self.pads = torch.cat([self.pads + grow, pads])
+        self.starts = torch.cat([self.starts + grow, torch.full_like(pads, width)])
+        self.rows += rows
+        self._build()
+
+    def keep(self, live: set) -> None:
+        """Drop the rows that are no longer live, and the padding columns no kept row needs."""
+        import torch
+
+        kept = [j for j, r in enumerate(self.rows) if r in live]
+        if len(kept) == len(self.rows):
+            return
+        sel = torch.tensor(kept, device=self.ids.device)
+        self.rows = [self.rows[j] for j in kept]
+        self.pads, self.starts = self.pads[sel], self.starts[sel]
+        cut = int(self.pads.min())
+        self.ids, self.pads, self.starts = self.ids[sel, cut:], self.pads - cut, self.starts - cut
+        self._build()
+
+    def _build(self) -> None:
+        from tifaforge.engine.samplers import Layout, build_logits_processors
+
+        self.procs = build_logits_processors(self.rows[0].req.sampling, self.tokenizer,
+                                             generator=[r.gen for r in self.rows],
+                                             layout=Layout.fixed(self.pads, self.starts))
+
+
+def _settings_key(row: _Row) -> str:
+    return repr(dataclasses.replace(row.req.sampling, seed=None, max_new_tokens=1))
 
 
 def _by_settings(entries: list[tuple[int, _Row]]) -> list[list[tuple[int, _Row]]]:
     """(index, row) pairs split by sampling settings, in order; seeds aside (each row has its own)."""
     groups: dict[str, list[tuple[int, _Row]]] = {}
     for i, r in entries:
-        groups.setdefault(repr(dataclasses.replace(r.req.sampling, seed=None, max_new_tokens=1)), []).append((i, r))
+        groups.setdefault(_settings_key(r), []).append((i, r))
     return list(groups.values())
 
 

@@ -18,7 +18,8 @@ penalties sampler that never saw the prompt); a setting that is off adds no samp
 
 Departures from the transformers backend:
 1. Requests run one after another (llama-cpp-python holds one sequence), so `stream` yields each
-   request's deltas in turn rather than interleaved.
+   request's deltas in turn rather than interleaved, and `tifa serve --backend llamacpp` answers one
+   request at a time (`continuous_batching` is False: the server's worker runs jobs in turn).
 2. The KV cache of the previous call is reused when a new prompt starts with it (chat turns).
 3. Random draws come from llama.cpp's generator, seeded from the request's seed: sampled text differs
    from the transformers backend's; greedy text is the same where the two models' logits agree.
@@ -82,6 +83,8 @@ def _real_id(token: int) -> int | None:
 
 class LlamaCppEngine(Engine):
     """`Engine` over a GGUF file through llama-cpp-python. Close it (`close()` or `with`) when done."""
+
+    continuous_batching = False  # one sequence at a time: the server runs its requests in turn
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
         from tifaforge.export.gguf import default_threads, read_gguf
@@ -148,7 +151,7 @@ class LlamaCppEngine(Engine):
                 budget -= 1
                 piece = row.push(token, budget)
                 if piece or row.finish:
-                    yield Delta(i, piece, row.finish)
+                    yield Delta(i, piece, row.finish, len(row.ids))
                 if row.finish:
                     return
                 self.llm.eval([token])

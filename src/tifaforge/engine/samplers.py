@@ -28,7 +28,8 @@ Departures from llama.cpp:
    for other tokenizers). DRY's window includes the prompt (llama.cpp's
    server feeds the prompt to its samplers too); -1 means the whole sequence.
 4. XTC draws one number per row at every step (llama.cpp draws only when at least two candidates
-   remain), from `generator`, so its random stream is not llama.cpp's mt19937. Among tied least likely
+   remain), from `generator` (the engine passes each row's own, seeded by its request), so its random
+   stream is not llama.cpp's mt19937. Among tied least likely
    top candidates, the lowest token id survives.
 5. Greedy decoding (`do_sample: false`) keeps only the processors that move the argmax: penalties and
    DRY. XTC is dropped there (llama.cpp would still run it before its argmax). Temperature 0 with
@@ -67,25 +68,29 @@ def build_logits_processors(
     cfg: SamplingConfig,
     tokenizer,
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    layout: Layout | None = None,
 ) -> LogitsProcessorList:
     """The llama.cpp sampler chain for `cfg`, as processors for one generate call.
 
     `prompt_lengths`: each row's prompt length in tokens, padding excluded, for left-padded batches
     (None: no padding). The processors learn the padded prompt width at their first call, which sees
-    exactly the prompt, so build a new list for every call. `generator` seeds XTC.
+    exactly the prompt, so build a new list for every call. Or `layout`: each row's first token and
+    first generated token given explicitly (`Layout.fixed`), for rows that joined a running decode at
+    different steps. `generator` seeds XTC: one for all rows, or one per row.
     """
     _validate(cfg)
+    layout = layout if layout is not None else Layout(prompt_lengths)
     procs = LogitsProcessorList()
     if cfg.repetition_penalty != 1.0:
-        procs.append(PaddedRepetitionPenalty(float(cfg.repetition_penalty), prompt_lengths))
+        procs.append(PaddedRepetitionPenalty(float(cfg.repetition_penalty), layout=layout))
     if cfg.presence_penalty or cfg.frequency_penalty:
-        procs.append(PresenceFrequencyPenalty(cfg.presence_penalty, cfg.frequency_penalty, prompt_lengths))
+        procs.append(PresenceFrequencyPenalty(cfg.presence_penalty, cfg.frequency_penalty, layout=layout))
     if cfg.dry_multiplier > 0 and cfg.dry_penalty_last_n != 0:
         procs.append(
             DRYLogitsProcessor(
                 cfg.dry_multiplier, cfg.dry_base, cfg.dry_allowed_length, cfg.dry_penalty_last_n,
-                cfg.dry_sequence_breakers, tokenizer, prompt_lengths,
+                cfg.dry_sequence_breakers, tokenizer, layout=layout,
             )
         )  # fmt: skip
     if not cfg.do_sample:
@@ -119,20 +124,38 @@ def _validate(cfg: SamplingConfig) -> None:
         raise ConfigError(f"sampling.repetition_penalty: {cfg.repetition_penalty!r} must be > 0 (1.0 = off)")
 
 
-class _Layout:
-    """Where each row's tokens start (left padding) and where generated tokens start.
+class Layout:
+    """Where each row's tokens start (left padding) and where its generated tokens start.
 
-    The first call of a generate loop sees exactly the padded prompt, so its width is the column where
-    generated tokens begin; `prompt_lengths` then says how many columns of each row are padding.
+    Learned: the first call of a generate loop sees exactly the padded prompt, so its width is the
+    column where every row's generated tokens begin; `prompt_lengths` then says how many columns of
+    each row are padding. Fixed (`Layout.fixed`): both given per row, for a continuous batch where
+    rows that joined at different steps share one chain. Columns are counted from the left, so they
+    stay valid as tokens are appended. One instance is shared by a chain's processors.
     """
 
-    def __init__(self, prompt_lengths: Sequence[int] | torch.Tensor | None):
+    def __init__(self, prompt_lengths: Sequence[int] | torch.Tensor | None = None):
         self.prompt_lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, dtype=torch.long)
         self.width: int | None = None
         self.pads: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None  # (B,) per-row first generated column, fixed layouts only
 
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(pads (B,), width): row b's tokens start at column pads[b], generated ones at `width`."""
+    @classmethod
+    def fixed(cls, pads: torch.Tensor, starts: torch.Tensor) -> Layout:
+        """Row b's tokens start at column pads[b], its generated tokens at starts[b] (both (B,))."""
+        layout = cls()
+        layout.pads, layout.starts = pads, starts
+        if bool((starts < pads).any()):
+            raise ValueError(f"generated tokens cannot start in the padding: pads {pads.tolist()}, starts {starts.tolist()}")
+        return layout
+
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """(pads (B,), start): row b's tokens start at column pads[b], generated ones at `start`
+        (an int, the same for every row, or a (B,) tensor for a fixed layout)."""
+        if self.starts is not None:
+            if self.starts.shape != input_ids.shape[:1] or bool((self.starts > input_ids.shape[1]).any()):
+                raise ValueError(f"layout for {self.starts.numel()} rows does not fit input_ids of shape {tuple(input_ids.shape)}")
+            return self.pads, self.starts
         if self.width is None:
             B, self.width = input_ids.shape
             lengths = torch.full((B,), self.width) if self.prompt_lengths is None else self.prompt_lengths
@@ -141,16 +164,21 @@ class _Layout:
             self.pads = (self.width - lengths).to(input_ids.device)  # once: no host-to-device copy per step
         return self.pads, self.width
 
+    @property
+    def padded(self) -> bool:
+        return self.prompt_lengths is not None or self.starts is not None
+
 
 class PaddedRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
     """transformers' repetition penalty, blind to left padding (the pad token may be the end token)."""
 
-    def __init__(self, penalty: float, prompt_lengths: Sequence[int] | torch.Tensor | None = None):
+    def __init__(self, penalty: float, prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+                 layout: Layout | None = None):
         super().__init__(penalty)
-        self.layout = _Layout(prompt_lengths)
+        self.layout = layout if layout is not None else Layout(prompt_lengths)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.layout.prompt_lengths is not None:
+        if self.layout.padded:
             # Pad columns become the row's last token, already in the row: the penalised set is unchanged.
             pads, _ = self.layout(input_ids)
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -161,22 +189,32 @@ class PaddedRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
 class PresenceFrequencyPenalty(LogitsProcessor):
     """OpenAI's penalties: logit -= frequency * count + presence * (count > 0), over generated tokens."""
 
-    def __init__(self, presence: float, frequency: float, prompt_lengths: Sequence[int] | torch.Tensor | None = None):
+    def __init__(self, presence: float, frequency: float, prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+                 layout: Layout | None = None):
         self.presence, self.frequency = presence, frequency
-        self.layout = _Layout(prompt_lengths)
+        self.layout = layout if layout is not None else Layout(prompt_lengths)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.layout(input_ids)[1] :]  # (B, G)
+        _, start = self.layout(input_ids)
+        V = scores.shape[-1]
+        if isinstance(start, int):
+            generated = input_ids[:, start:]  # (B, G)
+        else:  # rows started generating at different columns: earlier tokens go to a sink column V
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            generated = torch.where(pos >= start[:, None], input_ids, V)
+            scores = torch.nn.functional.pad(scores, (0, 1))
         # Sparse updates: a (B, V) count tensor would cost more than the G tokens touched.
         out = scores.scatter_add(1, generated, torch.full_like(generated, -self.frequency, dtype=scores.dtype))
-        return out.scatter_(1, generated, out.gather(1, generated) - self.presence)  # duplicates write one value
+        out = out.scatter_(1, generated, out.gather(1, generated) - self.presence)  # duplicates write one value
+        return out[:, :V]
 
 
 class XTCLogitsWarper(LogitsProcessor):
     """Exclude Top Choices: with chance `probability`, drop every token whose probability is at
     least `threshold` except the least likely of them (nothing happens if fewer than two qualify)."""
 
-    def __init__(self, threshold: float, probability: float, generator: torch.Generator | None = None):
+    def __init__(self, threshold: float, probability: float,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None):
         self.threshold, self.probability, self.generator = threshold, probability, generator
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -184,10 +222,19 @@ class XTCLogitsWarper(LogitsProcessor):
         top = (probs >= self.threshold) & (scores > -math.inf)
         last = torch.where(top, probs, 2.0).argmin(-1, keepdim=True)  # (B, 1) least likely top choice
         drop = top.scatter(1, last, False)
-        device = self.generator.device if self.generator is not None else scores.device
-        draw = torch.rand(scores.shape[0], generator=self.generator, device=device).to(scores.device)
+        draw = self._draw(scores.shape[0], scores.device)
         fire = draw <= self.probability  # (B,) llama.cpp skips when chance > p
         return scores.masked_fill(drop & fire[:, None], -math.inf)  # one top choice: nothing to drop
+
+    def _draw(self, rows: int, device) -> torch.Tensor:
+        """(rows,) uniform numbers: from the one generator, or one from each row's own (so a row's
+        draws do not depend on the rows it is batched with)."""
+        g = self.generator
+        if g is None or isinstance(g, torch.Generator):
+            return torch.rand(rows, generator=g, device=g.device if g is not None else device).to(device)
+        if len(g) != rows:
+            raise ValueError(f"XTC has {len(g)} generators for {rows} rows")
+        return torch.cat([torch.rand(1, generator=gi, device=gi.device) for gi in g]).to(device)
 
 
 class DRYLogitsProcessor(LogitsProcessor):
@@ -212,10 +259,11 @@ class DRYLogitsProcessor(LogitsProcessor):
         sequence_breakers: Sequence[str],
         tokenizer,
         prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+        layout: Layout | None = None,
     ):
         self.multiplier, self.base, self.allowed, self.last_n = multiplier, base, allowed_length, penalty_last_n
         self.single, self.tails = _breaker_table(tokenizer, tuple(sequence_breakers))
-        self.layout = _Layout(prompt_lengths)
+        self.layout = layout if layout is not None else Layout(prompt_lengths)
         # Past llama.cpp's exponent cap the penalty stops growing, so longer matches are not measured.
         # For base <= 1.000001 (no cap in llama.cpp) the penalty is flat to within 0.1%: measure up to
         # allowed_length only.

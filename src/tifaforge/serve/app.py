@@ -526,6 +526,8 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="a config file whose `sampling` section sets the default sampling")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
+    p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers",
+                   help="llamacpp serves a .gguf file through llama.cpp, one request at a time (needs the llamacpp extra)")
 
 
 def run(args) -> int:
@@ -538,7 +540,12 @@ def run(args) -> int:
     if not 1 <= args.max_concurrency <= 1024:
         raise TifaError(f"--max-concurrency must be 1 to 1024, got {args.max_concurrency}")
     sampling = load_config(args.config, args.set).sampling
-    engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+    if args.backend == "llamacpp":
+        from tifaforge.engine.llamacpp import LlamaCppEngine
+
+        engine = LlamaCppEngine.load(args.model)
+    else:
+        engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
     app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
                      max_concurrency=args.max_concurrency, sampling=sampling,
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,

@@ -8,7 +8,8 @@ Up to `max_concurrency` requests are admitted at once; the app answers the rest 
 concurrent clients share each forward pass and a new one waits one step, not for a whole batch.
 
 A job whose client left is cancelled: it gets no more deltas, its slot is free at once and its rows
-leave the batch before the next step.
+leave the batch before the next step. An engine that cannot batch (the llama.cpp backend holds one
+sequence) gets its jobs one after another instead, still bounded and cancellable.
 
 The worker runs torch on all CPUs but one (`worker_threads`), the one left to the event loop: every
 CPU op waits for all its OpenMP threads, so a thread preempted by the event loop or another process
@@ -93,6 +94,8 @@ class Scheduler:
     # -- worker thread ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        if not getattr(self.engine, "continuous_batching", True):
+            return self._work_in_turn()
         import torch
 
         torch.set_num_threads(worker_threads())
@@ -110,6 +113,30 @@ class Scheduler:
             if batch:
                 self.busy = True
                 batch = self._step(batch, owners)
+
+    def _work_in_turn(self) -> None:
+        """For an engine that holds one sequence (llama.cpp's): admitted jobs run one after another,
+        in arrival order; a job whose client left is skipped, or stopped at its next delta."""
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.cancelled:
+                continue
+            self.busy = True
+            try:
+                stream = self.engine.stream(job.requests)
+                try:
+                    for d in stream:
+                        if job.cancelled:
+                            break
+                        self._deliver([((job, d.index), d)])
+                finally:
+                    stream.close()
+            except Exception as e:  # an invalid request or an engine error: this job hears of it
+                job.fail(e)
+            finally:
+                self.busy = not self._queue.empty()
 
     def _step(self, batch: Batch, owners: dict) -> Batch:
         """One decode step, its deltas sent to their jobs; after an error, a new empty batch."""
