@@ -5,6 +5,11 @@
 Prints tokens/s for batch 1 and 8 and the ratio ours / transformers (target >= 1.0: our samplers
 and loop must not slow generation down). Both sides generate exactly --new-tokens per row (stop
 tokens off) with the seed's sampling (temperature 0.4, top_p 0.6, repetition_penalty 1.17).
+
+With llama-cpp-python installed it also runs the llama.cpp backend (`LlamaCppEngine`) against
+llama-cpp-python's own generation loop (`Llama.generate`, its sampler chain) on the same GGUF file
+(the model exported to q8_0), batch 1 (llama.cpp holds one sequence), the same threads and sampling:
+the ratio is what our loop, stop handling and streaming detokenisation cost on top of llama.cpp.
 """
 
 from __future__ import annotations
@@ -76,7 +81,48 @@ def main() -> int:
     for batch in (1, 8):
         ours, hf = bench(engine, batch, args.new_tokens, args.repeats)
         print(f"{batch:>5} {ours:>11.1f} {hf:>19.1f} {ours / hf:>6.2f}")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python not installed (pip install 'tifaforge[llamacpp]'): llama.cpp rows skipped")
+        return 0
+    from tifaforge.export.gguf import export_gguf
+
+    gguf = export_gguf(model, Path(tempfile.mkdtemp()) / "model-q8_0.gguf", "q8_0", progress=False).path
+    ours, theirs = bench_llamacpp(gguf, args.new_tokens, args.repeats)
+    print(f"\nllama.cpp backend, {Path(gguf).name}, batch 1")
+    print(f"{'ours tok/s':>11} {'llama-cpp-python tok/s':>23} {'ratio':>6}")
+    print(f"{ours:>11.1f} {theirs:>23.1f} {ours / theirs:>6.2f}")
     return 0
+
+
+def bench_llamacpp(gguf, n: int, repeats: int) -> tuple[float, float]:
+    """tokens/s of `LlamaCppEngine` and of `Llama.generate` alone, one prompt at a time, n tokens each."""
+    from tifaforge.engine.llamacpp import LlamaCppEngine
+
+    s = SamplingConfig(max_new_tokens=n, seed=0)
+    with LlamaCppEngine.load(gguf) as engine:
+        engine.stop_ids = set()
+        prompts = [engine.render([{"role": "user", "content": p}]) for p in PROMPTS]
+        ids = [engine.tokenizer(p).input_ids for p in prompts]
+
+        def ours():
+            for p in prompts:
+                assert engine.generate([Request(p, s)])[0].completion_tokens == n
+
+        def theirs():
+            llm = engine.llm
+            for prompt in ids:
+                llm.set_seed(0)
+                made = 0
+                for _ in llm.generate(prompt, top_k=0, top_p=s.top_p, min_p=0.0, temp=s.temperature,
+                                      repeat_penalty=s.repetition_penalty):
+                    made += 1
+                    if made == n:
+                        break
+
+        t_ours, t_theirs = time_it(ours, repeats), time_it(theirs, repeats)
+    return len(PROMPTS) * n / t_ours, len(PROMPTS) * n / t_theirs
 
 
 if __name__ == "__main__":
