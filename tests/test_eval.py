@@ -46,6 +46,33 @@ def test_bootstrap_interval():
     assert s["x"]["mean"] == 2.0 and s["distinct_1"]["mean"] == pytest.approx(4 / 6)
 
 
+def test_cluster_bootstrap_counts_a_prompt_s_answers_together():
+    # 8 prompts x 4 answers, the answers of a prompt all alike: 32 values carry the evidence of 8.
+    vals = [float(i % 2) for i in range(8) for _ in range(4)]
+    groups = [i for i in range(8) for _ in range(4)]
+    _, lo_c, hi_c = bootstrap_ci(vals, n=500, seed=1, groups=groups)
+    _, lo_i, hi_i = bootstrap_ci(vals, n=500, seed=1)
+    _, lo_8, hi_8 = bootstrap_ci([float(i % 2) for i in range(8)], n=500, seed=1)
+    assert hi_c - lo_c > 1.5 * (hi_i - lo_i)  # treated as independent, the interval is far too narrow
+    assert (lo_c, hi_c) == (lo_8, hi_8)  # clusters of equal values: exactly the 8-value bootstrap
+    s = summarise([{"x": v} for v in vals], ["甲"] * 32, 500, 1, groups)
+    assert (s["x"]["low"], s["x"]["high"]) == (lo_c, hi_c)
+
+
+def test_several_answers_per_prompt_have_their_own_seeds(trained_tiny_dir):
+    from tifaforge.engine.generate import Engine
+    from tifaforge.eval.metrics import evaluate
+
+    engine = Engine.load(trained_tiny_dir, device="cpu")
+    one = evaluate(engine, EvalConfig(limit=2, max_new_tokens=8, bootstrap=20), SamplingConfig(), progress=False)
+    two = evaluate(engine, EvalConfig(limit=2, max_new_tokens=8, bootstrap=20, samples=3), SamplingConfig(),
+                   progress=False)
+    assert (two["n"], two["samples_per_prompt"], len(two["samples"])) == (2, 3, 6)
+    assert [a["answer"] for a in two["samples"][:2]] == [a["answer"] for a in one["samples"]]  # answer 0: same seeds
+    assert [(a["id"], a["sample"]) for a in two["samples"]] == [(i, j) for j in range(3) for i in (one["samples"][0]["id"], one["samples"][1]["id"])]
+    assert len({a["answer"] for a in two["samples"]}) > 2  # the extra answers are new draws
+
+
 def test_perplexity_matches_the_model_loss(engine):
     text = "暮色压着青石镇的屋檐，细雨从黄昏一直下到掌灯时分。"
     ids = torch.tensor([engine.tokenizer(text, add_special_tokens=False).input_ids])

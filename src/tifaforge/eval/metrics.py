@@ -34,20 +34,37 @@ class EvalConfig:
     batch_size: int = opt(8, "Prompts generated together.", min=1)
     bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.", min=10)
     limit: int = opt(0, "Evaluate at most this many prompts (0 = all).", min=0)
+    samples: int = opt(1, "Answers per prompt, each with its own seed: more answers, narrower intervals "
+                          "(the bootstrap resamples prompts, so a prompt's answers count together).", min=1)
 
 
 PER_ANSWER = ("think_format", "reward", "repetition_4gram", "cross_turn_overlap", "refusal", "in_character",
               "answer_length")
 
 
-def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and a percentile-bootstrap 95% interval."""
+def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0,
+                 groups: list | None = None) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and a percentile-bootstrap 95% interval.
+
+    `groups` (one label per value, e.g. the prompt each answer came from): resample whole groups, so
+    several answers to one prompt do not pass for independent evidence (a cluster bootstrap)."""
     if not values:
         return (math.nan, math.nan, math.nan)
     rng = random.Random(seed)
-    k = len(values)
-    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
-    return (sum(values) / k, means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))])
+    clusters: dict = {}
+    for i, v in enumerate(values):
+        clusters.setdefault(i if groups is None else groups[i], []).append(v)
+    sums = [(sum(c), len(c)) for c in clusters.values()]
+    k = len(sums)
+    means = []
+    for _ in range(n):
+        total = count = 0
+        for _ in range(k):
+            s_, c_ = sums[rng.randrange(k)]
+            total, count = total + s_, count + c_
+        means.append(total / count)
+    means.sort()
+    return (sum(values) / len(values), means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))])
 
 
 def answer_metrics(reward, ctx, answer: str) -> dict[str, float]:
@@ -70,14 +87,18 @@ def answer_metrics(reward, ctx, answer: str) -> dict[str, float]:
     return out
 
 
-def summarise(rows: list[dict[str, float]], contents: list[str], n_boot: int, seed: int = 0) -> dict:
-    """Means with 95% intervals for every per-answer metric; corpus-level distinct-n."""
+def summarise(rows: list[dict[str, float]], contents: list[str], n_boot: int, seed: int = 0,
+              groups: list | None = None) -> dict:
+    """Means with 95% intervals for every per-answer metric (resampling `groups`, one label per row,
+    when given); corpus-level distinct-n."""
     from tifaforge.rewards.rules import distinct_n
 
     keys = sorted({k for r in rows for k in r})
     out = {}
     for k in keys:
-        mean, lo, hi = bootstrap_ci([r[k] for r in rows if k in r], n_boot, seed)
+        have = [i for i, r in enumerate(rows) if k in r]
+        mean, lo, hi = bootstrap_ci([rows[i][k] for i in have], n_boot, seed,
+                                    None if groups is None else [groups[i] for i in have])
         out[k] = {"mean": mean, "low": lo, "high": hi}
     for n in (1, 2):
         out[f"distinct_{n}"] = {"mean": distinct_n(contents, n)}
@@ -131,23 +152,29 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True) -> dict:
 
     records, _ = load_prompts(cfg)
     reward = LogicReward(RewardConfig(user_name=cfg.user_name))
-    rows, contents, samples = [], [], []
-    bar = tqdm(total=len(records), desc="eval", unit="prompt", disable=not progress)
-    for b in range(0, len(records), cfg.batch_size):
-        batch = records[b:b + cfg.batch_size]
-        chats = [to_chat(r, cfg.user_name) for r in batch]
+    # Answer j of prompt i has seed `seed + i + j * prompts`: with one answer each, prompt i's seed is seed + i.
+    jobs = [(i, j) for j in range(cfg.samples) for i in range(len(records))]
+    rows, contents, samples, groups = [], [], [], []
+    bar = tqdm(total=len(jobs), desc="eval", unit="answer", disable=not progress)
+    for b in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[b:b + cfg.batch_size]
+        chats = [to_chat(records[i], cfg.user_name) for i, _ in batch]
         reqs = [Request(engine.render(c), dataclasses.replace(sampling, max_new_tokens=cfg.max_new_tokens,
-                                                              seed=cfg.seed + b + i)) for i, c in enumerate(chats)]
-        for rec, chat, res in zip(batch, chats, engine.generate(reqs)):
+                                                              seed=cfg.seed + i + j * len(records)))
+                for (i, j), c in zip(batch, chats)]
+        for (i, j), chat, res in zip(batch, chats, engine.generate(reqs)):
+            rec = records[i]
             ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
             m = answer_metrics(reward, ctx, res.text)
             rows.append(m)
             contents.append(res.content)
-            samples.append({"id": rec.id, "answer": res.text, "finish_reason": res.finish_reason, **m})
+            groups.append(i)
+            samples.append({"id": rec.id, "sample": j, "answer": res.text, "finish_reason": res.finish_reason, **m})
         bar.update(len(batch))
     bar.close()
-    metrics = summarise(rows, contents, cfg.bootstrap, cfg.seed)
+    metrics = summarise(rows, contents, cfg.bootstrap, cfg.seed, groups)
     if cfg.ppl_text and _resolve(cfg.ppl_text).exists():
         text = _resolve(cfg.ppl_text).read_text(encoding="utf-8")
         metrics["perplexity"] = {"mean": perplexity(engine.model, engine.tokenizer, text)}
-    return {"n": len(rows), "max_new_tokens": cfg.max_new_tokens, "metrics": metrics, "samples": samples}
+    return {"n": len(records), "samples_per_prompt": cfg.samples, "max_new_tokens": cfg.max_new_tokens,
+            "metrics": metrics, "samples": samples}

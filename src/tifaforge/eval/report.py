@@ -53,12 +53,15 @@ def format_table(results: dict[str, dict], max_new_tokens: int, sampling=None) -
         if any(c != "–" for c in cells):
             arrow = "" if better is None else (" ↑" if better else " ↓")
             lines.append(f"| {name}{arrow} | {' | '.join(cells)} |")
-    n = next(iter(results.values()))["n"]
+    first = next(iter(results.values()))
+    n, k = first["n"], first.get("samples_per_prompt", 1)
     how = ("the seed's sampling (temperature 0.4, top_p 0.6, repetition_penalty 1.17)" if sampling is None else
            f"sampling temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, "
            f"repetition_penalty {sampling.repetition_penalty:g}")
-    lines.append(f"\n{n} held-out prompts, at most {max_new_tokens} new tokens per answer, {how}, "
-                 "with a fixed seed; [95% bootstrap interval].")
+    answers = "" if k == 1 else f" × {k} answers each (seeds differ)"
+    boot = "" if k == 1 else ", resampling prompts"
+    lines.append(f"\n{n} held-out prompts{answers}, at most {max_new_tokens} new tokens per answer, {how}, "
+                 f"with fixed seeds; [95% bootstrap interval{boot}].")
     return "\n".join(lines)
 
 

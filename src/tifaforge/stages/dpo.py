@@ -165,7 +165,8 @@ def evaluate_once(cfg: Any, model_dir: str | Path, path: Path, fresh: bool = Fal
 def write_report(out: Path, before: dict, after: dict, n_pairs: int, n_used: int) -> str:
     """report.md: the before/after table; a distinct-2 drop is flagged (plain DPO's known cost)."""
     lines = [f"# Anti-repetition DPO: before and after\n",
-             f"{n_used} of {n_pairs} preference pairs trained; {before['n']} held-out prompts, at most "
+             f"{n_used} of {n_pairs} preference pairs trained; {before['n']} held-out prompts"
+             f"{'' if before.get('samples_per_prompt', 1) == 1 else ' × %d answers' % before['samples_per_prompt']}, at most "
              f"{before['max_new_tokens']} new tokens each, the run's `sampling` settings with a fixed seed.\n",
              "| metric | before | after | change |", "|---|---|---|---|"]
     from tifaforge.eval.report import SHOWN
