@@ -113,3 +113,28 @@ def test_eval_split_missing_is_an_error(tmp_path):
 
     with pytest.raises(TifaError, match="no prompts with split 'eval'"):
         load_prompts(EvalConfig(prompts=str(p)))
+
+
+def test_unpenalised_repetition_is_measured_on_answers_made_without_penalties(trained_tiny_dir):
+    import dataclasses
+
+    from tifaforge.data.conversations import to_chat
+    from tifaforge.engine.generate import Engine, Request
+    from tifaforge.eval.metrics import evaluate, load_prompts
+    from tifaforge.rewards.rules import ngram_repetition_rate
+
+    engine = Engine.load(trained_tiny_dir, device="cpu")
+    cfg = EvalConfig(limit=3, max_new_tokens=40, bootstrap=20, samples=2)
+    plain = evaluate(engine, cfg, SamplingConfig(), progress=False)
+    both = evaluate(engine, dataclasses.replace(cfg, unpenalised=True), SamplingConfig(), progress=False)
+    assert [a["answer"] for a in both["samples"]] == [a["answer"] for a in plain["samples"]]  # first pass untouched
+    assert "repetition_4gram_unpenalised" not in plain["metrics"]
+    records, _ = load_prompts(cfg)
+    off = dataclasses.replace(SamplingConfig(), repetition_penalty=1.0, max_new_tokens=40, seed=cfg.seed + 1 + 3)
+    again = engine.generate([Request(engine.render(to_chat(records[1], cfg.user_name)), off)])[0]  # prompt 1, answer 1
+    got = both["samples"][4]
+    assert (got["id"], got["sample"]) == (records[1].id, 1)
+    assert got["repetition_4gram_unpenalised"] == ngram_repetition_rate(again.content, 4)
+    m = both["metrics"]["repetition_4gram_unpenalised"]
+    vals = [a["repetition_4gram_unpenalised"] for a in both["samples"]]
+    assert m["mean"] == pytest.approx(sum(vals) / len(vals)) and m["low"] <= m["mean"] <= m["high"]

@@ -34,6 +34,10 @@ class EvalConfig:
     batch_size: int = opt(8, "Prompts generated together.", min=1)
     bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.", min=10)
     limit: int = opt(0, "Evaluate at most this many prompts (0 = all).", min=0)
+    unpenalised: bool = opt(False, "Also answer every prompt with the repetition, presence and frequency "
+                                   "penalties and DRY off, and report that 4-gram repetition rate: how much "
+                                   "a model loops when no sampler stops it (what anti-repetition DPO trains away; "
+                                   "the seed's repetition_penalty 1.17 hides it). Doubles generation.")
     samples: int = opt(1, "Answers per prompt, each with its own seed: more answers, narrower intervals "
                           "(the bootstrap resamples prompts, so a prompt's answers count together).", min=1)
 
@@ -148,6 +152,7 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True) -> dict:
 
     from tifaforge.data.conversations import to_chat
     from tifaforge.engine.generate import Request
+    from tifaforge.rewards import rules
     from tifaforge.rewards.literary import LogicReward, RewardConfig
 
     records, _ = load_prompts(cfg)
@@ -155,22 +160,31 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True) -> dict:
     # Answer j of prompt i has seed `seed + i + j * prompts`: with one answer each, prompt i's seed is seed + i.
     jobs = [(i, j) for j in range(cfg.samples) for i in range(len(records))]
     rows, contents, samples, groups = [], [], [], []
-    bar = tqdm(total=len(jobs), desc="eval", unit="answer", disable=not progress)
-    for b in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[b:b + cfg.batch_size]
-        chats = [to_chat(records[i], cfg.user_name) for i, _ in batch]
-        reqs = [Request(engine.render(c), dataclasses.replace(sampling, max_new_tokens=cfg.max_new_tokens,
-                                                              seed=cfg.seed + i + j * len(records)))
-                for (i, j), c in zip(batch, chats)]
-        for (i, j), chat, res in zip(batch, chats, engine.generate(reqs)):
-            rec = records[i]
-            ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
-            m = answer_metrics(reward, ctx, res.text)
-            rows.append(m)
-            contents.append(res.content)
-            groups.append(i)
-            samples.append({"id": rec.id, "sample": j, "answer": res.text, "finish_reason": res.finish_reason, **m})
-        bar.update(len(batch))
+    passes = [("", sampling)]
+    if cfg.unpenalised:
+        passes.append(("_unpenalised", dataclasses.replace(sampling, repetition_penalty=1.0, presence_penalty=0.0,
+                                                           frequency_penalty=0.0, dry_multiplier=0.0)))
+    bar = tqdm(total=len(jobs) * len(passes), desc="eval", unit="answer", disable=not progress)
+    for suffix, setting in passes:
+        for b in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[b:b + cfg.batch_size]
+            chats = [to_chat(records[i], cfg.user_name) for i, _ in batch]
+            reqs = [Request(engine.render(c), dataclasses.replace(setting, max_new_tokens=cfg.max_new_tokens,
+                                                                  seed=cfg.seed + i + j * len(records)))
+                    for (i, j), c in zip(batch, chats)]
+            for at, ((i, j), chat, res) in enumerate(zip(batch, chats, engine.generate(reqs)), start=b):
+                if suffix:  # the same answer slot, generated without penalties: its repetition only
+                    rate = rules.ngram_repetition_rate(res.content, 4)
+                    rows[at]["repetition_4gram" + suffix] = samples[at]["repetition_4gram" + suffix] = rate
+                    continue
+                rec = records[i]
+                ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
+                m = answer_metrics(reward, ctx, res.text)
+                rows.append(m)
+                contents.append(res.content)
+                groups.append(i)
+                samples.append({"id": rec.id, "sample": j, "answer": res.text, "finish_reason": res.finish_reason, **m})
+            bar.update(len(batch))
     bar.close()
     metrics = summarise(rows, contents, cfg.bootstrap, cfg.seed, groups)
     if cfg.ppl_text and _resolve(cfg.ppl_text).exists():

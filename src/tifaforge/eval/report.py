@@ -21,6 +21,7 @@ SHOWN = {
     "think_format": ("think-format rate", True),
     "reward": ("mean logic reward", True),
     "repetition_4gram": ("4-gram repetition rate", False),
+    "repetition_4gram_unpenalised": ("4-gram repetition, penalties off", False),
     "cross_turn_overlap": ("cross-turn overlap", False),
     "distinct_1": ("distinct-1", True),
     "distinct_2": ("distinct-2", True),

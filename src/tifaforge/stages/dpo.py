@@ -31,7 +31,7 @@ STAGE = "dpo"
 PLOT_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate",
              "grad_norm")
 # the before/after table of report.md: these rows of the eval report's metrics
-REPORT_KEYS = ("repetition_4gram", "cross_turn_overlap", "distinct_1", "distinct_2", "think_format", "reward")
+REPORT_KEYS = ("repetition_4gram", "repetition_4gram_unpenalised", "cross_turn_overlap", "distinct_1", "distinct_2", "think_format", "reward")
 
 
 def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
