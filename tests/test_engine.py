@@ -120,6 +120,25 @@ def test_rows_that_join_at_different_steps_share_one_sampler_chain(endless):
         assert deltas[i][0] == alone.text and deltas[i][1].tokens == alone.completion_tokens
 
 
+def test_a_prompt_shared_by_several_rows_is_prefilled_once(endless):
+    # MGRPO's group: G answers to one prompt. The prompt goes through the model once (its KV cache copied
+    # to each row), and every row still gets the tokens it gets alone.
+    shared = endless.render(CHATS[1])
+    reqs = [Request(shared, SamplingConfig(max_new_tokens=10, seed=s, temperature=1.0, top_p=1.0)) for s in range(4)]
+    reqs.insert(2, Request(endless.render(CHATS[0]), SamplingConfig(max_new_tokens=10, seed=9)))
+    seen = []
+    hook = endless.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                   with_kwargs=True)
+    try:
+        together = endless.generate(reqs)
+    finally:
+        hook.remove()
+    assert seen[0][0] == 2 and all(shape == (5, 1) for shape in seen[1:])  # 2 distinct prompts, then 5 rows
+    assert len({r.text for r in together}) == 5
+    for req, got in zip(reqs, together):
+        assert endless.generate([req])[0].token_ids == got.token_ids
+
+
 def test_cancelled_rows_leave_the_batch_and_the_rest_are_unchanged(endless):
     reqs = [Request(endless.render(c), SamplingConfig(max_new_tokens=12, seed=i)) for i, c in enumerate(CHATS)]
     batch, deltas = Batch(endless), {}

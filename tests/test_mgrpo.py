@@ -411,3 +411,149 @@ def test_a_looped_policy_trains_and_keeps_its_loop(trained_tiny_dir, short_promp
     rows = [json.loads(x) for x in (tmp_path / "03-mgrpo" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rows and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert all(r["loop_grad_norm"] > 0 for r in rows if "loss" in r)  # the looped block, logged apart
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (`mgrpo.lora_r > 0`): only the adapters train, the reference is the base with the adapters
+# off, model/ is the merged plain transformers folder, and a resumed run equals an uninterrupted one
+
+LORA = ("mgrpo.lora_r=4", "mgrpo.lora_alpha=8", "mgrpo.beta=0.04", "mgrpo.group_size=2", "mgrpo.max_new_tokens=8")
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def test_lora_trains_only_the_adapters_and_its_reference_is_the_untouched_base(trained_tiny_dir, short_prompts):
+    from tifaforge.engine.generate import Engine
+    from tifaforge.models.load import load_model
+    from tifaforge.rewards import LogicReward
+    from tifaforge.stages.mgrpo import build_models, collate, load_prompts, make_optimizer, optimize, pass1, store_logps
+
+    cfg = stage_cfg(*LORA, "mgrpo.learning_rate=0.01", "mgrpo.iterations=2", prompts=short_prompts)
+    m = cfg.mgrpo
+    torch.manual_seed(0)
+    policy, tok, ref = build_models(trained_tiny_dir, m)
+    assert ref is None, "with LoRA the reference is the policy with its adapters off, not a second copy"
+    device = str(next(policy.parameters()).device)  # the stage puts the policy on CUDA when there is one
+    frozen, _ = load_model(trained_tiny_dir, device=device)
+    frozen.eval().requires_grad_(False)
+    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    names = {id(p): n for n, p in policy.named_parameters()}
+    # the optimizer holds the LoRA parameters, all of them and nothing else
+    opt, sched = make_optimizer(policy, m)
+    held = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert held and all(_is_lora(n) for n in held)
+    assert sorted(held) == sorted(n for n in names.values() if _is_lora(n))
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if not _is_lora(n))
+    # a rollout batch from the policy (advantages set: the update must move the adapters)
+    reward = LogicReward(cfg.reward)
+    rolls, _ = pass1(Engine(policy, tok), reward, load_prompts(m, reward, tok)[:2], m, seed=5)
+    for i, r in enumerate(rolls):
+        r.advantage = 1.0 if i % 2 else -1.0
+    pad = tok.pad_token_id
+    batch = collate(rolls, pad)
+    with torch.no_grad():
+        base_logps = completion_logps(frozen, *batch, m.temperature)[0].cpu()
+
+    def kl(logps, ref_logps):
+        s = LossSettings(m.loss_type, m.epsilon_low, m.epsilon_high, m.beta, m.kl_ratio_correction, m.max_new_tokens)
+        cmask = batch[1][:, -batch[2]:].float()
+        return per_token_loss(logps, logps, torch.zeros(len(rolls)), cmask, s, ref_logps)[1].means()["kl"]
+
+    def stored_refs():
+        store_logps(policy, None, rolls, m, pad)
+        return torch.stack([torch.nn.functional.pad(r.ref_logps.cpu(), (0, batch[2] - r.ref_logps.numel()))
+                            for r in rolls])
+
+    # step 0: the reference (adapters disabled) is the frozen base, and so is the policy (B = 0)
+    ref0 = stored_refs()
+    torch.testing.assert_close(ref0, base_logps, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        pol0 = completion_logps(policy, *batch, m.temperature)[0].cpu()
+    assert kl(pol0, ref0) == pytest.approx(kl(pol0, base_logps), abs=1e-7)
+    # μ = 2 optimizer steps: the adapters move, the base weights stay bitwise as they were
+    losses = optimize(policy, opt, sched, [(rolls, 1.0)], m, pad)
+    assert math.isfinite(losses["loss"]) and losses["grad_norm"] > 0 and not losses.get("skipped_steps")
+    after = dict(policy.named_parameters())
+    assert all(torch.equal(after[n], t) for n, t in start.items() if not _is_lora(n)), "a base weight changed"
+    assert any(not torch.equal(after[n], t) for n, t in start.items() if ".lora_B." in n), "the adapters did not train"
+    # after training: the reference is still the untouched base, the policy is not, and the KL
+    # against the adapters-off reference is the KL against a frozen copy of the start model
+    ref1 = stored_refs()
+    torch.testing.assert_close(ref1, base_logps, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        pol1 = completion_logps(policy, *batch, m.temperature)[0].cpu()
+    assert (pol1 - base_logps).abs().max() > 1e-3, "the update should have changed the policy"
+    assert kl(pol1, ref1) > 1e-6
+    assert kl(pol1, ref1) == pytest.approx(kl(pol1, base_logps), rel=1e-4, abs=1e-7)
+
+
+def test_lora_stage_saves_a_merged_plain_transformers_model(trained_tiny_dir, short_prompts, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tifaforge.models.load import load_model
+    from tifaforge.stages.mgrpo import run_stage
+
+    cfg = stage_cfg(*LORA, "mgrpo.steps=2", "mgrpo.learning_rate=0.01", prompts=short_prompts)
+    out = run_stage(cfg, trained_tiny_dir, tmp_path / "out")
+    assert out == tmp_path / "out" / "model"
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # step 1: B = 0, the policy is its reference
+    assert rows[-1]["kl"] > 0  # step 2: the trained adapters against the base (adapters off)
+    # a plain transformers folder: no adapter files, the base's config and tensor names
+    files = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files
+    assert not {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"} & files
+    assert json.loads((out / "config.json").read_text()) == json.loads((trained_tiny_dir / "config.json").read_text())
+    base, new = _weights(trained_tiny_dir), _weights(out)
+    assert base.keys() == new.keys() and not any("lora" in k for k in new)
+    # the weights differ from the start only by the merged adapters of the last checkpoint: W + (α/r)·B·A
+    trainable = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "trainable.pt", weights_only=True)
+    assert trainable and all(_is_lora(n) for n in trainable)
+    optim = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert len(optim["state"]) == len(trainable)  # the optimizer held the adapters only
+    scale, merged = cfg.mgrpo.lora_alpha / cfg.mgrpo.lora_r, 0
+    for k, w in base.items():
+        a = trainable.get(f"base_model.model.{k.removesuffix('.weight')}.lora_A.default.weight")
+        if a is None:
+            assert torch.equal(new[k], w), f"{k} is not adapted and must not change"
+            continue
+        b = trainable[f"base_model.model.{k.removesuffix('.weight')}.lora_B.default.weight"]
+        torch.testing.assert_close(new[k] - w, scale * b @ a, atol=1e-6, rtol=1e-4, msg=k)
+        merged += not torch.equal(new[k], w)
+    assert merged > 0, "the saved weights must differ from the start model"
+    # loads with transformers and with our loader, to the same logits, which are not the base's
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        ours = load_model(out, device="cpu")[0].eval()(input_ids=ids).logits
+        start = load_model(trained_tiny_dir, device="cpu")[0].eval()(input_ids=ids).logits
+    torch.testing.assert_close(hf, ours)
+    assert (hf - start).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_lora_resume_mid_stage_equals_an_uninterrupted_run(trained_tiny_dir, short_prompts, tmp_path):
+    from tifaforge.stages.mgrpo import run_stage
+
+    cfg = stage_cfg(*LORA, "mgrpo.steps=2", "mgrpo.iterations=2", "mgrpo.learning_rate=0.01", prompts=short_prompts)
+    whole = run_stage(cfg, trained_tiny_dir, tmp_path / "whole")
+    part = tmp_path / "part"
+    assert run_stage(cfg, trained_tiny_dir, part, stop_after=1) == part / "checkpoints"
+    assert not (part / "model").exists()
+    saved = torch.load(part / "checkpoints" / "checkpoint-1" / "trainable.pt", weights_only=True)
+    assert saved and all(_is_lora(n) for n in saved)  # the checkpoint holds the adapters, not the base
+    with pytest.raises(TifaError, match=r"config changed .*mgrpo.lora_r 4 -> 8"):
+        run_stage(stage_cfg(*LORA, "mgrpo.lora_r=8", "mgrpo.steps=2", "mgrpo.iterations=2", "mgrpo.learning_rate=0.01",
+                            prompts=short_prompts), trained_tiny_dir, part)
+    resumed = run_stage(cfg, trained_tiny_dir, part)
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in _weights(trained_tiny_dir).items() if k in a)  # it trained
+    whole_rows = [json.loads(ln) for ln in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    part_rows = [json.loads(ln) for ln in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in part_rows] == [1, 2]
+    assert [r["kl"] for r in part_rows] == [r["kl"] for r in whole_rows]  # the resumed reference is the base

@@ -321,8 +321,21 @@ class Batch:
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
         mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()  # (b, P)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        # A prompt that several rows share (MGRPO's group of G answers, a request's n choices) is prefilled
+        # once; its KV cache and first logits are then copied to each of its rows.
+        first: dict[tuple[int, ...], int] = {}
+        which = [first.setdefault(tuple(r.prompt_ids), len(first)) for r in rows]  # row -> its unique prompt
+        uids, umask = ids, mask
+        if len(first) < len(rows):
+            reps = torch.tensor([which.index(u) for u in range(len(first))], device=device)  # a row of each
+            uids, umask = ids.index_select(0, reps), mask.index_select(0, reps)
+        out = model(input_ids=uids, attention_mask=umask, position_ids=(umask.cumsum(-1) - 1).clamp(min=0),
                     cache=_new_cache(model), use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        if len(first) < len(rows):
+            spread = torch.tensor(which, device=device)
+            out.cache.batch_select_indices(spread)
+            logits = logits.index_select(0, spread)
         self._stack(out.cache, mask)
         self.pos = lengths if self.pos is None else torch.cat([self.pos, lengths])
         self.live += rows
@@ -336,7 +349,7 @@ class Batch:
                 running[key].join(joining, prompts)
             else:
                 self.cohorts.append(_Cohort(key, joining, prompts, self.engine.tokenizer))
-        return out.logits[:, -1, :].float()
+        return logits.float()
 
     def _stack(self, cache, mask) -> None:
         """Put the joining rows' cache under the running rows', left-padding the narrower of the two."""
