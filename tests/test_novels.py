@@ -408,9 +408,75 @@ def test_fast_encode_path_matches_the_tokenizer_call(tiny_tokenizer):
     texts = ["第一章 雨夜\n他说：“你好。”\n", "Chapter 1\nHe said hi.\n\n", "𠮷"]
     packer = novels.Packer(tiny_tokenizer, 0, 8, writer=None, timers=novels.Timers())
     try:
+        assert packer.encoder.cache is not None  # the word cache reproduces the tiny preset
         assert packer.encode_texts(texts) == tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
     finally:
         packer.pool.shutdown()
+
+
+# Texts where a pre-tokenizer can go wrong: contractions (and 'ſ, which case-folds to 's), digits, runs of
+# spaces before a word or a line break, CR/LF, full-width spaces, added tokens (the think tags are added but
+# not special) inside and around words, emoji, 4-byte CJK, and characters newer than one regex engine's
+# Unicode tables (U+0558, an Armenian letter of Unicode 16; U+3D000, CJK Extension J).
+TRICKY = [
+    "He's 'S THE man's 'll 'VE 12345 3.14  \t\n\n  x  \n", "ſ 'ſ 'K K ǅ ß", "a\r\n\r\n  b\r c\u3000\u3000d\xa0e",
+    "<think>想一想</think>好<think>", "x</think>y<|endoftext|>", "emoji 😀🎉 和 𠮷𡈽 字", "\u0558a \U0003d000字 \u0558",
+    "", " ", "\n", "  ", "第1章 「你好」——他说……！？", "\x1c\x1d\x85\u2028\u2029 \u200b\ufeff",
+] + [REF, REF_TRAD, RARE]
+
+
+def _rust_ids(backend, texts):
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def test_word_cache_gives_the_tokenizer_s_ids(tiny_tokenizer):
+    backend = tiny_tokenizer.backend_tokenizer
+    cache = novels.WordCacheEncoder.build(backend)
+    assert cache is not None and cache.pattern == novels.QWEN2_SPLIT
+    from tifaforge.models.presets import QWEN2_SPLIT
+
+    assert novels.QWEN2_SPLIT == QWEN2_SPLIT
+    for _ in range(2):  # cold, then every word cached
+        assert [ids.tolist() for ids in cache.encode(TRICKY)] == _rust_ids(backend, TRICKY)
+    assert {"\u0558", "\U0003d000"} <= set(cache.disputed_chars)  # sent to the Rust tokenizer whole
+    cache.MAX_WORDS = 10  # emptied past the cap, same ids after
+    assert [ids.tolist() for ids in cache.encode(TRICKY[::-1])] == _rust_ids(backend, TRICKY[::-1])
+    assert len(cache.words) < 200
+
+
+def test_word_cache_gpt2_layout_and_unsupported_layouts(tiny_tokenizer):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    gpt2 = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    cache = novels.WordCacheEncoder.build(gpt2)
+    assert cache is not None and cache.pattern == novels.GPT2_SPLIT
+    assert [ids.tolist() for ids in cache.encode(TRICKY)] == _rust_ids(gpt2, TRICKY)
+    nfc = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    nfc.normalizer = normalizers.NFC()
+    assert novels.WordCacheEncoder.build(nfc) is None
+    encoder = novels.TextEncoder(nfc)  # falls back to the Rust batch call
+    assert [ids.tolist() for ids in encoder.encode(TRICKY)] == _rust_ids(nfc, TRICKY)
+
+
+def test_tokenizer_processes_give_the_same_dataset_as_one_worker(tmp_path, tiny_tokenizer, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(novels.Packer, "BATCH_CHARS", 300)  # many batches, so the processes start
+    write_mixed_folder(tmp_path / "in")
+    (tmp_path / "in" / "more.txt").write_text(REF * 5 + "".join(TRICKY), encoding="utf-8")
+    runs = {}
+    for workers in (1, 2, 3):
+        stats = ingest([tmp_path / "in"], tmp_path / f"out{workers}", tiny_tokenizer, block_size=8,
+                       workers=workers, shard_blocks=50)
+        stats.pop("seconds")
+        rows = datasets.load_from_disk(str(tmp_path / f"out{workers}"))["input_ids"]
+        runs[workers] = (json.dumps(stats, sort_keys=True), rows)
+    assert runs[1] == runs[2] == runs[3]
+    text = tiny_tokenizer.decode(sum(runs[1][1], []))
+    assert "<think>" in text and "𠮷" in text
+    with pytest.raises(TifaError, match="--workers 0"):
+        ingest([tmp_path / "in"], tmp_path / "out0", tiny_tokenizer, workers=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +539,7 @@ def test_novels_command_with_parsed_arguments(tmp_path, tiny_model_dir, capsys):
     novels.novels_arguments(parser)
     args = parser.parse_args([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer",
                               str(tiny_model_dir), "--block-size", "32", "--dedup-threshold", "0.9", "--t2s",
-                              "--no-progress"])
+                              "--no-progress", "--workers", "2"])
     assert novels.novels_command(args) == 0
     out = capsys.readouterr().out
     assert "blocks of 32 tokens" in out and "details:" in out

@@ -25,10 +25,15 @@ Memory: flat in the corpus size except for the duplicate index, which keeps abou
 chapter (4 GB per million chapters, that is per ~10 GB of text; with `dedup_threshold` 1.0 only the
 exact-copy digests stay, ~150 bytes each). Of a file, a block of a few MB is held at a time.
 
-Speed: the Rust tokenizer releases the GIL, so batches are encoded on a worker thread (on every core)
-while the main thread reads, cleans and deduplicates the next chapters. On 2 cores the tokenizer is
-the bound: everything before it runs at 25-40 MB/s, the tiny preset's tokenizer alone at 7-9 MB/s
-(bench/ingest.py prints both).
+Speed: tokenising is the bound (the Rust tokenizer spends ~1 us per pre-token on bookkeeping and BPE).
+Batches of chapters are encoded in `workers` processes (default: one per core; with 1, on a thread)
+while the main process reads, cleans and deduplicates the next chapters; results are taken in order,
+so the output is the same for any number of workers. Each process puts a word cache in front of the
+Rust BPE (WordCacheEncoder: pre-tokens split in Python with the tokenizer's own pattern, each new word
+sent to the BPE once; ids identical to the tokenizer's, checked character by character). A script
+that calls `ingest_novels` with workers > 1 needs the usual `if __name__ == "__main__":` guard, as
+any code that starts processes (they are started from a fork server, never by forking a process that
+runs threads). bench/ingest.py prints the phases, the Rust tokenizer alone and the word cache alone.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import time
 import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from html.parser import HTMLParser
@@ -97,6 +102,9 @@ def novels_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", default=None, help=helps["encoding"])
     p.add_argument("--dedup-threshold", type=float, default=DEFAULTS.dedup_threshold, help=helps["dedup_threshold"])
     p.add_argument("--t2s", action="store_true", help=helps["t2s"])
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizer processes (default: one per core; 1: none, tokenise on a thread); the output "
+                        "is the same for any N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -105,7 +113,7 @@ def novels_command(args: Any) -> int:
     stats = ingest_novels(
         args.inputs, args.out, args.tokenizer, block_size=args.block_size, encoding=args.encoding,
         near_dup_threshold=args.dedup_threshold, to_simplified=args.t2s,
-        progress=not getattr(args, "no_progress", False),
+        progress=not getattr(args, "no_progress", False), workers=getattr(args, "workers", None),
     )
     print("\n".join(summary_lines(stats, args.out)))
     return 0
@@ -128,13 +136,18 @@ def ingest_novels(
     shingle_chars: int = DEFAULTS.shingle_chars,
     shard_blocks: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Turn novel files into a packed `input_ids` dataset at `out_dir`; returns the stats it writes.
 
     `tokenizer` is a folder (or the preset name "tiny") or a loaded transformers tokenizer.
-    `shard_blocks` caps the blocks per Arrow shard (default: about 500 MB per shard).
+    `shard_blocks` caps the blocks per Arrow shard (default: about 500 MB per shard). `workers`: tokenizer
+    processes (default: one per core); the output does not depend on it.
     """
     _check_options(block_size, near_dup_threshold, encoding)
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise TifaError(f"--workers {workers}: must be at least 1")
     files = find_inputs(inputs)
     out_dir = _check_out_dir(Path(out_dir))
     tok = resolve_tokenizer(tokenizer)
@@ -145,7 +158,7 @@ def ingest_novels(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shard_blocks = shard_blocks or max(1, SHARD_BYTES // (4 * block_size))
-        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress)
+        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress, workers)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -171,11 +184,11 @@ class _Run:
 
 
 def _build(tmp: Path, run: _Run, tok, eot: tuple[str, int], block_size: int, shard_blocks: int,
-           progress: bool) -> dict:
+           progress: bool, workers: int = 1) -> dict:
     """Shards, the dataset's state files and stats.json, all in `tmp`."""
     start = time.perf_counter()
     writer = ShardWriter(tmp, block_size, shard_blocks)
-    with Packer(tok, eot[1], block_size, writer, run.timers) as packer:
+    with Packer(tok, eot[1], block_size, writer, run.timers, workers) as packer:
         _ingest_files(run, packer, progress)
     if packer.blocks == 0:
         raise TifaError(f"{packer.tokens} tokens in all: fewer than one block of {block_size}; nothing written")
@@ -624,25 +637,31 @@ def _special_pattern(tok) -> re.Pattern | None:
 class Packer:
     """Chapters -> token stream (EOT after each document) -> blocks of `block_size`, written in order.
 
-    Batches of about a million characters are encoded on one worker thread (the Rust tokenizer uses
-    every core and releases the GIL); at most two batches wait, so memory stays bounded.
+    Batches of about a million characters are encoded off the main thread: with `workers` > 1 in that
+    many processes (each with its own word cache), else on one thread. The first batch is encoded on
+    the thread, so a small input starts no process. Results are taken in the order the batches were
+    sent, so the output does not depend on `workers`; at most `workers` + 1 batches wait, so memory
+    stays bounded.
     """
 
     BATCH_CHARS = 1 << 20
     WRITE_TOKENS = 1 << 20
-    IN_FLIGHT = 2
 
-    def __init__(self, tok, eot_id: int, block_size: int, writer: ShardWriter, timers: Timers) -> None:
+    def __init__(self, tok, eot_id: int, block_size: int, writer: ShardWriter, timers: Timers,
+                 workers: int = 1) -> None:
         self.tok, self.block_size, self.writer, self.timers = tok, block_size, writer, timers
-        self.eot = np.array([eot_id], dtype=np.int32)
+        self.eot_id = eot_id
         self.specials = _special_pattern(tok)
-        self.backend = getattr(tok, "backend_tokenizer", None)
+        self.encoder = TextEncoder(tok)
+        self.workers = workers if self.encoder.backend is not None else 1
         self.items: list[str | None] = []  # None marks the end of a document
         self.chars = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
+        self.processes: Executor | None = None
         self.in_flight: deque[Future] = deque()
         self.buffer: list[np.ndarray] = []
         self.buffered = self.tokens = self.blocks = self.dropped_tail = self.special_strings = 0
+        self.batches = 0
 
     def add(self, text: str) -> None:
         if self.specials is not None and self.specials.search(text):
@@ -664,30 +683,34 @@ class Packer:
             if exc_type is None:
                 self._submit()
                 while self.in_flight:
-                    self._pack(self.in_flight.popleft().result())
+                    self._take()
                 self._write(final=True)
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.processes is not None:
+                self.processes.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self) -> None:
         if self.items:
-            self.in_flight.append(self.pool.submit(self._encode, self.items))
+            if self.workers > 1 and self.batches >= 1 and self.processes is None:
+                self.processes = _process_pool(self.workers, self.encoder.backend.to_str())
+            if self.processes is not None:
+                future = self.processes.submit(_encode_in_worker, self.items, self.eot_id)
+            else:
+                future = self.pool.submit(self.encoder.stream, self.items, self.eot_id)
+            self.in_flight.append(future)
             self.items, self.chars = [], 0
-        while len(self.in_flight) > self.IN_FLIGHT:
-            self._pack(self.in_flight.popleft().result())
+            self.batches += 1
+        while len(self.in_flight) > self.workers + 1:
+            self._take()
 
-    def _encode(self, items: list[str | None]) -> np.ndarray:
-        """The token stream of a batch (runs on the worker thread)."""
-        with self.timers("tokenise"):
-            ids = iter(self.encode_texts([t for t in items if t is not None]))
-            return np.concatenate([self.eot if t is None else np.asarray(next(ids), dtype=np.int32) for t in items])
+    def _take(self) -> None:
+        ids, seconds = self.in_flight.popleft().result()
+        self.timers.seconds["tokenise"] += seconds
+        self._pack(ids)
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        if self.backend is not None:  # the fast path: no Python-side offsets or attention masks
-            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [ids.tolist() for ids in self.encoder.encode(texts)]
 
     def _pack(self, ids: np.ndarray) -> None:
         self.buffer.append(ids)
@@ -707,6 +730,249 @@ class Packer:
             self.buffer, self.buffered = [rest], len(rest)
             if final:
                 self.dropped_tail = len(rest)
+
+
+class TextEncoder:
+    """Texts -> int32 token ids: the word cache where it reproduces the tokenizer, else the Rust
+    tokenizer's batch call (or the tokenizer's own call for a tokenizer without a Rust backend)."""
+
+    def __init__(self, tok) -> None:
+        from tokenizers import Tokenizer
+
+        self.tok = tok
+        self.backend = tok if isinstance(tok, Tokenizer) else getattr(tok, "backend_tokenizer", None)
+        self.cache = WordCacheEncoder.build(self.backend) if self.backend is not None else None
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        if self.cache is not None:
+            return self.cache.encode(texts)
+        if self.backend is not None:  # no Python-side offsets or attention masks
+            encoded = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        else:
+            encoded = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in encoded]
+
+    def stream(self, items: list[str | None], eot_id: int) -> tuple[np.ndarray, float]:
+        """The token stream of a batch (None: a document's end) and the seconds it took."""
+        start = time.perf_counter()
+        ids = iter(self.encode([t for t in items if t is not None]))
+        eot = np.array([eot_id], dtype=np.int32)
+        out = np.concatenate([eot if t is None else next(ids) for t in items])
+        return out, time.perf_counter() - start
+
+
+_WORKER: TextEncoder | None = None
+
+
+def _process_pool(workers: int, tokenizer_json: str) -> Executor:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")  # no fork of a process that runs threads
+    ctx.set_forkserver_preload([__name__, "tokenizers", "regex"])
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(tokenizer_json,))
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    from tokenizers import Tokenizer
+
+    _WORKER = TextEncoder(Tokenizer.from_str(tokenizer_json))
+
+
+def _encode_in_worker(items: list[str | None], eot_id: int) -> tuple[np.ndarray, float]:
+    return _WORKER.stream(items, eot_id)
+
+
+def default_workers() -> int:
+    """Tokenizer processes by default: one per usable core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenise: a word cache in front of the Rust BPE
+#
+# The Rust tokenizer spends most of its time per pre-token (alignment bookkeeping, allocations, BPE
+# merges), and most pre-tokens of a corpus are words it has seen before. WordCacheEncoder splits the
+# text into pre-tokens in Python with the tokenizer's own pattern (the `regex` module speaks its
+# syntax), looks each up in a bounded dict, and sends only the words it has not seen to the Rust BPE,
+# many at once. The result is the tokenizer's, token for token: it is used only for the layouts it
+# reproduces exactly (no normalizer; a Qwen2 or GPT-2 split pattern then byte-level BPE), every
+# character is checked against the Rust pre-tokenizer the first time it is met (a character the two
+# regex engines class differently, e.g. one assigned in a newer Unicode version than one of them
+# knows, sends the texts holding it to the Rust tokenizer whole), and added tokens are cut out first,
+# as the Rust tokenizer does.
+
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_PROBE = "a{c}a 1{c}1 {c} x{c}  {c}\n'{c}a'{c}{c}\n{c}\r\n {c}{c}  y \u3000{c}，{c}。"
+_SEP = "\ue000"  # between the words sent to the BPE at once; never in byte-level text (all < U+0200)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character map of byte-level BPE (printable bytes map to themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+_BYTE_LEVEL = str.maketrans({chr(b): c for b, c in _bytes_to_unicode().items()})
+
+
+class _Words(dict):
+    """word -> index; a word not yet in is given the next index and queued in `new`."""
+
+    __slots__ = ("new",)
+
+    def __missing__(self, word: str) -> int:
+        i = self[word] = len(self)
+        self.new.append(word)
+        return i
+
+
+class WordCacheEncoder:
+    """`encode(texts)` -> one int32 array of token ids per text, equal to `backend.encode_batch`'s ids
+    with add_special_tokens=False. `build` returns None for a tokenizer whose layout it cannot reproduce."""
+
+    MAX_WORDS = 1 << 18  # the cache is emptied past this many words (~40 MB): memory stays bounded
+    LEARN_CHUNK = 512  # new words per text sent to the BPE
+
+    def __init__(self, backend, pattern: str, added: dict[str, int], bpe_json: str) -> None:
+        import regex
+
+        self.backend = backend
+        self.findall = regex.compile(pattern).findall
+        self.pattern = pattern
+        self.added = added
+        self.added_split = (regex.compile("(" + "|".join(map(regex.escape, sorted(added, key=len, reverse=True)))
+                                          + ")").split if added else None)
+        self.bpe = type(backend).from_str(bpe_json)  # the model alone: no normalizer, pre-tokenizer, post-processor
+        self.sep_id = self.bpe.token_to_id(_SEP)
+        self.known = np.zeros(0x110000, dtype=bool)  # characters already checked (see _check_characters)
+        self.disputed_chars: list[str] = []
+        self.disputed: re.Pattern | None = None  # finds a character the two regex engines class differently
+        self._reset()
+
+    @classmethod
+    def build(cls, backend) -> WordCacheEncoder | None:
+        import importlib.util
+
+        if importlib.util.find_spec("regex") is None:  # the pattern's syntax (\p{L}) needs it
+            return None
+        d = json.loads(backend.to_str())
+        pre = d.get("pre_tokenizer") or {}
+        pattern = None
+        if pre.get("type") == "ByteLevel" and pre.get("use_regex") and not pre.get("add_prefix_space"):
+            pattern = GPT2_SPLIT
+        elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+            split, byte_level = pre["pretokenizers"]
+            if (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+                    and split.get("pattern", {}).get("Regex") in (QWEN2_SPLIT, GPT2_SPLIT)
+                    and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex")
+                    and not byte_level.get("add_prefix_space")):
+                pattern = split["pattern"]["Regex"]
+        model = d.get("model") or {}
+        tokens = d.get("added_tokens") or []
+        if (pattern is None or d.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout")
+                or d.get("truncation") or d.get("padding")
+                or any(t["single_word"] or t["lstrip"] or t["rstrip"] for t in tokens)):
+            return None
+        if len({t["normalized"] for t in tokens}) > 1:
+            return None  # two passes of added-token matching; not reproduced
+        ids = [int(i) for i in model.get("vocab", {}).values()] + [t["id"] for t in tokens]
+        bpe = {**d, "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": None,
+               "truncation": None, "padding": None,
+               "added_tokens": [{"id": max(ids, default=-1) + 1, "content": _SEP, "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True}]}
+        return cls(backend, pattern, {t["content"]: t["id"] for t in tokens}, json.dumps(bpe))
+
+    def _reset(self) -> None:
+        self.words = _Words({a: i for i, a in enumerate(self.added)})
+        self.words.new = []
+        self.tokens = np.zeros(1 << 20, np.int32)  # every cached word's tokens, back to back
+        self.used = 0
+        size = max(1 << 16, 2 * len(self.added))
+        self.start, self.length = np.zeros(size, np.int64), np.zeros(size, np.int64)  # per word index
+        for i, tid in enumerate(self.added.values()):
+            self.tokens[i], self.start[i], self.length[i] = tid, i, 1
+        self.used = len(self.added)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        if len(self.words) > self.MAX_WORDS:
+            self._reset()
+        codes = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)  # (n_chars,)
+        new = codes[~self.known[codes]]
+        if len(new):
+            self._check_characters([chr(c) for c in np.unique(new)])
+        direct = [self.disputed is not None and self.disputed.search(t) is not None for t in texts]
+        counts, words = [], []
+        for text, rust in zip(texts, direct):
+            n = len(words)
+            if not rust:
+                if self.added_split is None:
+                    words += self.findall(text)
+                else:
+                    for i, part in enumerate(self.added_split(text)):
+                        if i % 2:
+                            words.append(part)  # an added token: pre-seeded in the cache
+                        elif part:
+                            words += self.findall(part)
+            counts.append(len(words) - n)
+        index = np.fromiter(map(self.words.__getitem__, words), np.int64, len(words))  # (n_words,)
+        if self.words.new:
+            self._learn(self.words.new)
+            self.words.new = []
+        lengths = self.length[index]  # tokens per word
+        ends = np.cumsum(lengths)
+        at = np.repeat(self.start[index] - (ends - lengths), lengths)  # token position -> its place in the cache
+        flat = self.tokens[at + np.arange(len(at))]
+        bounds = np.concatenate([[0], ends])[np.cumsum([0] + counts)]  # each text's first token
+        out = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        for i in np.flatnonzero(direct):
+            out[i] = np.asarray(self.backend.encode(texts[i], add_special_tokens=False).ids, dtype=np.int32)
+        return out
+
+    def _learn(self, new: list[str]) -> None:
+        """Tokens of words not seen before, from the BPE model, appended to the cache."""
+        texts = ["".join([w.encode("utf-8").decode("latin-1") + _SEP for w in new[i:i + self.LEARN_CHUNK]])
+                 .translate(_BYTE_LEVEL) for i in range(0, len(new), self.LEARN_CHUNK)]
+        ids = np.concatenate([np.asarray(e.ids, dtype=np.int32)
+                              for e in self.bpe.encode_batch_fast(texts, add_special_tokens=False)])
+        ends = np.flatnonzero(ids == self.sep_id)  # each word is followed by a separator
+        if len(ends) != len(new):
+            raise AssertionError(f"word cache: {len(ends)} separators for {len(new)} words")
+        lengths = ends - np.concatenate([[0], ends[:-1] + 1])
+        tokens = ids[ids != self.sep_id]
+        first, n = len(self.words) - len(new), len(self.words)
+        if n > len(self.start):
+            size = max(n, 2 * len(self.start))
+            self.start, self.length = np.resize(self.start, size), np.resize(self.length, size)
+        if self.used + len(tokens) > len(self.tokens):
+            self.tokens = np.resize(self.tokens, max(self.used + len(tokens), 2 * len(self.tokens)))
+        self.tokens[self.used:self.used + len(tokens)] = tokens
+        self.start[first:n] = self.used + np.cumsum(lengths) - lengths
+        self.length[first:n] = lengths
+        self.used += len(tokens)
+
+    def _check_characters(self, chars: list[str]) -> None:
+        """Split each new character in a few contexts with both regex engines; a character they split
+        differently is disputed (texts holding it go to the Rust tokenizer whole)."""
+        pre = self.backend.pre_tokenizer
+        for c in chars:
+            probe = _PROBE.format(c=c)
+            ours = np.cumsum([len(w) for w in self.findall(probe)]).tolist()
+            theirs = [end for _, (_, end) in pre.pre_tokenize_str(probe)]
+            self.known[ord(c)] = True
+            if ours != theirs:
+                self.disputed_chars.append(c)
+                self.disputed = re.compile("[" + "".join(map(re.escape, self.disputed_chars)) + "]")
 
 
 class ShardWriter:
@@ -775,8 +1041,9 @@ class ShardWriter:
 
 
 class Timers:
-    """Busy seconds per phase. Phases overlap: "tokenise" runs on the worker thread (and only there, so
-    no key is updated from two threads), the others on the main thread."""
+    """Busy seconds per phase. Phases overlap: "tokenise" runs on the tokenizer thread or processes (its
+    seconds, summed over the processes, are added on the main thread as each batch is taken), the others
+    on the main thread."""
 
     def __init__(self) -> None:
         self.seconds: Counter = Counter()
