@@ -138,3 +138,22 @@ def test_unpenalised_repetition_is_measured_on_answers_made_without_penalties(tr
     m = both["metrics"]["repetition_4gram_unpenalised"]
     vals = [a["repetition_4gram_unpenalised"] for a in both["samples"]]
     assert m["mean"] == pytest.approx(sum(vals) / len(vals)) and m["low"] <= m["mean"] <= m["high"]
+
+
+def test_stage_effects_are_paired_by_prompt_and_seed():
+    from tifaforge.eval.report import format_effects, stage_effects
+
+    def model(values):  # 6 prompts x 2 answers of one metric
+        return {"samples": [{"id": f"p{i}", "sample": j, "reward": v} for j in range(2) for i, v in enumerate(values)]}
+
+    noisy = [0.1, 0.9, 0.3, 0.7, 0.2, 0.8]  # big spread between prompts ...
+    results = {"a": model(noisy), "b": model([v + 0.05 for v in noisy]), "c": model(noisy[::-1])}
+    effects = stage_effects(results, n_boot=300)
+    up = effects["b vs a"]["reward"]
+    assert up["mean"] == pytest.approx(0.05) and up["low"] == pytest.approx(0.05)  # ... but the same +0.05 on every slot
+    mixed = effects["c vs b"]["reward"]
+    assert mixed["low"] < 0 < mixed["high"]
+    table = format_effects(effects)
+    assert "| b vs a | **+0.05** ✓" in table and "| c vs b | -0.05 [" in table
+    results["c"]["samples"] = results["c"]["samples"][:-1]  # not the same slots: nothing paired
+    assert list(stage_effects(results, n_boot=50)) == ["b vs a"]

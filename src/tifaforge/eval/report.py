@@ -63,7 +63,62 @@ def format_table(results: dict[str, dict], max_new_tokens: int, sampling=None) -
     boot = "" if k == 1 else ", resampling prompts"
     lines.append(f"\n{n} held-out prompts{answers}, at most {max_new_tokens} new tokens per answer, {how}, "
                  f"with fixed seeds; [95% bootstrap interval{boot}].")
-    return "\n".join(lines)
+    if len(results) > 1:
+        lines.append(format_effects(stage_effects(results)))
+    return "\n".join(lines).rstrip()
+
+
+# per-answer metrics whose change each stage makes is shown paired (the recipe's three claims and more)
+EFFECTS = ("think_format", "reward", "repetition_4gram", "repetition_4gram_unpenalised", "answer_length")
+
+
+def stage_effects(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """{"B vs A": {metric: {"mean", "low", "high"}}} for each model B against the one before it.
+
+    Paired: every model answered the same (prompt, seed) slots, so the change is measured slot by
+    slot and its 95% interval comes from resampling prompts; much narrower than comparing two
+    models' own intervals, which ignores that both saw the same prompts."""
+    from tifaforge.eval.metrics import bootstrap_ci
+
+    labels, out = list(results), {}
+    for a, b in zip(labels, labels[1:]):
+        sa, sb = results[a].get("samples") or [], results[b].get("samples") or []
+        slots = [(x.get("id"), x.get("sample", 0)) for x in sa]
+        if not sa or slots != [(x.get("id"), x.get("sample", 0)) for x in sb]:
+            continue  # not the same slots (another prompts file, limit or samples): nothing to pair
+        row = {}
+        for key in EFFECTS:
+            pairs = [(x[key], y[key]) for x, y in zip(sa, sb) if key in x and key in y]
+            if len(pairs) == len(sa):
+                mean, lo, hi = bootstrap_ci([y - x for x, y in pairs], n_boot, seed, [slot[0] for slot in slots])
+                row[key] = {"mean": mean, "low": lo, "high": hi}
+        out[f"{b} vs {a}"] = row
+    return out
+
+
+def format_effects(effects: dict[str, dict[str, dict]]) -> str:
+    """The paired changes as a table; a change whose interval excludes 0 is bold, ✓ if it is the better way."""
+    keys = [k for k in EFFECTS if any(k in row for row in effects.values())]
+    if not keys:
+        return ""
+    lines = ["| change | " + " | ".join(SHOWN[k][0] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, row in effects.items():
+        cells = []
+        for k in keys:
+            m = row.get(k)
+            if m is None:
+                cells.append("–")
+                continue
+            cell = f"{m['mean']:+.3g} [{m['low']:+.3g}, {m['high']:+.3g}]"
+            if m["low"] > 0 or m["high"] < 0:
+                better = SHOWN[k][1]
+                mark = "" if better is None else (" ✓" if (m["mean"] > 0) == better else " ✗")
+                cell = f"**{m['mean']:+.3g}**{mark} [{m['low']:+.3g}, {m['high']:+.3g}]"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return ("\nWhat each stage changed, paired (the same prompts and seeds, each model against the one before it; "
+            "95% bootstrap interval of the change, resampling prompts; bold: the interval excludes 0, ✓ the better "
+            "way, ✗ the worse):\n\n" + "\n".join(lines))
 
 
 def _cell(m: dict | None) -> str:
