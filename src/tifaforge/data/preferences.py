@@ -99,6 +99,9 @@ def pick_pair(reward, ctx, answers: list[str], cfg: MiningConfig, rng: random.Ra
     return {"chosen": good[0], "rejected": rejected, "synthetic": True}, "synthetic"
 
 
+ROWS_PER_CALL = 16  # answers generated in one batch while mining
+
+
 def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningConfig, sampling, progress: bool = True) -> dict:
     """Mine pairs for every prompt of the split; write JSONL (DESIGN §2a) atomically; return the summary."""
     from tqdm import tqdm
@@ -118,16 +121,22 @@ def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningCon
                                repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
     rng = random.Random(cfg.seed)
     lines, outcomes = [], Counter()
-    for i, rec in enumerate(tqdm(records, desc="mining", unit="prompt", disable=not progress)):
-        chat = to_chat(rec, cfg.user_name)
-        prompt = engine.render(chat)
-        reqs = [Request(prompt, dataclasses.replace(mine, seed=cfg.seed + i * cfg.k + j)) for j in range(cfg.k)]
-        answers = [r.text for r in engine.generate(reqs)]
-        ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
-        pair, outcome = pick_pair(reward, ctx, answers, cfg, rng)
-        outcomes[outcome] += 1
-        if pair:
-            lines.append(json.dumps({"id": rec.id, "messages": chat, **pair}, ensure_ascii=False))
+    per_call = max(1, ROWS_PER_CALL // cfg.k)  # several prompts' K answers decode together
+    bar = tqdm(total=len(records), desc="mining", unit="prompt", disable=not progress)
+    for start in range(0, len(records), per_call):
+        chats = [to_chat(rec, cfg.user_name) for rec in records[start:start + per_call]]
+        reqs = [Request(engine.render(chat), dataclasses.replace(mine, seed=cfg.seed + i * cfg.k + j))
+                for i, chat in enumerate(chats, start=start) for j in range(cfg.k)]
+        texts = [r.text for r in engine.generate(reqs)]
+        for at, (rec, chat) in enumerate(zip(records[start:start + per_call], chats)):
+            answers = texts[at * cfg.k:(at + 1) * cfg.k]
+            ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
+            pair, outcome = pick_pair(reward, ctx, answers, cfg, rng)
+            outcomes[outcome] += 1
+            if pair:
+                lines.append(json.dumps({"id": rec.id, "messages": chat, **pair}, ensure_ascii=False))
+        bar.update(len(chats))
+    bar.close()
     atomic_write_text(out, "".join(line + "\n" for line in lines))
     return summary(outcomes, len(records))
 
