@@ -400,6 +400,19 @@ def test_a_request_arriving_mid_decode_does_not_wait_for_the_running_one(long_en
     assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 4
 
 
+def test_stream_interval_coalesces_events_but_not_the_first_or_the_text(long_engine):
+    body = {**LONG, "max_tokens": 40, "seed": 3}
+    texts, counts = [], []
+    for interval in (0.0, 1.0):  # every token its own event; everything between the first and last held (40 tokens < 1 s)
+        with live(create_app(long_engine, max_concurrency=1, stream_interval=interval)) as base:
+            with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        texts.append("".join(e["choices"][0]["text"] for e in events))
+        counts.append(len(events))
+    assert texts[0] == texts[1] and len(texts[0]) > 0
+    assert counts[0] > 10 and counts[1] <= 3  # the first piece at once, the rest with the finish (a slow machine: one more)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_generation_and_frees_the_slot(long_engine, stream):
     with live(create_app(long_engine, max_concurrency=1)) as base:

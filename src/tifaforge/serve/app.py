@@ -51,9 +51,12 @@ def create_app(
     cors_origins: Sequence[str] = (),
     mirror_reasoning: bool = False,
     cards: Sequence[dict] | None = None,
+    stream_interval: float = 0.02,
 ):
     """The FastAPI app. `sampling`: the server's defaults (the seed's); `cards`: the page's card list
-    (card JSON objects; None: the bundled demo cards); `cors_origins`: empty means same-origin only."""
+    (card JSON objects; None: the bundled demo cards); `cors_origins`: empty means same-origin only;
+    `stream_interval`: a stream's text is sent at most this often (seconds; its first and last piece at
+    once), see `Scheduler._send`."""
     require("serve")
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
@@ -61,7 +64,7 @@ def create_app(
     limits = limits or Limits()
     app = FastAPI(title="tifaforge", version=_version(),
                   description="OpenAI-compatible role-play server (reasoning in `reasoning_content`).")
-    app.state.scheduler = Scheduler(engine, max_concurrency)
+    app.state.scheduler = Scheduler(engine, max_concurrency, stream_interval)
     app.state.server = _Server(engine, app.state.scheduler, limits, sampling or SamplingConfig(),
                                model_name, mirror_reasoning)
     app.router.add_event_handler("shutdown", app.state.scheduler.close)
@@ -528,6 +531,9 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
     p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers",
                    help="llamacpp serves a .gguf file through llama.cpp, one request at a time (needs the llamacpp extra)")
+    p.add_argument("--stream-interval", type=float, default=0.02, metavar="SECONDS",
+                   help="send a stream's new text at most this often (default 0.02; 0: every token); fewer events, "
+                        "more tokens/s")
 
 
 def run(args) -> int:
@@ -539,6 +545,8 @@ def run(args) -> int:
     uvicorn = require("serve", "uvicorn")
     if not 1 <= args.max_concurrency <= 1024:
         raise TifaError(f"--max-concurrency must be 1 to 1024, got {args.max_concurrency}")
+    if not 0 <= args.stream_interval <= 1:
+        raise TifaError(f"--stream-interval must be 0 to 1 seconds, got {args.stream_interval}")
     sampling = load_config(args.config, args.set).sampling
     if args.backend == "llamacpp":
         from tifaforge.engine.llamacpp import LlamaCppEngine
@@ -549,7 +557,7 @@ def run(args) -> int:
     app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
                      max_concurrency=args.max_concurrency, sampling=sampling,
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,
-                     mirror_reasoning=args.reasoning_mirror)
+                     mirror_reasoning=args.reasoning_mirror, stream_interval=args.stream_interval)
     print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
