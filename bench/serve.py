@@ -66,29 +66,41 @@ def _engine_run(engine: Engine, c: int, new_tokens: int) -> tuple[float, float]:
     return c * new_tokens / (time.perf_counter() - t0), statistics.median(first.values())
 
 
+def _request(url, path: str, body: dict) -> bytes:
+    """A raw HTTP/1.1 POST of `body` as JSON; the server closes the connection after its reply."""
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
+
+def _stream_once(sock, request: bytes, wait=None) -> tuple[bytes, float]:
+    """Send a streaming request, read until its first event: (reply so far, seconds); then drain."""
+    if wait is not None:
+        wait()
+    t, reply = time.perf_counter(), b""
+    sock.sendall(request)
+    while b"data: {" not in reply:
+        if not (chunk := sock.recv(1 << 16)):
+            raise RuntimeError(f"no event: {reply[:300]!r}")
+        reply += chunk
+    first = time.perf_counter() - t
+    while sock.recv(1 << 16):  # the rest: the server closes the connection after [DONE]
+        pass
+    if not reply.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{reply[:300]!r}")
+    return reply, first
+
+
 def server_run(base: str, c: int, new_tokens: int) -> tuple[float, float]:
     url = urlsplit(base)
     first: list[float] = []
     barrier = threading.Barrier(c)
 
     def client(i: int) -> None:
-        body = json.dumps({"prompt": PROMPT, "max_tokens": new_tokens, "seed": i, "stream": True,
-                           "stream_options": {"include_usage": True}}).encode()
-        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        body = {"prompt": PROMPT, "max_tokens": new_tokens, "seed": i, "stream": True,
+                "stream_options": {"include_usage": True}}
         with socket.create_connection((url.hostname, url.port)) as sock:
-            barrier.wait()
-            t, reply = time.perf_counter(), b""
-            sock.sendall(head + body)
-            while b"data: {" not in reply:
-                if not (chunk := sock.recv(1 << 16)):
-                    raise RuntimeError(f"client {i}: {reply[:300]!r}")
-                reply += chunk
-            first.append(time.perf_counter() - t)
-            while sock.recv(1 << 16):  # the rest: the server closes the connection after [DONE]
-                pass
-        if not reply.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"client {i}: {reply[:300]!r}")
+            first.append(_stream_once(sock, _request(url, "/v1/completions", body), barrier.wait)[1])
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(c)]
     t0 = time.perf_counter()
@@ -104,12 +116,9 @@ SAMPLING = {"temperature": 0.4, "top_p": 0.6, "top_k": 0, "min_p": 0.0, "repeat_
 
 
 def _post(url, path: str, body: dict) -> bytes:
-    """One raw HTTP/1.1 POST; the whole reply (headers and body). The server closes the connection."""
-    data = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    """One raw HTTP/1.1 POST; the whole reply (headers and body)."""
     with socket.create_connection((url.hostname, url.port)) as sock:
-        sock.sendall(head + data)
+        sock.sendall(_request(url, path, body))
         reply = b""
         while chunk := sock.recv(1 << 16):
             reply += chunk
@@ -119,20 +128,8 @@ def _post(url, path: str, body: dict) -> bytes:
 
 
 def _ttft(url, body: dict) -> float:
-    data = json.dumps({**body, "stream": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection((url.hostname, url.port)) as sock:
-        t, reply = time.perf_counter(), b""
-        sock.sendall(head + data)
-        while b"data: {" not in reply:
-            if not (chunk := sock.recv(1 << 16)):
-                raise RuntimeError(f"no event: {reply[:300]!r}")
-            reply += chunk
-        first = time.perf_counter() - t
-        while sock.recv(1 << 16):
-            pass
-    return first
+        return _stream_once(sock, _request(url, "/v1/completions", {**body, "stream": True}))[1]
 
 
 def queued_run(base: str, c: int, new_tokens: int) -> float:
