@@ -1,6 +1,6 @@
 """CPT throughput of our stage against plain TRL SFTTrainer, same model, data and settings, one run.
 
-    .venv/bin/python bench/train.py [--steps 20] [--batch 8] [--length 256] [--rounds 2]
+    .venv/bin/python bench/train.py [--steps 20] [--batch 8] [--length 256] [--rounds 2] [--no-compile]
 
 Prints tokens/s for both, the ratio ours / plain (target >= 0.95: our callbacks, checks and
 metrics cost nothing that matters) and model-FLOP utilisation, 6·N·tokens/s over this machine's
@@ -65,7 +65,7 @@ def ours(model_dir: Path, data: Path, out: Path, a: argparse.Namespace) -> float
     timer = step_timer(a.skip)
     sets = [f"cpt.data={data}", f"cpt.steps={a.steps}", f"cpt.batch_size={a.batch}", f"cpt.max_length={a.length}",
             "cpt.learning_rate=0.001", f"cpt.save_every={a.steps}", f"cpt.log_every={a.log_every}",
-            "cpt.samples_every=0"]
+            "cpt.samples_every=0", f"cpt.torch_compile={str(a.compile).lower()}"]
     cpt.run_stage(load_config(None, sets, cls=run_config_class()), model_dir, out, extra_callbacks=(timer,))
     return timer.steps * a.batch * a.length / (timer.end - timer.start)
 
@@ -79,7 +79,7 @@ def plain(model_dir: Path, data: Path, out: Path, a: argparse.Namespace) -> floa
     args = SFTConfig(output_dir=str(out), max_steps=a.steps, per_device_train_batch_size=a.batch,
                      max_length=a.length, learning_rate=0.001, lr_scheduler_type="cosine", warmup_steps=0.03,
                      optim="adamw_torch", logging_steps=a.log_every, save_strategy="no", report_to="none",
-                     bf16=False, gradient_checkpointing=False, use_cpu=True, seed=1234,
+                     bf16=False, gradient_checkpointing=False, torch_compile=a.compile, use_cpu=True, seed=1234,
                      dataset_kwargs={"skip_prepare_dataset": True})
     timer = step_timer(a.skip)
     SFTTrainer(model=model, args=args, train_dataset=load_from_disk(str(data)).select_columns(["input_ids"]),
@@ -95,6 +95,9 @@ def main() -> None:
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch_compile on both sides (default on; the first round compiles, later rounds hit "
+                        "inductor's cache, and the warm-up steps are not timed)")
     a = p.parse_args()
     peak = gemm_peak()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +112,8 @@ def main() -> None:
             rates["plain"].append(plain(model_dir, tmp / "data", tmp / f"plain{r}", a))
     best = {k: max(v) for k, v in rates.items()}
     print(f"\nfp32 GEMM peak (n=2048, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s; "
-          f"tiny preset {n_params / 1e6:.2f}M parameters; batch {a.batch} x {a.length} tokens, {a.steps} steps")
+          f"tiny preset {n_params / 1e6:.2f}M parameters; batch {a.batch} x {a.length} tokens, {a.steps} steps, "
+          f"torch_compile {'on' if a.compile else 'off'}")
     for k in ("ours", "plain"):
         mfu = 6 * n_params * best[k] / peak
         print(f"{k:>5}: {best[k]:8.0f} tokens/s (rounds: {', '.join(f'{x:.0f}' for x in rates[k])}), MFU {mfu:.0%}")

@@ -135,7 +135,7 @@ def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_confi
         per_device_train_batch_size=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
         learning_rate=tc.learning_rate, lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup,
         weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm, optim="adamw_torch", max_length=tc.max_length,
-        gradient_checkpointing=tc.gradient_checkpointing,
+        gradient_checkpointing=tc.gradient_checkpointing, torch_compile=tc.torch_compile,
         bf16=precision == "bf16", fp16=False, use_cpu=resolve_device(tc) == "cpu",
         logging_steps=tc.log_every, save_strategy="steps", save_steps=tc.save_every, save_total_limit=None,
         report_to=tc.report_to, dataloader_num_workers=0, disable_tqdm=False,
