@@ -4,8 +4,10 @@
 
 At each concurrency level c, c streaming requests start together: once straight into one batched
 `Engine.stream` call, once as c HTTP clients against the real server (uvicorn on 127.0.0.1,
---max-concurrency c), which batches them itself as they arrive. Both run the engine from a thread
-with the server's torch thread count (`scheduler.worker_threads`), so the difference is the server.
+--max-concurrency c), which batches them itself as they arrive. Both run the engine with the
+server's torch thread count (`scheduler.worker_threads`), so the difference is the server: by
+default its engine runs in its own process, as `tifa serve` runs it (`--no-engine-process`: in a
+thread of the server's process, which shares the GIL with the HTTP work).
 Every row generates exactly --new-tokens tokens (the random-weight tiny preset almost never writes
 its end token; rows that do are counted as they are). The clients are raw sockets that only look
 for the first event: they share this process (and its GIL) with the server, and an HTTP client that
@@ -205,6 +207,9 @@ def main() -> int:
     p.add_argument("--gguf", help="with --backend llamacpp: the GGUF file (default: the tiny preset in q8_0)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--levels", type=int, nargs="+", default=None, help="concurrency levels (default 1 4 16; llamacpp 1 4)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="the server's engine in its own process, as `tifa serve` runs it (default); "
+                        "--no-engine-process: in a thread of the server's process")
     p.add_argument("--repeats", type=int, default=7, help="runs per side and level, alternating; the best is kept")
     args = p.parse_args()
     if args.backend == "llamacpp":
@@ -214,6 +219,7 @@ def main() -> int:
     from test_serve import live  # the tests' uvicorn-in-a-thread helper
 
     from tifaforge.serve.app import create_app
+    from tifaforge.serve.engine_process import EngineProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -223,12 +229,14 @@ def main() -> int:
             model = init_model("tiny", Path(tmp) / "tiny", seed=0)
         engine = Engine.load(model, device="cpu")
         engine_run(engine, 1, 8)  # warm-up
+        print(f"server engine: {'its own process' if args.engine_process else 'a thread of the server process'}")
         print(f"{'c':>3} {'engine tok/s':>13} {'server tok/s':>13} {'overhead':>9} {'engine TTFT':>12} {'server TTFT':>12}")
         for c in args.levels:
             # Engine and server runs alternate, so a slow spell of the machine (step times here vary by
             # ±10% between identical runs) hurts both alike; best of N each: other work only slows a run.
             engine_runs, server_runs = [], []
-            with live(create_app(engine, max_concurrency=c)) as base:
+            served = EngineProcess(model) if args.engine_process else engine
+            with live(create_app(served, max_concurrency=c)) as base:
                 server_run(base, c, 8)  # warm-up: the first request through the app
                 for _ in range(args.repeats):
                     engine_runs.append(engine_run(engine, c, args.new_tokens))

@@ -80,9 +80,23 @@ def long_engine(tiny_model_dir):
     return engine
 
 
+@pytest.fixture(scope="module", params=["thread", "process"])
+def served(request, think_engine, think_dir):
+    """What the API tests' server runs on: the engine in a worker thread, or in its own process
+    (`tifa serve`'s default); every test of the API runs on both."""
+    if request.param == "thread":
+        yield think_engine
+        return
+    from tifaforge.serve.engine_process import EngineProcess
+
+    proc = EngineProcess(think_dir, device="cpu")
+    yield proc
+    proc.close()
+
+
 @pytest.fixture(scope="module")
-def url(think_engine):
-    with live(create_app(think_engine, max_concurrency=2, model_name="tiny-think")) as base:
+def url(served):
+    with live(create_app(served, max_concurrency=2, model_name="tiny-think")) as base:
         yield base
 
 
@@ -360,9 +374,27 @@ def _wait(cond, seconds=30.0):
         time.sleep(0.05)
 
 
+def no_stop_ids(engine) -> None:
+    """Run in the engine process (pickled by name): the model never stops by itself, as `long_engine`."""
+    engine.stop_ids = set()
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def long_served(request, long_engine, tiny_model_dir):
+    """`long_engine` in a worker thread, or loaded the same way in its own process."""
+    if request.param == "thread":
+        yield long_engine
+        return
+    from tifaforge.serve.engine_process import EngineProcess
+
+    proc = EngineProcess(tiny_model_dir, device="cpu", configure=no_stop_ids)
+    yield proc
+    proc.close()
+
+
 @pytest.mark.slow
-def test_overload_gets_fast_429s_while_admitted_requests_finish(long_engine):
-    with live(create_app(long_engine, max_concurrency=2)) as base:
+def test_overload_gets_fast_429s_while_admitted_requests_finish(long_served):
+    with live(create_app(long_served, max_concurrency=2)) as base:
         results = {}
 
         def admitted(i):
@@ -388,8 +420,8 @@ def test_overload_gets_fast_429s_while_admitted_requests_finish(long_engine):
     assert [results[i][0] for i in range(2)] == [200, 200] and all(v[1][-1] == "data: [DONE]" for v in results.values())
 
 
-def test_a_request_arriving_mid_decode_does_not_wait_for_the_running_one(long_engine):
-    with live(create_app(long_engine, max_concurrency=2)) as base:
+def test_a_request_arriving_mid_decode_does_not_wait_for_the_running_one(long_served):
+    with live(create_app(long_served, max_concurrency=2)) as base:
         with httpx.stream("POST", base + "/v1/completions", json={**LONG, "seed": 1}, timeout=300) as r:
             lines = r.iter_lines()  # kept: a dropped iterator closes the stream
             assert next(lines).startswith("data: ")
@@ -400,11 +432,11 @@ def test_a_request_arriving_mid_decode_does_not_wait_for_the_running_one(long_en
     assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 4
 
 
-def test_stream_interval_coalesces_events_but_not_the_first_or_the_text(long_engine):
+def test_stream_interval_coalesces_events_but_not_the_first_or_the_text(long_served):
     body = {**LONG, "max_tokens": 40, "seed": 3}
     texts, counts = [], []
     for interval in (0.0, 1.0):  # every token its own event; everything between the first and last held (40 tokens < 1 s)
-        with live(create_app(long_engine, max_concurrency=1, stream_interval=interval)) as base:
+        with live(create_app(long_served, max_concurrency=1, stream_interval=interval)) as base:
             with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
                 events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         texts.append("".join(e["choices"][0]["text"] for e in events))
@@ -414,8 +446,8 @@ def test_stream_interval_coalesces_events_but_not_the_first_or_the_text(long_eng
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_cancels_generation_and_frees_the_slot(long_engine, stream):
-    with live(create_app(long_engine, max_concurrency=1)) as base:
+def test_client_disconnect_cancels_generation_and_frees_the_slot(long_served, stream):
+    with live(create_app(long_served, max_concurrency=1)) as base:
         health = lambda: httpx.get(base + "/health").json()  # noqa: E731
         if stream:
             with httpx.stream("POST", base + "/v1/completions", json=LONG, timeout=300) as r:
@@ -427,3 +459,102 @@ def test_client_disconnect_cancels_generation_and_frees_the_slot(long_engine, st
         _wait(lambda: health()["running"] == 0 and not health()["generating"])  # 3000 tokens would take far longer
         r = httpx.post(base + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 2}, timeout=120)
         assert r.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine in its own process (`tifa serve`'s default)
+
+
+def test_engine_process_answers_exactly_as_the_thread_engine(think_engine, think_dir):
+    """Same seeds, same tokens: the process engine runs the same decode loop on the same weights, and
+    the server process tokenises with the child's own tokenizer."""
+    from tifaforge.serve.engine_process import EngineProcess
+
+    body = {"prompt": "<|begin▁of▁sentence|><|User|>讲个故事<|Assistant|>", "max_tokens": 24, "temperature": 0.9,
+            "seed": 5, "n": 2}
+    proc = EngineProcess(think_dir, device="cpu")
+    try:
+        replies = []
+        for engine in (think_engine, proc):
+            with live(create_app(engine, max_concurrency=2)) as base:
+                plain = httpx.post(base + "/v1/completions", json=body, timeout=120).json()
+                with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+                    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+            streamed = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(2)]
+            replies.append(([c["text"] for c in plain["choices"]], streamed, plain["usage"]))
+    finally:
+        proc.close()
+    assert replies[0] == replies[1]
+    assert replies[0][0] == replies[0][1] and replies[0][2]["completion_tokens"] > 0
+    assert not proc._proc.is_alive() and proc._proc.exitcode == 0  # close() stops the child cleanly
+
+
+def test_engine_process_that_dies_fails_its_streams_and_health_says_so(tiny_model_dir):
+    from tifaforge.serve.engine_process import EngineProcess
+
+    proc = EngineProcess(tiny_model_dir, device="cpu", configure=no_stop_ids)
+    try:
+        with live(create_app(proc, max_concurrency=2)) as base:
+            assert httpx.get(base + "/health").json()["status"] == "ok"
+            with httpx.stream("POST", base + "/v1/completions", json=LONG, timeout=120) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                proc._proc.kill()  # as the kernel's OOM killer would
+                rest = [line for line in lines if line]
+            assert any('"api_error"' in line for line in rest) and rest[-1] == "data: [DONE]"
+            health = httpx.get(base + "/health")
+            assert health.status_code == 503 and "exited with code" in health.json()["error"]
+            again = httpx.post(base + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 2}, timeout=30)
+            assert again.status_code == 503 and "restart the server" in again.json()["error"]["message"]
+    finally:
+        proc.close()
+
+
+def test_engine_process_reports_a_load_error_in_the_server(tmp_path):
+    from tifaforge.errors import TifaError
+    from tifaforge.serve.engine_process import EngineProcess
+
+    with pytest.raises(TifaError, match="missing-model"):
+        EngineProcess(tmp_path / "missing-model", device="cpu")
+
+
+def test_tifa_serve_command_runs_its_engine_process_and_stops_it(think_dir, tmp_path):
+    """`tifa serve MODEL` as a user starts it: the engine loads in a child process, the openai SDK
+    gets the think-format answer, and Ctrl-C stops the server and its engine process (no orphan)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "tifaforge.cli", "serve", str(think_dir), "--port", str(port),
+                               "--model-name", "tiny-think"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                return httpx.get(base + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait(up, 120)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert children, "no engine process"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msg = ask(client).choices[0].message
+        assert msg.content == "好的，我在。" and msg.reasoning_content == "先想一想。"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 0
+        for pid in children:
+            _wait(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), 30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()

@@ -53,7 +53,9 @@ def create_app(
     cards: Sequence[dict] | None = None,
     stream_interval: float = 0.02,
 ):
-    """The FastAPI app. `sampling`: the server's defaults (the seed's); `cards`: the page's card list
+    """The FastAPI app over `engine`: an `Engine` (decoding in a worker thread of this process, closed
+    with the app) or a `serve.engine_process.EngineProcess` (the engine in its own process, so the
+    HTTP work never waits for its GIL; whoever made it closes it). `sampling`: the server's defaults (the seed's); `cards`: the page's card list
     (card JSON objects; None: the bundled demo cards); `cors_origins`: empty means same-origin only;
     `stream_interval`: a stream's text is sent at most this often (seconds; its first and last piece at
     once), see `Scheduler._send`."""
@@ -64,10 +66,13 @@ def create_app(
     limits = limits or Limits()
     app = FastAPI(title="tifaforge", version=_version(),
                   description="OpenAI-compatible role-play server (reasoning in `reasoning_content`).")
-    app.state.scheduler = Scheduler(engine, max_concurrency, stream_interval)
+    if hasattr(engine, "scheduler"):  # serve.engine_process.EngineProcess: its creator closes it
+        app.state.scheduler = engine.scheduler(max_concurrency, stream_interval)
+    else:
+        app.state.scheduler = Scheduler(engine, max_concurrency, stream_interval)
+        app.router.add_event_handler("shutdown", app.state.scheduler.close)
     app.state.server = _Server(engine, app.state.scheduler, limits, sampling or SamplingConfig(),
                                model_name, mirror_reasoning)
-    app.router.add_event_handler("shutdown", app.state.scheduler.close)
     _add_errors(app)
     _add_api(app, app.state.server)
     _add_page(app, cards)
@@ -258,6 +263,8 @@ class _Server:
     def admit(self, rows: list[Request]) -> Job:
         from starlette.exceptions import HTTPException
 
+        if failed := getattr(self.scheduler, "failed", None):  # the engine process died
+            raise HTTPException(503, f"the model cannot answer: {failed}; restart the server")
         if not self.scheduler.try_admit():
             raise HTTPException(429, f"server busy: {self.scheduler.max_concurrency} requests already running; "
                                      "retry shortly", headers={"Retry-After": "1"})
@@ -291,8 +298,12 @@ def _add_api(app, server: _Server) -> None:
     from fastapi import Request as HTTPRequest
 
     @app.get("/health", tags=["ops"])
-    async def health() -> dict:
+    async def health():
         s = server.scheduler
+        if failed := getattr(s, "failed", None):  # the engine process died: no request can be served
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"status": "error", "error": failed}, status_code=503)
         return {"status": "ok", "running": s.active, "generating": s.busy, "max_concurrency": s.max_concurrency}
 
     @app.get("/v1/models", tags=["openai"])
@@ -514,6 +525,8 @@ def demo_cards() -> list[dict]:
 
 
 def add_arguments(p) -> None:
+    import argparse
+
     p.add_argument("model", help="a model folder (or .gguf file)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -531,6 +544,9 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
     p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers",
                    help="llamacpp serves a .gguf file through llama.cpp, one request at a time (needs the llamacpp extra)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the transformers engine in its own process, so HTTP work never waits for its GIL "
+                        "(default; --no-engine-process: in a thread of the server's process)")
     p.add_argument("--stream-interval", type=float, default=0.02, metavar="SECONDS",
                    help="send a stream's new text at most this often (default 0.02; 0: every token); fewer events, "
                         "more tokens/s")
@@ -552,6 +568,10 @@ def run(args) -> int:
         from tifaforge.engine.llamacpp import LlamaCppEngine
 
         engine = LlamaCppEngine.load(args.model)
+    elif args.engine_process:
+        from tifaforge.serve.engine_process import EngineProcess
+
+        engine = EngineProcess(args.model, allow_pickle=args.allow_pickle)
     else:
         engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
     app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
@@ -559,5 +579,9 @@ def run(args) -> int:
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,
                      mirror_reasoning=args.reasoning_mirror, stream_interval=args.stream_interval)
     print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if hasattr(engine, "scheduler"):
+            engine.close()
     return 0

@@ -1,4 +1,8 @@
-"""Admission and batching in front of the engine, which is not thread-safe: one worker thread owns it.
+"""Admission and batching in front of the engine, which is not thread-safe: one worker owns it.
+
+`Worker` is the decode loop; `Scheduler` runs it in a thread of the server's process (tests, the
+llama.cpp backend, `tifa serve --no-engine-process`); `serve.engine_process.EngineProcess` runs the
+same loop in a process of its own (`tifa serve`'s default for the transformers engine).
 
     tifa serve models/tiny --max-concurrency 4
 
@@ -60,21 +64,106 @@ class Job:
             left -= item.finish_reason is not None
 
 
-class Scheduler:
+class Worker:
+    """The decode loop that owns the engine: between two steps it takes every job that arrived, drops
+    the cancelled ones' rows, steps the batch and sends the deltas, coalesced (`_send`). Where the
+    jobs come from (`_arrivals`) and where deltas go (`_deliver`) is the subclass's: the thread of
+    `Scheduler`, or the engine process of `serve.engine_process`."""
+
+    def __init__(self, engine, stream_interval: float = 0.02):
+        if not 0 <= stream_interval <= 1:
+            raise ValueError(f"stream_interval must be 0 to 1 seconds, got {stream_interval}")
+        self.engine, self.stream_interval = engine, stream_interval
+        self._held: dict = {}  # (job, choice) -> a delta not yet sent, merged from several steps
+        self._sent_at = 0.0
+        self.busy = False  # rows are decoding (shown by /health)
+
+    def _arrivals(self, wait: bool) -> list:
+        """Every job that arrived since the last step (None: stop); with `wait`, block until one does."""
+        raise NotImplementedError
+
+    def _deliver(self, deltas: list) -> None:
+        """Hand ((job, choice), delta) pairs to their jobs."""
+        raise NotImplementedError
+
+    def _work(self) -> None:
+        batch, owners = Batch(self.engine), {}  # owners: batch index -> (job, choice)
+        while True:
+            for job in self._arrivals(wait=not batch):
+                if job is None:
+                    return
+                if not job.cancelled:
+                    self._add(batch, owners, job)
+            gone = [index for index, (job, _) in owners.items() if job.cancelled]
+            batch.cancel(gone)
+            for index in gone:
+                del owners[index]
+            if batch:
+                self.busy = True
+                batch = self._step(batch, owners)
+            else:
+                self._flush(0.0)  # nothing decoding: nothing may wait
+
+    def _step(self, batch: Batch, owners: dict) -> Batch:
+        """One decode step, its deltas sent to their jobs; after an error, a new empty batch."""
+        try:
+            deltas = batch.step()
+        except Exception as e:  # a bug or an engine error: every client in the batch hears of it
+            for job in {job for job, _ in owners.values()}:
+                job.fail(e)
+            owners.clear()
+            return Batch(self.engine)
+        self._send([(owners.pop(d.index) if d.finish_reason else owners[d.index], d) for d in deltas])
+        return batch
+
+    def _send(self, deltas: list) -> None:
+        """Deltas to their jobs, coalesced: a choice's text of several steps goes out as one delta at
+        most every `stream_interval` seconds. Every event costs the event loop Python work that
+        contends with the engine for the GIL when both share a process (measured with one client:
+        overhead against the engine alone 9% with an event per token, 6% coalesced; at 4 and 16
+        clients steps take longer than the interval, so little is merged); a choice's first delta and
+        its last are sent at once, so the time to first token and the end are never delayed (vLLM's
+        --stream-interval, in time rather than tokens)."""
+        now, first = time.monotonic(), False
+        for key, d in deltas:
+            held = self._held.get(key)
+            if held is None:
+                first |= key[0].first_sent is False
+                key[0].first_sent = True
+                self._held[key] = d
+            else:
+                self._held[key] = dataclasses.replace(d, text=held.text + d.text)
+        if first or now - self._sent_at >= self.stream_interval or any(d.finish_reason for _, d in deltas):
+            self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        if self._held:
+            self._deliver([(key, d) for key, d in self._held.items() if not key[0].cancelled])
+            self._held.clear()
+        self._sent_at = now
+
+    @staticmethod
+    def _add(batch: Batch, owners: dict, job) -> None:
+        try:
+            indices = batch.add(job.requests)
+        except Exception as e:  # an invalid request fails alone
+            job.fail(e)
+            return
+        owners.update((index, (job, i)) for i, index in enumerate(indices))
+
+
+class Scheduler(Worker):
+    """The engine in a worker thread of the server's process (see the module docstring)."""
+
     def __init__(self, engine: Engine, max_concurrency: int, stream_interval: float = 0.02):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        if not 0 <= stream_interval <= 1:
-            raise ValueError(f"stream_interval must be 0 to 1 seconds, got {stream_interval}")
-        self.engine, self.max_concurrency = engine, max_concurrency
-        self.stream_interval = stream_interval
-        self._held: dict = {}  # (job, choice) -> a delta not yet sent, merged from several steps
-        self._sent_at = 0.0
+        super().__init__(engine, stream_interval)
+        self.max_concurrency = max_concurrency
         self.active = 0  # admitted jobs not yet closed
-        self.busy = False  # the worker has rows decoding (shown by /health)
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="tifa-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="tifa-engine", daemon=True)
         self._thread.start()
 
     def try_admit(self) -> bool:
@@ -100,28 +189,13 @@ class Scheduler:
 
     # -- worker thread ---------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _run(self) -> None:
         if not getattr(self.engine, "continuous_batching", True):
             return self._work_in_turn()
         import torch
 
         torch.set_num_threads(worker_threads())
-        batch, owners = Batch(self.engine), {}  # owners: batch index -> (job, choice)
-        while True:
-            for job in self._arrivals(wait=not batch):
-                if job is None:
-                    return
-                if not job.cancelled:
-                    self._add(batch, owners, job)
-            gone = [index for index, (job, _) in owners.items() if job.cancelled]
-            batch.cancel(gone)
-            for index in gone:
-                del owners[index]
-            if batch:
-                self.busy = True
-                batch = self._step(batch, owners)
-            else:
-                self._flush(0.0)  # nothing decoding: nothing may wait
+        self._work()
 
     def _work_in_turn(self) -> None:
         """For an engine that holds one sequence (llama.cpp's): admitted jobs run one after another,
@@ -148,43 +222,6 @@ class Scheduler:
             finally:
                 self.busy = not self._queue.empty()
 
-    def _step(self, batch: Batch, owners: dict) -> Batch:
-        """One decode step, its deltas sent to their jobs; after an error, a new empty batch."""
-        try:
-            deltas = batch.step()
-        except Exception as e:  # a bug or an engine error: every client in the batch hears of it
-            for job in {job for job, _ in owners.values()}:
-                job.fail(e)
-            owners.clear()
-            return Batch(self.engine)
-        self._send([(owners.pop(d.index) if d.finish_reason else owners[d.index], d) for d in deltas])
-        return batch
-
-    def _send(self, deltas: list) -> None:
-        """Deltas to their jobs, coalesced: a choice's text of several steps goes out as one delta at
-        most every `stream_interval` seconds. Every event costs the event loop Python work that
-        contends with this thread for the GIL (measured with one client: overhead against the engine
-        alone 9% with an event per token, 6% coalesced; at 4 and 16 clients steps take longer than the
-        interval, so little is merged); a choice's first delta and its last are sent at once, so the
-        time to first token and the end are never delayed (vLLM's --stream-interval, in time rather than tokens)."""
-        now, first = time.monotonic(), False
-        for key, d in deltas:
-            held = self._held.get(key)
-            if held is None:
-                first |= key[0].first_sent is False
-                key[0].first_sent = True
-                self._held[key] = d
-            else:
-                self._held[key] = dataclasses.replace(d, text=held.text + d.text)
-        if first or now - self._sent_at >= self.stream_interval or any(d.finish_reason for _, d in deltas):
-            self._flush(now)
-
-    def _flush(self, now: float) -> None:
-        if self._held:
-            self._deliver([(key, d) for key, d in self._held.items() if not key[0].cancelled])
-            self._held.clear()
-        self._sent_at = now
-
     @staticmethod
     def _deliver(deltas: list) -> None:
         """Hand a step's deltas ((job, choice), delta) to the event loop in one call, not one each: a
@@ -206,15 +243,6 @@ class Scheduler:
                 out.append(self._queue.get_nowait())
             except queue.Empty:
                 return out
-
-    @staticmethod
-    def _add(batch: Batch, owners: dict, job: Job) -> None:
-        try:
-            indices = batch.add(job.requests)
-        except Exception as e:  # an invalid request fails alone
-            job.fail(e)
-            return
-        owners.update((index, (job, i)) for i, index in enumerate(indices))
 
 
 def _put(items: list) -> None:
