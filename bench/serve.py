@@ -236,11 +236,15 @@ def main() -> int:
             # ±10% between identical runs) hurts both alike; best of N each: other work only slows a run.
             engine_runs, server_runs = [], []
             served = EngineProcess(model) if args.engine_process else engine
-            with live(create_app(served, max_concurrency=c)) as base:
-                server_run(base, c, 8)  # warm-up: the first request through the app
-                for _ in range(args.repeats):
-                    engine_runs.append(engine_run(engine, c, args.new_tokens))
-                    server_runs.append(server_run(base, c, args.new_tokens))
+            try:
+                with live(create_app(served, max_concurrency=c)) as base:
+                    server_run(base, c, 8)  # warm-up: the first request through the app
+                    for _ in range(args.repeats):
+                        engine_runs.append(engine_run(engine, c, args.new_tokens))
+                        server_runs.append(server_run(base, c, args.new_tokens))
+            finally:
+                if served is not engine:
+                    served.close()
             (e_tps, e_ttft), (s_tps, s_ttft) = max(engine_runs), max(server_runs)
             ratios = sorted(s[0] / e[0] for e, s in zip(engine_runs, server_runs))
             print(f"{c:>3} {e_tps:>13.1f} {s_tps:>13.1f} {100 * (1 - s_tps / e_tps):>8.1f}% "

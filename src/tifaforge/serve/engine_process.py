@@ -32,6 +32,7 @@ import dataclasses
 import itertools
 import logging
 import pickle
+import queue
 import threading
 from collections.abc import Sequence
 
@@ -61,7 +62,8 @@ class EngineProcess:
 
         self.max_concurrency = 4
         self.active, self.busy = 0, False
-        self._lock, self._send_lock = threading.Lock(), threading.Lock()
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the child, sent by `_sender`
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count()
         self._dead: str | None = None  # why requests can no longer be served
@@ -86,6 +88,8 @@ class EngineProcess:
         _, self.tokenizer, self.context = msg
         self._reader = threading.Thread(target=self._read, name="tifa-engine-reader", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, name="tifa-engine-sender", daemon=True)
+        self._sender.start()
 
     # -- what the app reads of an engine -----------------------------------------------------------
 
@@ -118,9 +122,11 @@ class EngineProcess:
         """Send an admitted request's rows to the engine process; call from the event loop."""
         job_id = next(self._ids)
         job = Job(requests, asyncio.get_running_loop(), lambda: self._closed(job_id))
-        self._jobs[job_id] = job
-        if self._dead or not self._post(("add", job_id, list(requests))):
-            job.fail(RuntimeError(self._dead or "the engine process is gone"))
+        self._jobs[job_id] = job  # before the check: the reader sets _dead, then fails every job it has
+        if self._dead:
+            job.fail(RuntimeError(self._dead))
+        else:
+            self._post(("add", job_id, list(requests)))
         return job
 
     def close(self) -> None:
@@ -128,6 +134,8 @@ class EngineProcess:
         if self._conn.closed:
             return
         self._post(("stop",))
+        self._outbox.put(None)
+        self._sender.join(30)
         self._proc.join(30)
         if self._proc.is_alive():
             self._proc.kill()
@@ -143,13 +151,17 @@ class EngineProcess:
         self._jobs.pop(job_id, None)
         self._post(("cancel", job_id))
 
-    def _post(self, msg) -> bool:
-        with self._send_lock:
+    def _post(self, msg) -> None:
+        """Queue a message for the child. Sent from a thread of its own: a pipe write blocks while the
+        pipe is full (the child reads between two steps), and the event loop must never block."""
+        self._outbox.put(msg)
+
+    def _send_loop(self) -> None:
+        while (msg := self._outbox.get()) is not None:
             try:
                 self._conn.send(msg)
-                return True
-            except (OSError, ValueError):  # the child is gone, or the pipe closed
-                return False
+            except (OSError, ValueError):  # the child is gone: the reader fails the jobs
+                pass
 
     def _read(self) -> None:
         """The reader thread: each message's deltas to their jobs' event loops, in one call per loop."""
