@@ -447,3 +447,89 @@ def test_a_looped_cpt_stage_saves_a_looped_model(packed, tiny_model_dir, tmp_pat
     assert all(0 < r["loop_grad_norm"] < math.inf for r in rows)  # the looped block's norm, logged apart
     with pytest.raises(Exception, match="tifaforge_looped"):
         AutoModelForCausalLM.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Priming the tags the loader added to a base that lacked them (train/prime.py)
+
+
+def _tagless_base(folder: Path, tied: bool) -> Path:
+    """A random Qwen2 base whose tokenizer has no template tags (like SmolLM2 or a Qwen2.5 base)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from tifaforge.models.load import save_model
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    text = (ROOT / "data" / "demo" / "en" / "sft.jsonl").read_text(encoding="utf-8")
+    raw.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied,
+                                        max_position_embeddings=2048))
+    return save_model(base, tok, folder)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_new_tags_are_primed_where_the_sft_data_puts_them(tmp_path, tied):
+    import torch
+
+    from tifaforge.chat.template import training_tokens
+    from tifaforge.data.conversations import check_file, to_chat
+    from tifaforge.models.load import load_model
+    from tifaforge.train.prime import prime_new_tokens
+
+    model, tok = load_model(_tagless_base(tmp_path / "base", tied), device="cpu")
+    records, _ = check_file(ROOT / "data" / "demo" / "en" / "sft.jsonl", "sft")
+    examples = []
+    for r in records[:20]:
+        ids, mask = training_tokens(to_chat(r, "Sam"), tok)
+        examples.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    train, held_out = examples[:16], examples[16:]
+    tags = ["<think>", "</think>", tok.eos_token]
+    tag_ids = tok.convert_tokens_to_ids(tags)
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+
+    def top_at_tags(exs) -> dict:
+        hits = dict.fromkeys(tags, 0)
+        with torch.no_grad():
+            for ex in exs:
+                pred = model(torch.tensor([ex["input_ids"]])).logits[0, :-1].argmax(-1)
+                for tag, tid in zip(tags, tag_ids):
+                    at = torch.tensor(ex["input_ids"][1:]) == tid
+                    hits[tag] += int((pred[at] == tid).sum())
+        return hits
+
+    assert top_at_tags(held_out) == dict.fromkeys(tags, 0)  # a mean row is never the top token
+    report = prime_new_tokens(model, tok, train)
+    assert set(report) == set(tags) and all(v["top_after"] > v["top_before"] for v in report.values())
+    after = top_at_tags(held_out)
+    assert all(after[t] >= 3 for t in tags), after  # 4 held-out examples: each tag occurs once in each
+    changed = (model.get_output_embeddings().weight != head_before).any(-1).nonzero().flatten().tolist()
+    assert sorted(changed) == sorted(tag_ids)  # only the primed rows moved
+    if not tied:  # untied: the input rows stay as the loader made them
+        assert torch.equal(model.get_input_embeddings().weight, emb_before)
+    assert sorted(model.config.tifaforge["primed_tokens"]) == sorted(tags)
+    assert prime_new_tokens(model, tok, train) == {}  # once per model
+
+
+def test_sft_stage_primes_a_tagless_base_once(tmp_path):
+    import json as _json
+
+    from tifaforge.stages import sft
+
+    base = _tagless_base(tmp_path / "base", tied=True)
+    sets = ["sft.data=" + str(ROOT / "data" / "demo" / "en" / "sft.jsonl"), "sft.steps=1", "sft.batch_size=2",
+            "sft.max_length=1024", "sft.save_every=1", "sft.samples_every=0", "sft.user_name=Sam"]
+    sft.run_stage(cfg_with(*sets), base, tmp_path / "02-sft")
+    record = _json.loads((tmp_path / "02-sft" / "model" / "config.json").read_text())["tifaforge"]
+    assert sorted(record["primed_tokens"]) == sorted(["<think>", "</think>", "<|end▁of▁sentence|>"])
+    off = cfg_with(*sets, "sft.prime_new_tokens=false")
+    sft.run_stage(off, base, tmp_path / "plain")
+    assert "primed_tokens" not in _json.loads((tmp_path / "plain" / "model" / "config.json").read_text())["tifaforge"]

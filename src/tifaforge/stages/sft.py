@@ -35,6 +35,10 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     # --- data: one example per assistant turn; labels only on the final assistant turn -----------
     dataset, chats = data.sft_examples(tc.data, tokenizer, tc)
     prompts = data.sft_sample_prompts(chats, tokenizer, tc.sample_prompts)
+    if tc.prime_new_tokens:  # tags the loader added to a base that lacked them (train/prime.py)
+        from tifaforge.train.prime import prime_new_tokens
+
+        prime_new_tokens(model, tokenizer, dataset)
 
     # --- trainer ---------------------------------------------------------------------------------
     trainer = SFTTrainer(

@@ -85,6 +85,9 @@ class SFTConfig(TrainConfig):
     per_turn: bool = opt(True, "One example per assistant turn of a multi-turn dialogue (false: the final turn only).")
     too_long: Literal["drop", "error"] = opt("drop", "An example over max_length: drop it (counted and reported) or stop.")
     user_name: str | None = opt(None, "{{user}} in character cards (null: the card's default).")
+    prime_new_tokens: bool = opt(True, "Before training, aim the output rows of template tags the loader added "
+                                 "(<think>, </think>, the end tag) at where the data puts them (train/prime.py); "
+                                 "once per model.")
 
 
 @dataclass
