@@ -157,3 +157,23 @@ def test_stage_effects_are_paired_by_prompt_and_seed():
     assert "| b vs a | **+0.05** ✓" in table and "| c vs b | -0.05 [" in table
     results["c"]["samples"] = results["c"]["samples"][:-1]  # not the same slots: nothing paired
     assert list(stage_effects(results, n_boot=50)) == ["b vs a"]
+
+
+def test_eval_scores_with_the_run_s_reward_section(trained_tiny_dir):
+    """The mean logic reward of the eval is the reward MGRPO trained on (the config's `reward`
+    section), not the defaults: with only the think-format rule weighted, each answer's reward is its
+    think-format score."""
+    from tifaforge.engine.generate import Engine
+    from tifaforge.eval.metrics import evaluate
+    from tifaforge.rewards.literary import RewardConfig, reward_with_user
+
+    engine = Engine.load(trained_tiny_dir, device="cpu")
+    cfg = EvalConfig(limit=3, max_new_tokens=12, bootstrap=20, user_name="小林")
+    only_format = RewardConfig(weights={"think_format": 1.0}, vetoes=[])
+    default = evaluate(engine, cfg, SamplingConfig(), progress=False)
+    run = evaluate(engine, cfg, SamplingConfig(), progress=False, reward=only_format)
+    assert [a["answer"] for a in run["samples"]] == [a["answer"] for a in default["samples"]]
+    assert [a["reward"] for a in run["samples"]] == [a["think_format"] for a in run["samples"]]
+    assert [a["reward"] for a in run["samples"]] != [a["reward"] for a in default["samples"]]
+    assert reward_with_user(only_format, "小林").user_name == "小林"  # the eval's user unless the section names one
+    assert reward_with_user(RewardConfig(user_name="Sam"), "小林").user_name == "Sam"

@@ -102,21 +102,22 @@ def pick_pair(reward, ctx, answers: list[str], cfg: MiningConfig, rng: random.Ra
 ROWS_PER_CALL = 16  # answers generated in one batch while mining
 
 
-def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningConfig, sampling, progress: bool = True) -> dict:
+def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningConfig, sampling, progress: bool = True,
+               reward=None) -> dict:
     """Mine pairs for every prompt of the split; write JSONL (DESIGN §2a) atomically; return the summary."""
     from tqdm import tqdm
 
     from tifaforge.data.conversations import check_file, to_chat
     from tifaforge.engine.generate import Request
     from tifaforge.errors import TifaError
-    from tifaforge.rewards.literary import LogicReward, RewardConfig
+    from tifaforge.rewards.literary import LogicReward, reward_with_user
     from tifaforge.utils import atomic_write_text
 
     records, _ = check_file(prompts_path, "prompts")
     records = [r for r in records if not cfg.split or r.split == cfg.split]
     if not records:
         raise TifaError(f"{prompts_path}: no prompts with split '{cfg.split}'")
-    reward = LogicReward(RewardConfig(user_name=cfg.user_name))
+    reward = LogicReward(reward_with_user(reward, cfg.user_name))  # the run's `reward` section
     mine = dataclasses.replace(sampling, temperature=cfg.temperature, top_p=cfg.top_p,
                                repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
     rng = random.Random(cfg.seed)
@@ -161,7 +162,7 @@ def run(args) -> int:
     from tifaforge.utils import atomic_write_json
 
     cfg = load_config(args.config, args.set)
-    s = mine_pairs(Engine.load(args.model), args.prompts, args.out, cfg.mining, cfg.sampling)
+    s = mine_pairs(Engine.load(args.model), args.prompts, args.out, cfg.mining, cfg.sampling, reward=cfg.reward)
     atomic_write_json(Path(args.out).with_suffix(".summary.json"), s)
     from tifaforge.config import save_resolved
 

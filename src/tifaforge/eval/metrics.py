@@ -144,7 +144,7 @@ def _resolve(p: str) -> Path:
     return path if path.is_absolute() or path.exists() else ROOT / path
 
 
-def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True) -> dict:
+def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=None) -> dict:
     """Generate on the eval prompts and measure; returns {"metrics", "samples", "n", ...}."""
     import dataclasses
 
@@ -153,10 +153,10 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True) -> dict:
     from tifaforge.data.conversations import to_chat
     from tifaforge.engine.generate import Request
     from tifaforge.rewards import rules
-    from tifaforge.rewards.literary import LogicReward, RewardConfig
+    from tifaforge.rewards.literary import LogicReward, reward_with_user
 
     records, _ = load_prompts(cfg)
-    reward = LogicReward(RewardConfig(user_name=cfg.user_name))
+    reward = LogicReward(reward_with_user(reward, cfg.user_name))  # the run's `reward` section, as MGRPO trains on
     # Answer j of prompt i has seed `seed + i + j * prompts`: with one answer each, prompt i's seed is seed + i.
     jobs = [(i, j) for j in range(cfg.samples) for i in range(len(records))]
     rows, contents, samples, groups = [], [], [], []

@@ -194,8 +194,9 @@ def training_curves(run: Path, out: Path) -> Path | None:
     return path
 
 
-def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress: bool = True) -> dict:
-    """Evaluate every model of `target`; write eval.json, report.md and plots/ into `out`."""
+def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress: bool = True, reward=None) -> dict:
+    """Evaluate every model of `target`; write eval.json, report.md and plots/ into `out`. `reward`: the
+    run's reward section (the mean logic reward is the one MGRPO trained on); None: the defaults."""
     from tifaforge.engine.generate import Engine
     from tifaforge.eval.metrics import evaluate
 
@@ -204,7 +205,7 @@ def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress
     results = {}
     for label, folder in pairs:
         engine = Engine.load(folder)
-        results[label] = evaluate(engine, cfg, sampling, progress=progress)
+        results[label] = evaluate(engine, cfg, sampling, progress=progress, reward=reward)
         results[label]["model"] = str(folder)
         del engine
     atomic_write_json(out / "eval.json", results)
@@ -234,7 +235,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.prompts:
         cfg.eval.prompts = args.prompts
-    res = run_eval(args.target, args.out, cfg.eval, cfg.sampling)
+    res = run_eval(args.target, args.out, cfg.eval, cfg.sampling, reward=cfg.reward)
     from tifaforge.config import save_resolved
 
     save_resolved(cfg, res["out"], "eval_config.yaml")  # what produced these numbers, beside them

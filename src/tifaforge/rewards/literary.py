@@ -28,6 +28,8 @@ Departures from DESIGN.md §5.2, and why:
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import json
 import os
@@ -118,6 +120,13 @@ def summarize(results: Mapping[str, RuleResult], cfg: RewardConfig) -> str:
     failing = [n for n, r in results.items() if r.message and r.score is not None and r.score < 1]
     lines = dict.fromkeys(results[n].message for n in sorted(failing, key=badness, reverse=True))
     return "\n".join(f"- {m}" for m in lines)
+
+
+def reward_with_user(cfg: RewardConfig | None, user_name: str | None) -> RewardConfig:
+    """The run's reward config (weights, bands, caps, blocklist) for a section that names its own user
+    (eval, mining): the reward section's user name wins when set. With no config, the defaults."""
+    cfg = cfg or RewardConfig()
+    return dataclasses.replace(cfg, user_name=cfg.user_name or user_name or "")
 
 
 class LogicReward:

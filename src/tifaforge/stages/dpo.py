@@ -100,7 +100,7 @@ def mined_pairs(cfg: Any, model_dir: str | Path, out: Path) -> list[dict]:
     path, summary_path = out / "pairs.jsonl", out / "pairs.summary.json"
     if stage.is_main() and not summary_path.exists():  # the summary is written after the pairs: marks them complete
         engine = Engine.load(model_dir)
-        summary = mine_pairs(engine, cfg.dpo.prompts, path, cfg.mining, cfg.sampling)
+        summary = mine_pairs(engine, cfg.dpo.prompts, path, cfg.mining, cfg.sampling, reward=cfg.reward)
         atomic_write_json(summary_path, summary)
         log.info("dpo: mined %d natural and %d synthetic pairs from %d prompts (%d impossible)",
                  summary["natural"], summary["synthetic"], summary["prompts"], summary["impossible"])
@@ -156,7 +156,7 @@ def evaluate_once(cfg: Any, model_dir: str | Path, path: Path, fresh: bool = Fal
     if path.exists() and not fresh:
         return json.loads(path.read_text(encoding="utf-8"))
     ecfg = dataclasses.replace(cfg.eval, limit=cfg.dpo.report_limit or cfg.eval.limit)
-    res = evaluate(Engine.load(model_dir), ecfg, cfg.sampling)
+    res = evaluate(Engine.load(model_dir), ecfg, cfg.sampling, reward=cfg.reward)
     res.pop("samples", None)
     atomic_write_json(path, res)
     return res
