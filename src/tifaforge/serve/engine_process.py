@@ -36,12 +36,12 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from tifaforge.serve.scheduler import Job, Worker, _put
+from tifaforge.serve.scheduler import Admission, Job, Worker, _put
 
 log = logging.getLogger("tifaforge.serve")
 
 
-class EngineProcess:
+class EngineProcess(Admission):
     """An engine loaded in a child process, with the scheduler interface the app uses
     (`try_admit`, `submit`, `close`, `active`, `busy`, `max_concurrency`) and the engine attributes
     it reads (`tokenizer`, `context`, `render`).
@@ -111,13 +111,6 @@ class EngineProcess:
         self._post(("config", stream_interval))
         return self
 
-    def try_admit(self) -> bool:
-        with self._lock:
-            if self.active >= self.max_concurrency:
-                return False
-            self.active += 1
-            return True
-
     def submit(self, requests: Sequence) -> Job:
         """Send an admitted request's rows to the engine process; call from the event loop."""
         job_id = next(self._ids)
@@ -146,8 +139,7 @@ class EngineProcess:
 
     def _closed(self, job_id: int) -> None:
         """A job is done or its client left: the slot is free at once; the child drops its rows."""
-        with self._lock:
-            self.active -= 1
+        self._release()
         self._jobs.pop(job_id, None)
         self._post(("cancel", job_id))
 

@@ -64,6 +64,25 @@ class Job:
             left -= item.finish_reason is not None
 
 
+class Admission:
+    """At most `max_concurrency` jobs admitted at once (`active`); past it, `try_admit` says no at once."""
+
+    max_concurrency: int
+    active: int
+    _lock: threading.Lock
+
+    def try_admit(self) -> bool:
+        with self._lock:
+            if self.active >= self.max_concurrency:
+                return False
+            self.active += 1
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
 class Worker:
     """The decode loop that owns the engine: between two steps it takes every job that arrived, drops
     the cancelled ones' rows, steps the batch and sends the deltas, coalesced (`_send`). Where the
@@ -152,7 +171,7 @@ class Worker:
         owners.update((index, (job, i)) for i, index in enumerate(indices))
 
 
-class Scheduler(Worker):
+class Scheduler(Admission, Worker):
     """The engine in a worker thread of the server's process (see the module docstring)."""
 
     def __init__(self, engine: Engine, max_concurrency: int, stream_interval: float = 0.02):
@@ -165,17 +184,6 @@ class Scheduler(Worker):
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tifa-engine", daemon=True)
         self._thread.start()
-
-    def try_admit(self) -> bool:
-        with self._lock:
-            if self.active >= self.max_concurrency:
-                return False
-            self.active += 1
-            return True
-
-    def _release(self) -> None:
-        with self._lock:
-            self.active -= 1
 
     def submit(self, requests: Sequence[Request]) -> Job:
         """Queue an admitted request's rows; call from the event loop after `try_admit()` said yes."""
