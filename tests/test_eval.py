@@ -177,3 +177,35 @@ def test_eval_scores_with_the_run_s_reward_section(trained_tiny_dir):
     assert [a["reward"] for a in run["samples"]] != [a["reward"] for a in default["samples"]]
     assert reward_with_user(only_format, "小林").user_name == "小林"  # the eval's user unless the section names one
     assert reward_with_user(RewardConfig(user_name="Sam"), "小林").user_name == "Sam"
+
+
+def test_an_earlier_evaluation_is_reused_only_when_its_key_matches(trained_tiny_dir, tmp_path):
+    """run_eval(reuse=...) takes an earlier result (the DPO stage's before/after) in place of generating,
+    but only for the same settings and the same weight files."""
+    import dataclasses
+    import os
+
+    cfg = EvalConfig(limit=2, max_new_tokens=6, bootstrap=20)
+    label = trained_tiny_dir.name
+    first = run_eval(trained_tiny_dir, tmp_path / "a", cfg, SamplingConfig(), progress=False)["results"][label]
+    doctored = json.loads(json.dumps(first))
+    doctored["metrics"]["reward"]["mean"] = 123.0  # a value no evaluation gives: shows which one was used
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(doctored), encoding="utf-8")
+
+    same = run_eval(trained_tiny_dir, tmp_path / "b", cfg, SamplingConfig(), progress=False, reuse=(earlier,))
+    assert same["results"][label]["metrics"]["reward"]["mean"] == 123.0
+    other_seed = run_eval(trained_tiny_dir, tmp_path / "c", dataclasses.replace(cfg, seed=1), SamplingConfig(),
+                          progress=False, reuse=(earlier,))
+    assert other_seed["results"][label]["metrics"]["reward"]["mean"] != 123.0
+    other_sampling = run_eval(trained_tiny_dir, tmp_path / "d", cfg, SamplingConfig(temperature=0.5),
+                              progress=False, reuse=(earlier,))
+    assert other_sampling["results"][label]["metrics"]["reward"]["mean"] != 123.0
+    model = tmp_path / label
+    shutil.copytree(trained_tiny_dir, model)
+    for f in model.glob("*.safetensors"):  # rewritten weights (a retrained stage): a new mtime
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    retrained = run_eval(model, tmp_path / "e", cfg, SamplingConfig(), progress=False, reuse=(earlier,))
+    assert retrained["results"][label]["metrics"]["reward"]["mean"] == first["metrics"]["reward"]["mean"]
+    assert run_eval(trained_tiny_dir, tmp_path / "f", cfg, SamplingConfig(), progress=False,
+                    reuse=(tmp_path / "missing.json",))["results"][label]["key"] == first["key"]

@@ -110,6 +110,28 @@ def test_rerun_skips_finished_stages(finished, tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 4
 
 
+def test_final_eval_reuses_the_dpo_stage_s_before_and_after(finished, tmp_path):
+    """The DPO stage's before/after evaluations (report_before/after.json, with their answers and key)
+    stand for 03-mgrpo and 04-dpo in the final eval when the settings and weights match; not otherwise."""
+    from tifaforge.eval.report import run_eval
+    from tifaforge.pipeline import run_pipeline
+
+    run, data = finished
+    copy = tmp_path / "pipe"
+    shutil.copytree(run, copy)
+    cfg = cfg_of(data)
+    res = run_eval(copy / "04-dpo" / "model", tmp_path / "e", cfg.eval, cfg.sampling, progress=False, reward=cfg.reward)
+    after = res["results"]["model"]
+    after["metrics"]["reward"]["mean"] = 123.0  # no evaluation gives it: shows which result was used
+    (copy / "04-dpo" / "report_after.json").write_text(json.dumps(after), encoding="utf-8")
+    run_pipeline(cfg, ["cpt", "sft", "mgrpo", "dpo"], copy)
+    ev = json.loads((copy / "eval.json").read_text(encoding="utf-8"))
+    assert ev["04-dpo"]["metrics"]["reward"]["mean"] == 123.0 and ev["04-dpo"]["key"] == after["key"]
+    assert ev["03-mgrpo"]["metrics"]["reward"]["mean"] != 123.0
+    run_pipeline(cfg_of(data, "eval.seed=5"), ["cpt", "sft", "mgrpo", "dpo"], copy)  # other settings: evaluated anew
+    assert json.loads((copy / "eval.json").read_text(encoding="utf-8"))["04-dpo"]["metrics"]["reward"]["mean"] != 123.0
+
+
 def test_changed_config_or_input_is_refused_then_restarted(finished, tmp_path):
     from tifaforge.pipeline import run_pipeline
 

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from tifaforge.config import SamplingConfig
-from tifaforge.data.preferences import MiningConfig, classify, inject_repetition, mine_pairs, pick_pair
+from tifaforge.data.preferences import MiningConfig, classify, inject_repetition, mine_pairs, pick_pair, pick_pairs
 from tifaforge.rewards import rules
 from tifaforge.rewards.literary import LogicReward, RewardConfig
 
@@ -50,6 +50,22 @@ def test_pick_pair_natural_synthetic_impossible(reward, ctx):
     assert outcome.startswith("impossible:no answer passes")
 
 
+def test_pick_pairs_several_per_prompt_worst_against_best(reward, ctx):
+    """With pairs_per_prompt = 2: the most repetitive answer against the least repetitive good one, then
+    the next two; no answer is used twice, and no more pairs than either side has."""
+    good2 = "<think>\n他想起了往事。\n</think>\n\n沈青崖笑了笑，把剑横在膝上。“雨停之前，谁也别走。”"
+    loop2 = "<think>\n想。\n</think>\n\n他说好的好的，他说好的好的，他说好的好的，他说好的好的，然后走进雨里。"
+    assert max(rules.repetition(ctx, a).score for a in (LOOP, loop2)) < MiningConfig().bad_below
+    assert rules.ngram_repetition_rate(LOOP) > rules.ngram_repetition_rate(loop2)  # LOOP is the worse one
+    cfg, rng = MiningConfig(pairs_per_prompt=2), random.Random(0)
+    pairs, outcome = pick_pairs(reward, ctx, [loop2, GOOD, LOOP, good2], cfg, rng)
+    assert outcome == "natural" and len(pairs) == 2
+    assert [p["rejected"] for p in pairs] == [LOOP, loop2]  # the worst first
+    assert {p["chosen"] for p in pairs} == {GOOD, good2} and not any(p["synthetic"] for p in pairs)
+    assert len(pick_pairs(reward, ctx, [loop2, GOOD, LOOP], cfg, rng)[0]) == 1  # one good answer: one pair
+    assert len(pick_pairs(reward, ctx, [loop2, GOOD, LOOP, good2], MiningConfig(), rng)[0]) == 1  # the default
+
+
 @pytest.fixture(scope="module")
 def looping_model(tiny_model_dir, tmp_path_factory):
     """The tiny preset trained on replies that loop a quarter of the time: sampling gives both kinds."""
@@ -77,11 +93,11 @@ def test_mining_a_looping_model_gives_natural_pairs(looping_model, tmp_path):
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"说说{w}。"}],
                                            "split": "train"}, ensure_ascii=False) + "\n"
                                for i, w in enumerate("雨剑酒")), encoding="utf-8")
-    cfg = MiningConfig(k=8, max_new_tokens=40, synthesize=False, temperature=1.0)
+    cfg = MiningConfig(k=8, max_new_tokens=40, synthesize=False, temperature=1.0, top_p=1.0)
     summary = mine_pairs(Engine.load(looping_model, device="cpu"), prompts, tmp_path / "pairs.jsonl", cfg,
                          SamplingConfig(), progress=False)
     pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert summary["natural"] >= 1 and len(pairs) == summary["natural"] + summary["synthetic"]
+    assert summary["natural"] >= 1 and len(pairs) == summary["pairs"] == summary["natural"] + summary["synthetic"]
     reward = LogicReward(RewardConfig())
     for p in pairs:
         c = reward.context(p["messages"])
@@ -177,7 +193,7 @@ def test_dpo_on_mined_pairs_lowers_repetition_on_held_out_prompts(looping_model,
     train = _prompts_file(tmp_path / "train.jsonl", "雨剑酒灯风月", "train")
     held = _prompts_file(tmp_path / "eval.jsonl", "江山雨剑酒灯", "eval")
     cfg = _dpo_cfg(f"dpo.prompts={train}", f"eval.prompts={held}", "eval.max_new_tokens=40", "eval.batch_size=6",
-                   "mining.k=8", "mining.max_new_tokens=40", "mining.temperature=1.0", "mining.synthesize=true",
+                   "mining.k=8", "mining.max_new_tokens=40", "mining.temperature=1.0", "mining.top_p=1.0", "mining.synthesize=true",
                    "sampling.temperature=1.0", "sampling.top_p=1.0", "sampling.repetition_penalty=1.0",
                    "dpo.steps=12", "dpo.max_length=128", "dpo.learning_rate=0.002", "dpo.beta=0.1",
                    "dpo.sft_weight=0.5")

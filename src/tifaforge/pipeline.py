@@ -169,7 +169,9 @@ def run_pipeline(cfg: Any, stages: list[str], run_dir: str | Path, *, restart_fr
     if evaluate:
         from tifaforge.eval.report import run_eval
 
-        result["eval"] = run_eval(run_dir, run_dir, cfg.eval, cfg.sampling, reward=cfg.reward)
+        dpo_dir = run_dir / STAGE_DIRS["dpo"]  # its before/after evaluations, where their keys still match
+        result["eval"] = run_eval(run_dir, run_dir, cfg.eval, cfg.sampling, reward=cfg.reward,
+                                  reuse=(dpo_dir / "report_before.json", dpo_dir / "report_after.json"))
         save_resolved(cfg, run_dir, "eval_config.yaml")
         for s in stages:
             write_model_card(run_dir / STAGE_DIRS[s], s, cfg, result["eval"]["results"].get(STAGE_DIRS[s]))

@@ -139,6 +139,25 @@ def load_prompts(cfg: EvalConfig):
     return chosen[: cfg.limit or None], path.parent
 
 
+def eval_key(model_dir: str | Path, cfg: EvalConfig, sampling, reward=None) -> str:
+    """What an evaluation's numbers depend on, hashed: the eval settings, the sampling, the reward
+    section, the package version and the model's weight files (name, size, mtime). Two evaluations with
+    one key give the same numbers (fixed seeds), so a result carrying it can be reused (the DPO stage's
+    before/after evaluations are the pipeline's final ones for those two models)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from tifaforge import __version__
+
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_dir).iterdir()
+                     if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    what = {"eval": dataclasses.asdict(cfg), "sampling": dataclasses.asdict(sampling),
+            "reward": dataclasses.asdict(reward) if reward is not None else None, "version": __version__,
+            "weights": weights}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _resolve(p: str) -> Path:
     path = Path(p)
     return path if path.is_absolute() or path.exists() else ROOT / path

@@ -11,10 +11,13 @@ repetition down after DPO) is visible at a glance.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tifaforge.errors import TifaError
 from tifaforge.utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # metric key -> (label, higher is better?)
 SHOWN = {
@@ -194,20 +197,37 @@ def training_curves(run: Path, out: Path) -> Path | None:
     return path
 
 
-def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress: bool = True, reward=None) -> dict:
+def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress: bool = True, reward=None,
+             reuse: tuple = ()) -> dict:
     """Evaluate every model of `target`; write eval.json, report.md and plots/ into `out`. `reward`: the
-    run's reward section (the mean logic reward is the one MGRPO trained on); None: the defaults."""
+    run's reward section (the mean logic reward is the one MGRPO trained on); None: the defaults.
+    `reuse`: JSON files of earlier evaluations (the DPO stage's before/after); one whose key
+    (metrics.eval_key: settings, sampling, reward, weights) is a model's current key stands for it."""
     from tifaforge.engine.generate import Engine
-    from tifaforge.eval.metrics import evaluate
+    from tifaforge.eval.metrics import eval_key, evaluate
 
     pairs = models_of(target)
     out = Path(out) if out else (Path(target) if len(pairs) > 1 else Path(target) / "eval")
+    earlier = {}
+    for f in reuse:
+        try:
+            res = json.loads(Path(f).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(res, dict) and "key" in res and "samples" in res:
+            earlier[res["key"]] = res
     results = {}
     for label, folder in pairs:
-        engine = Engine.load(folder)
-        results[label] = evaluate(engine, cfg, sampling, progress=progress, reward=reward)
+        key = eval_key(folder, cfg, sampling, reward)
+        if key in earlier:
+            log.info("eval: %s: reusing the evaluation made with the same settings and weights", label)
+            results[label] = dict(earlier[key])
+        else:
+            engine = Engine.load(folder)
+            results[label] = evaluate(engine, cfg, sampling, progress=progress, reward=reward)
+            results[label]["key"] = key
+            del engine
         results[label]["model"] = str(folder)
-        del engine
     atomic_write_json(out / "eval.json", results)
     plots = plot(results, out / "plots")
     table = format_table(results, cfg.max_new_tokens, sampling)

@@ -102,8 +102,8 @@ def mined_pairs(cfg: Any, model_dir: str | Path, out: Path) -> list[dict]:
         engine = Engine.load(model_dir)
         summary = mine_pairs(engine, cfg.dpo.prompts, path, cfg.mining, cfg.sampling, reward=cfg.reward)
         atomic_write_json(summary_path, summary)
-        log.info("dpo: mined %d natural and %d synthetic pairs from %d prompts (%d impossible)",
-                 summary["natural"], summary["synthetic"], summary["prompts"], summary["impossible"])
+        log.info("dpo: mined %d pairs from %d prompts (%d natural, %d synthetic, %d impossible)", summary["pairs"],
+                 summary["prompts"], summary["natural"], summary["synthetic"], summary["impossible"])
         del engine
     stage._wait_for(summary_path)
     return [{**obj, "source": f"{path}:{n}"} for n, obj in read_jsonl(path)]
@@ -149,15 +149,20 @@ def pair_dataset(pairs: list[dict], tokenizer, tc) -> tuple[Any, list[str]]:
 
 
 def evaluate_once(cfg: Any, model_dir: str | Path, path: Path, fresh: bool = False) -> dict:
-    """The eval metrics of `model_dir` (cached in `path`: a resumed stage does not redo "before")."""
+    """The eval metrics of `model_dir`, kept in `path` with their answers and the evaluation's key
+    (metrics.eval_key): a resumed stage does not redo "before" unless the settings or the model changed,
+    and the pipeline's final evaluation reuses both files instead of generating again."""
     from tifaforge.engine.generate import Engine
-    from tifaforge.eval.metrics import evaluate
+    from tifaforge.eval.metrics import eval_key, evaluate
 
-    if path.exists() and not fresh:
-        return json.loads(path.read_text(encoding="utf-8"))
     ecfg = dataclasses.replace(cfg.eval, limit=cfg.dpo.report_limit or cfg.eval.limit)
+    key = eval_key(model_dir, ecfg, cfg.sampling, cfg.reward)
+    if path.exists() and not fresh:
+        res = json.loads(path.read_text(encoding="utf-8"))
+        if res.get("key") == key:
+            return res
     res = evaluate(Engine.load(model_dir), ecfg, cfg.sampling, reward=cfg.reward)
-    res.pop("samples", None)
+    res["key"] = key
     atomic_write_json(path, res)
     return res
 
