@@ -209,3 +209,12 @@ def test_an_earlier_evaluation_is_reused_only_when_its_key_matches(trained_tiny_
     assert retrained["results"][label]["metrics"]["reward"]["mean"] == first["metrics"]["reward"]["mean"]
     assert run_eval(trained_tiny_dir, tmp_path / "f", cfg, SamplingConfig(), progress=False,
                     reuse=(tmp_path / "missing.json",))["results"][label]["key"] == first["key"]
+    from tifaforge.eval.metrics import ROOT, eval_key
+
+    prompts = tmp_path / "prompts.jsonl"  # the same path with other prompts in it: another key
+    shutil.copy(ROOT / "data/demo/prompts.jsonl", prompts)
+    mine = dataclasses.replace(cfg, prompts=str(prompts))
+    key = eval_key(trained_tiny_dir, mine, SamplingConfig())
+    assert key == eval_key(trained_tiny_dir, mine, SamplingConfig())
+    prompts.write_text(prompts.read_text(encoding="utf-8").replace("师姐", "师兄"), encoding="utf-8")
+    assert key != eval_key(trained_tiny_dir, mine, SamplingConfig())

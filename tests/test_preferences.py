@@ -114,8 +114,8 @@ def test_mining_reports_every_prompt(trained_tiny_dir, tmp_path, engine):
     from tifaforge.eval.metrics import ROOT
 
     summary = mine_pairs(engine, ROOT / "data/demo/prompts.jsonl", tmp_path / "p.jsonl", cfg, SamplingConfig(), progress=False)
-    assert summary["prompts"] == 10
-    assert summary["natural"] + summary["synthetic"] + summary["impossible"] == 10
+    assert summary["prompts"] == 25
+    assert summary["natural"] + summary["synthetic"] + summary["impossible"] == 25
     assert sum(summary["why_impossible"].values()) == summary["impossible"]
 
 

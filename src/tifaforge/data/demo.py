@@ -48,7 +48,7 @@ def parse_bank(text: str) -> dict[str, dict[str, list]]:
             block.setdefault(line[3:].strip(), []).append(current)
         else:
             key, _, value = line.partition(": ")
-            target = block if key in ("open", "style", "prompt") else current
+            target = block if key in ("open", "style", "prompt", "eval_prompt") else current
             target.setdefault(key.strip(), []).append(value.strip())
     return sections
 
@@ -290,7 +290,8 @@ def sft_records(chars: list[Character], per_char: int, rng: random.Random, lang:
 
 
 def prompt_records(chars: list[Character], rng: random.Random, lang: str) -> list[dict]:
-    """Each character's prompts; every fifth goes to eval; a third carry one exchange of history."""
+    """Each character's prompts; every fifth goes to eval, and the `eval_prompt` ones; a third carry one
+    exchange of history."""
     out = []
     for ch in chars:
         for i, text in enumerate(ch.bank["prompt"]):
@@ -302,6 +303,17 @@ def prompt_records(chars: list[Character], rng: random.Random, lang: str) -> lis
             out.append({"id": f"{lang}-{ch.key}-{i + 1:02d}", "card": ch.card_path,
                         "messages": msgs + [{"role": "user", "content": text}],
                         "split": "eval" if i % 5 == 4 else "train"})
+    # Held-out only prompts (`eval_prompt`), after the others and from their own generator, so the lines
+    # above stay as they were: 10 held-out prompts measured rare events (a looping answer) too loosely.
+    extra = random.Random(f"eval-prompts-{lang}")
+    for ch in chars:
+        for i, text in enumerate(ch.bank.get("eval_prompt", [])):
+            msgs = []
+            if extra.random() < 0.33:
+                s = extra.choice(ch.bank["situation"])
+                msgs = [{"role": "user", "content": s["user"][0]}, {"role": "assistant", "content": s["reply"][0]}]
+            out.append({"id": f"{lang}-{ch.key}-e{i + 1:02d}", "card": ch.card_path,
+                        "messages": msgs + [{"role": "user", "content": text}], "split": "eval"})
     return out
 
 

@@ -143,7 +143,8 @@ def eval_key(model_dir: str | Path, cfg: EvalConfig, sampling, reward=None) -> s
     """What an evaluation's numbers depend on, hashed: the eval settings, the sampling, the reward
     section, the package version and the model's weight files (name, size, mtime). Two evaluations with
     one key give the same numbers (fixed seeds), so a result carrying it can be reused (the DPO stage's
-    before/after evaluations are the pipeline's final ones for those two models)."""
+    before/after evaluations are the pipeline's final ones for those two models). The prompts and
+    held-out text count by content, not by path."""
     import dataclasses
     import hashlib
     import json
@@ -154,7 +155,9 @@ def eval_key(model_dir: str | Path, cfg: EvalConfig, sampling, reward=None) -> s
                      if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
     what = {"eval": dataclasses.asdict(cfg), "sampling": dataclasses.asdict(sampling),
             "reward": dataclasses.asdict(reward) if reward is not None else None, "version": __version__,
-            "weights": weights}
+            "weights": weights,
+            "files": {name: hashlib.sha256(_resolve(f).read_bytes()).hexdigest() if f and _resolve(f).is_file() else None
+                      for name, f in (("prompts", cfg.prompts), ("ppl_text", cfg.ppl_text))}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
