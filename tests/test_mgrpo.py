@@ -36,6 +36,10 @@ from tifaforge.rl.losses import (
 DEMO = ROOT / "data" / "demo"
 
 
+# A reward proportional to the answer's length (far below the band): the samples of a group score
+# apart unless they are exactly as long, so the first update has advantages to move the policy with.
+# (Format rewards on a few tokens of a warmed-up model often tie the whole group: zero advantages.)
+BY_LENGTH = ("reward.weights={answer_length: 1.0}", "reward.answer_length_zh=[200, 400]")
 SHORT_PROMPTS = ["师姐，你教我画引火符好不好？", "今天饭堂又是白菜豆腐，我实在吃不下了。", "外面下雨了，我们去哪儿？",
                  "你觉得内门的大师兄怎么样？"]
 
@@ -403,8 +407,8 @@ def test_a_looped_policy_trains_and_keeps_its_loop(trained_tiny_dir, short_promp
     from tifaforge.models.looping import get_loop
     from tifaforge.stages.mgrpo import run_stage
 
-    cfg = stage_cfg("mgrpo.steps=1", "mgrpo.group_size=2", "mgrpo.max_new_tokens=6", "model.loop.start=1",
-                    "model.loop.end=3", "model.loop.k=2", prompts=short_prompts)
+    cfg = stage_cfg("mgrpo.steps=1", "mgrpo.group_size=3", "mgrpo.max_new_tokens=6", "model.loop.start=1",
+                    "model.loop.end=3", "model.loop.k=2", *BY_LENGTH, prompts=short_prompts)
     out = run_stage(cfg, trained_tiny_dir, tmp_path / "03-mgrpo")
     model, _ = load_model(out, device="cpu")
     assert get_loop(model) is not None and get_loop(model).cfg.k == 2
@@ -496,7 +500,7 @@ def test_lora_stage_saves_a_merged_plain_transformers_model(trained_tiny_dir, sh
     from tifaforge.models.load import load_model
     from tifaforge.stages.mgrpo import run_stage
 
-    cfg = stage_cfg(*LORA, "mgrpo.steps=2", "mgrpo.learning_rate=0.01", prompts=short_prompts)
+    cfg = stage_cfg(*LORA, "mgrpo.steps=2", "mgrpo.learning_rate=0.01", *BY_LENGTH, prompts=short_prompts)
     out = run_stage(cfg, trained_tiny_dir, tmp_path / "out")
     assert out == tmp_path / "out" / "model"
     rows = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

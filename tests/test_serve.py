@@ -25,8 +25,23 @@ from tifaforge.serve.protocol import ChatRequest, sampling_for
 from tifaforge.config import SamplingConfig
 
 USERS = ["你好", "今天天气如何", "讲个故事", "hello", "我们去哪", "你是谁", "累了", "吃了吗"]
-THINK_TEXTS = [f"<|begin▁of▁sentence|>系统<|User|>{u}<|Assistant|><think>\n先想一想。\n</think>\n好的，我在。"
-               "<|end▁of▁sentence|>" for u in USERS] * 4
+# The chat page's card (test_serve_page.py) as a system prompt, with its greeting as an earlier turn:
+# the think model is trained on the contexts it is served in, so it opens its think block there too.
+PAGE_CARD = {"spec": "chara_card_v2", "spec_version": "2.0",
+             "data": {"name": "沈青崖", "description": "剑客。", "first_mes": "*抬眼* 何事？"}}
+
+
+def _think_texts() -> list[str]:
+    from tifaforge.chat.cards import card_from_dict, card_to_system_prompt
+
+    systems = ["系统", "", card_to_system_prompt(card_from_dict(PAGE_CARD), "小林")]  # the page's default name
+    greeting = f"<|Assistant|>{PAGE_CARD['data']['first_mes']}<|end▁of▁sentence|>"
+    return [f"<|begin▁of▁sentence|>{s}{greeting if (i + j) % 2 else ''}<|User|>{u}<|Assistant|>"
+            "<think>\n先想一想。\n</think>\n好的，我在。<|end▁of▁sentence|>"
+            for i, u in enumerate(USERS) for j, s in enumerate(systems)]
+
+
+THINK_TEXTS = _think_texts()
 KEY = "sk-test-0123456789abcdef"
 
 
@@ -57,8 +72,8 @@ def think_dir(tiny_model_dir):
     from tifaforge.models.presets import warm_up
 
     key = hashlib.sha256(("".join(THINK_TEXTS) + str(tiny_model_dir)).encode()).hexdigest()[:12]
-    return cached_dir("tiny-think", key, lambda p: warm_up(tiny_model_dir, p / "model", THINK_TEXTS, steps=30,
-                                                           seq_len=48, batch=4)) / "model"
+    return cached_dir("tiny-think", key, lambda p: warm_up(tiny_model_dir, p / "model", THINK_TEXTS, steps=150,
+                                                           seq_len=128, batch=4)) / "model"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from tifaforge.chat.cards import load_card
 from tifaforge.serve.app import create_app
 from test_serve import KEY, live
-from test_serve import think_dir  # noqa: F401  (fixture)
+from test_serve import PAGE_CARD, think_dir  # noqa: F401  (fixture)
 
 EVIL = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script><b>粗</b>'
 DEMO_PNG = Path(__file__).resolve().parents[1] / "data/demo/cards/lin_xiaoman.png"
@@ -44,8 +44,7 @@ def page_url(think_dir):
 
     evil_card = {"spec": "chara_card_v2", "spec_version": "2.0",
                  "data": {"name": "坏人" + EVIL, "description": EVIL, "first_mes": "你好" + EVIL}}
-    cards = [{"spec": "chara_card_v2", "spec_version": "2.0",
-              "data": {"name": "沈青崖", "description": "剑客。", "first_mes": "*抬眼* 何事？"}}, evil_card]
+    cards = [PAGE_CARD, evil_card]
     with live(create_app(Engine.load(think_dir, device="cpu"), api_key=KEY, cards=cards)) as base:
         yield base
 

@@ -341,13 +341,13 @@ def test_sft_learns_the_think_format(tmp_path, trained_tiny_dir):
     from tifaforge.engine.generate import Engine
     from tifaforge.stages import sft
 
-    cfg = cfg_with(f"sft.data={write_dialogues(tmp_path / 'd.jsonl')}", "sft.steps=40", "sft.batch_size=6",
+    cfg = cfg_with(f"sft.data={write_dialogues(tmp_path / 'd.jsonl')}", "sft.steps=60", "sft.batch_size=6",
                    "sft.max_length=128", "sft.learning_rate=0.003", "sft.warmup=0", "sft.lr_scheduler=constant",
-                   "sft.save_every=40", "sft.log_every=10", "sft.samples_every=40", "sft.sample_prompts=2")
+                   "sft.save_every=60", "sft.log_every=10", "sft.samples_every=60", "sft.sample_prompts=2")
     model_dir = sft.run_stage(cfg, trained_tiny_dir, tmp_path / "02-sft")
     engine = Engine.load(model_dir, device="cpu")
     greedy = cfg.sampling.__class__(do_sample=False, repetition_penalty=1.0, max_new_tokens=32)
-    for user, think, answer in DIALOGUES[:2]:
+    for user, think, answer in DIALOGUES[:3]:
         r = engine.chat([{"role": "user", "content": user}], greedy)
         assert r.text.startswith("<think>\n") and r.finish_reason == "stop", r.text
         assert r.reasoning.strip() == think and r.content.strip()[:2] == answer[:2], r.text

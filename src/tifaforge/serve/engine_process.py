@@ -129,6 +129,10 @@ class EngineProcess(Admission):
         self._post(("stop",))
         self._outbox.put(None)
         self._sender.join(30)
+        # The reader sees the pipe close when the child exits, then reaps it: wait for it before
+        # joining here, as two threads in Process.join race on waitpid (the loser reads the reaped
+        # child as alive, with no exit code).
+        self._reader.join(35)
         self._proc.join(30)
         if self._proc.is_alive():
             self._proc.kill()
