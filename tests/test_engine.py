@@ -15,6 +15,8 @@ CHATS = [
     [{"role": "user", "content": "Tell me about the inn."}],
 ]
 
+NOVEL = "第一章　雨夜客栈\n\n暮色压着青石镇的屋檐，"
+
 
 def test_greedy_equals_model_generate(engine):
     for chat in CHATS:
@@ -29,20 +31,36 @@ def test_greedy_equals_model_generate(engine):
 
 
 def test_greedy_with_repetition_penalty_equals_model_generate(engine):
-    s = SamplingConfig(do_sample=False, repetition_penalty=1.17, max_new_tokens=24)
-    prompt = engine.render(CHATS[1])
-    ours = engine.generate([Request(prompt, s)])[0]
-    enc = engine.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    ref = engine.model.generate(**enc, do_sample=False, max_new_tokens=24, repetition_penalty=1.17,
-                                eos_token_id=sorted(engine.stop_ids), pad_token_id=engine.tokenizer.pad_token_id)
-    assert ours.token_ids == [t for t in ref[0, enc.input_ids.shape[1]:].tolist() if t not in engine.stop_ids]
+    """Stop tokens off (both sides run all 24 tokens), the seed's penalty and a strong one that breaks
+    the tiny model's greedy loops, so those texts vary and a wrong position or penalty would show."""
+    endless = copy.copy(engine)
+    endless.stop_ids = set()
+    texts = []
+    for penalty in (1.17, 2.0):
+        s = SamplingConfig(do_sample=False, repetition_penalty=penalty, max_new_tokens=24)
+        for prompt in [engine.render(c) for c in CHATS] + [NOVEL]:
+            ours = endless.generate([Request(prompt, s)])[0]
+            enc = engine.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            ref = engine.model.generate(**enc, do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                        repetition_penalty=penalty, pad_token_id=engine.tokenizer.pad_token_id)
+            assert ours.token_ids == ref[0, enc.input_ids.shape[1]:].tolist()
+            texts.append(ours.token_ids)
+    assert sum(len(set(t)) >= 16 for t in texts[4:]) >= 3, [len(set(t)) for t in texts]  # 2.0: no short loop
 
 
 def test_batched_equals_unbatched_per_row(engine):
-    reqs = [Request(engine.render(c), GREEDY) for c in CHATS]
-    batched = engine.generate(reqs)
-    for req, b in zip(reqs, batched):
-        assert engine.generate([req])[0].token_ids == b.token_ids
+    """Prompts of very different lengths (left padding up to ~40 tokens), greedy and seeded sampling at
+    temperature 1: the tiny model's greedy text soon loops, sampled text does not, so a batch that let
+    a row see its padding, or shifted its positions, would change these tokens."""
+    prompts = [engine.render(c) for c in CHATS] + [NOVEL * 4]
+    lengths = [len(engine.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert max(lengths) - min(lengths) > 30
+    sampled = SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=11)
+    for s in (GREEDY, sampled):
+        reqs = [Request(p, s) for p in prompts]
+        batched = [r.token_ids for r in engine.generate(reqs)]
+        assert batched == [engine.generate([r])[0].token_ids for r in reqs]
+    assert len({tuple(t) for t in batched}) == len(prompts) and sum(len(t) > 4 for t in batched) >= 3  # varied
 
 
 def test_sampling_is_reproducible_per_seed_and_mixed_settings(engine):
