@@ -128,29 +128,53 @@ def test_chat_interactive_commands(trained_tiny_dir, tmp_path):
     assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "你好"
 
 
-def test_revise_last_replaces_a_faulty_answer_only_when_better(engine):
+def test_revise_before_answering_shows_the_better_of_first_answer_and_rewrite(engine):
+    """`say(text, reviser)`: the first answer is generated whole and scored; the rules' messages ask for
+    a rewrite; the answer shown (one delta) and kept in the history is the better of the two."""
+    from tifaforge.engine.generate import Engine
     from tifaforge.rewards.literary import LogicReward, RewardConfig
 
-    s = ChatSession(engine, sampling=SamplingConfig(max_new_tokens=24, seed=2))
-    list(s.say("你好"))
-    s.last_text = "走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧"  # no think block and a loop: the rules object
-    s.history[-1]["content"] = s.last_text
-    reward = LogicReward(RewardConfig())
-    before = reward.score(reward.context(s.messages()[:-1]), s.last_text).total
-    new = s.revise_last(reward)
-    if new is not None:  # a revision is kept only when it scores higher, and then it replaces the turn
-        assert reward.score(reward.context(s.messages()[:-1]), new).total > before
-        assert s.history[-1]["content"] == new.split("</think>")[-1].lstrip()
-    else:
-        assert s.history[-1]["content"] == "走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧"
-    with pytest.raises(TifaError, match="nothing to revise"):
-        ChatSession(engine).revise_last(reward)
+    class Recording(Engine):  # the real engine, remembering what it was asked
+        def generate(self, requests):
+            self.prompts = getattr(self, "prompts", []) + [r.prompt for r in requests]
+            return super().generate(requests)
+
+    # the answer scored by its length against a band far above what 24 tokens can reach: the rules
+    # always complain, and a longer rewrite scores higher
+    reward = LogicReward(RewardConfig(weights={"answer_length": 1.0}, vetoes=[], answer_length_zh=(200, 400)))
+    shown = []
+    for seed in range(6):
+        eng = Recording(engine.model, engine.tokenizer)
+        s = ChatSession(eng, system="你是沈青崖。", sampling=SamplingConfig(max_new_tokens=24, seed=seed, temperature=1.0,
+                                                                       top_p=1.0))
+        deltas = list(s.say("你好", (reward, None)))
+        rev = s.last_revision
+        assert len(deltas) == 1 and deltas[0].text == rev.final.text and deltas[0].finish_reason
+        assert len(eng.prompts) == 2 and "回答太短" in eng.prompts[1] and "OOC" in eng.prompts[1]  # rules' messages
+        assert rev.summary and rev.rewrite is not None
+        assert rev.revised == (rev.rewrite_score > rev.first_score)
+        assert rev.final is (rev.rewrite if rev.revised else rev.first)
+        assert s.history[-1] == {"role": "assistant", "content": rev.final.text.split("</think>")[-1].lstrip()}
+        assert ("采用重写" if rev.revised else "保留初稿") in rev.describe()
+        shown.append(rev.revised)
+        # the engine option gives the same answer for the same seed
+        assert engine.chat(s.messages()[:-1], s.sampling, revise=reward).text == rev.final.text
+    assert any(shown), "in six seeds no rewrite scored higher"
+    # nothing to fix: the first answer, no second generation
+    lenient = LogicReward(RewardConfig(weights={"answer_length": 1.0}, vetoes=[], answer_length_zh=(1, 10_000)))
+    eng = Recording(engine.model, engine.tokenizer)
+    s = ChatSession(eng, sampling=SamplingConfig(max_new_tokens=8, seed=1))
+    list(s.say("你好", (lenient, None)))
+    assert len(eng.prompts) == 1 and not s.last_revision.revised and "没有发现问题" in s.last_revision.describe()
 
 
 def test_chat_once_with_revise(trained_tiny_dir):
-    code, out = run_in_pty(["chat", str(trained_tiny_dir), "--once", "你好", "--revise", "--set", "sampling.max_new_tokens=12"])
+    code, out = run_in_pty(["chat", str(trained_tiny_dir), "--once", "你好", "--revise", "--set", "sampling.max_new_tokens=12",
+                            "--set", "reward.weights={answer_length: 1.0}", "--set", "reward.answer_length_zh=[200, 400]",
+                            "--set", "reward.vetoes=[]"])
     assert code == 0, out
-    assert "revise" in out  # either the revised answer or the note that nothing better came
+    assert "自我修订：初稿" in out and "回答太短" in out and ("采用重写" in out or "保留初稿" in out), out
+    assert "revised:" not in out  # one answer, shown after the revision
 
 
 def test_chat_once_with_the_llamacpp_backend(trained_tiny_dir, tmp_path):

@@ -52,7 +52,8 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", metavar="TEXT", help="answer one message and exit (non-interactive)")
     p.add_argument("--hide-think", action="store_true", help="do not show think blocks (/think on|off in chat)")
     p.add_argument("--revise", action="store_true",
-                   help="after each answer, MGRPO's pass 2 once: the rules' messages ask for a revision, kept if it scores higher")
+                   help="revise each answer once before showing it (MGRPO's pass 2): the rules score the first "
+                        "answer; if they complain, their messages ask for a rewrite, shown if it scores higher")
     p.add_argument("--config", help="a config file whose `sampling` section sets generation")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")

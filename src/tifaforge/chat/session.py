@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tifaforge.chat.template import strip_think
 from tifaforge.config import SamplingConfig
@@ -29,7 +30,8 @@ class ChatSession:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     history: list[dict] = field(default_factory=list)  # user/assistant turns; assistant content has no think
     notices: list[str] = field(default_factory=list)  # things the user should be told (trimmed turns)
-    last_text: str | None = None  # the last answer as generated (think block included), for --revise
+    last_text: str | None = None  # the last answer as generated (think block included)
+    last_revision: Any = None  # with a reviser: the last answer's `rl.revise.Revision`
 
     @classmethod
     def from_card(cls, engine: Engine, card_path: str | Path | None, user: str | None, **kw) -> ChatSession:
@@ -71,46 +73,44 @@ class ChatSession:
             raise TifaError(f"the card and last message alone take {n} tokens; the context is {self.engine.context}")
         return text
 
-    def say(self, text: str) -> Iterator[Delta]:
-        """Add a user turn and stream the answer; the answer joins the history when the stream ends."""
+    def say(self, text: str, reviser=None) -> Iterator[Delta]:
+        """Add a user turn and stream the answer; the answer joins the history when the stream ends.
+        `reviser`: (LogicReward, card dict or None) to revise the answer once before it is shown
+        (`_answer`)."""
         if not text.strip():
             raise TifaError("empty message")
         self.history.append({"role": "user", "content": text})
-        return self._answer()
+        return self._answer(reviser)
 
-    def regenerate(self) -> Iterator[Delta]:
+    def regenerate(self, reviser=None) -> Iterator[Delta]:
         if self.history and self.history[-1]["role"] == "assistant":
             self.history.pop()
         if not self.history or self.history[-1]["role"] != "user":
             raise TifaError("nothing to regenerate: say something first")
-        return self._answer()
+        return self._answer(reviser)
 
-    def _answer(self) -> Iterator[Delta]:
-        request = Request(self.prompt(), self.sampling)
+    def _answer(self, reviser=None) -> Iterator[Delta]:
+        self.last_revision = None
+        prompt = self.prompt()
+        if reviser is not None:
+            # MGRPO's pass 2 before answering: the first answer is generated whole, scored by the rules,
+            # rewritten once with their messages if they complain; the better one is the answer, in one piece.
+            from tifaforge.rl.revise import answer_revised
+
+            reward, card = reviser
+            self.last_revision = answer_revised(self.engine, self.messages(), reward, self.sampling, card, prompt=prompt)
+            final = self.last_revision.final
+            self.last_text = final.text
+            self.history.append({"role": "assistant", "content": strip_think(final.text).lstrip()})
+            yield Delta(0, final.text, final.finish_reason, len(final.token_ids))
+            return
+        request = Request(prompt, self.sampling)
         text = ""
         for d in self.engine.stream([request]):
             text += d.text
             yield d
         self.last_text = text
         self.history.append({"role": "assistant", "content": strip_think(text).lstrip()})
-
-    def revise_last(self, reward, card: dict | None = None) -> str | None:
-        """MGRPO's pass 2 at inference: if the rules find fault with the last answer, ask for a
-        revision guided by their messages and keep it when it scores higher. Returns the new text
-        (think block included) or None when the answer stays."""
-        from tifaforge.engine.generate import Result
-        from tifaforge.rl.revise import revise
-
-        if not self.history or self.history[-1]["role"] != "assistant" or not self.last_text:
-            raise TifaError("nothing to revise: say something first")
-        context = self.messages()[:-1]
-        first = Result(self.last_text, [], "stop", None, "", 0)
-        better = revise(self.engine, context, first, reward, self.sampling, card=card)
-        if better is first:
-            return None
-        self.last_text = better.text
-        self.history[-1] = {"role": "assistant", "content": strip_think(better.text).lstrip()}
-        return better.text
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, {"system": self.system, "greeting": self.greeting, "history": self.history})

@@ -2,6 +2,7 @@
 
     tifa chat models/tiny --card data/demo/cards/shen_qingya.json --user 小林
     tifa chat models/tiny --once "你好"          # one turn, non-interactive (scripts, tests)
+    tifa chat models/tiny --revise             # each answer revised once by the rules before it is shown
 
 Commands inside the chat: /think on|off, /reset, /regen, /save FILE, /load FILE, /quit.
 """
@@ -42,8 +43,8 @@ def _chat(args, cfg, console, engine) -> int:
     show = {"think": not args.hide_think}
     reviser = _reviser(args, cfg) if args.revise else None
     if args.once is not None:
-        _stream(console, session.say(args.once), show["think"])
-        _maybe_revise(console, session, reviser, show["think"])
+        _stream(console, _announced(console, session, session.say(args.once, reviser)), show["think"])
+        _notices(console, session)
         return 0
     name = args.user or "你"
     console.print(f"[bold]tifa chat[/] — {args.model}. {HELP}")
@@ -57,16 +58,19 @@ def _chat(args, cfg, console, engine) -> int:
             return 0
         try:
             if line.startswith("/"):
-                if _command(console, session, line.strip(), show):
+                if _command(console, session, line.strip(), show, reviser):
                     return 0
             elif line.strip():
-                _stream(console, session.say(line), show["think"])
-                _maybe_revise(console, session, reviser, show["think"])
+                _stream(console, _announced(console, session, session.say(line, reviser)), show["think"])
         except TifaError as e:
             console.print(f"[red]error:[/] {e}")
-        for notice in session.notices:
-            console.print(f"[yellow]{notice}[/]")
-        session.notices.clear()
+        _notices(console, session)
+
+
+def _notices(console, session: ChatSession) -> None:
+    for notice in session.notices:
+        console.print(f"[yellow]{notice}[/]")
+    session.notices.clear()
 
 
 def _reviser(args, cfg):
@@ -81,21 +85,17 @@ def _reviser(args, cfg):
     return LogicReward(cfg.reward), card
 
 
-def _maybe_revise(console, session: ChatSession, reviser, show_think: bool) -> None:
-    """With --revise: one rule-guided revision of the answer (MGRPO's pass 2), shown if it won."""
-    if reviser is None:
-        return
-    text = session.revise_last(*reviser)
-    if text is None:
-        console.print("[dim](revise: the rules found nothing better to change)[/]")
-        return
-    console.print("[yellow]revised:[/]")
-    from tifaforge.engine.generate import Delta
-
-    _stream(console, iter([Delta(0, text, "stop")]), show_think)
+def _announced(console, session: ChatSession, deltas):
+    """The answer's deltas; with --revise, first a line on what the rules found in the first answer
+    and which answer is shown (the answer arrives once the revision is done)."""
+    for d in deltas:
+        if session.last_revision is not None:
+            console.print(session.last_revision.describe(), style="dim", markup=False)
+            session.last_revision = None
+        yield d
 
 
-def _command(console, session: ChatSession, line: str, show: dict) -> bool:
+def _command(console, session: ChatSession, line: str, show: dict, reviser=None) -> bool:
     """Run one /command; True means quit."""
     cmd, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -108,7 +108,7 @@ def _command(console, session: ChatSession, line: str, show: dict) -> bool:
         session.reset()
         console.print("history cleared")
     elif cmd == "/regen":
-        _stream(console, session.regenerate(), show["think"])
+        _stream(console, _announced(console, session, session.regenerate(reviser)), show["think"])
     elif cmd in ("/save", "/load") and arg:
         getattr(session, cmd[1:])(arg)
         console.print(f"{cmd[1:]}d {arg}" if cmd == "/save" else f"loaded {arg} ({len(session.history)} messages)")

@@ -180,8 +180,17 @@ class Engine:
 
         return render(messages, self.tokenizer, add_generation_prompt=add_generation_prompt)
 
-    def chat(self, messages: list[dict], sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> Result:
-        return self.generate([Request(self.render(messages), sampling or SamplingConfig(), stop)])[0]
+    def chat(self, messages: list[dict], sampling: SamplingConfig | None = None, stop: Sequence[str] = (),
+             revise=None, card: dict | None = None) -> Result:
+        """One answer to `messages`. `revise`: a `LogicReward`; the answer is then MGRPO's pass 2 run
+        once before answering (`rl.revise.answer_revised`): the first answer, scored by the rules and,
+        if they complain, rewritten once with their messages; the better of the two is returned."""
+        sampling = sampling or SamplingConfig()
+        if revise is not None:
+            from tifaforge.rl.revise import answer_revised
+
+            return answer_revised(self, messages, revise, sampling, card, stop=stop).final
+        return self.generate([Request(self.render(messages), sampling, stop)])[0]
 
     def generate(self, requests: Sequence[Request]) -> list[Result]:
         rows = self._rows(requests)
