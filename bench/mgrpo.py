@@ -6,7 +6,8 @@ Same model (the tiny preset unless --model), same prompts (the demo prompts), sa
 completion cap, same reward (the logic reward's total) and optimiser settings on both sides; TRL
 runs with the CPU flags of research/feasibility.md (fp32, no gradient checkpointing). MGRPO is
 timed twice: pass 2 off (plain GRPO through our engine and loss) and pass 2 on every answer with
-M = 1 (its sequences counted too). The first update of each is a warm-up and is not timed.
+M = 1 (its sequences counted too). The first update of each is a warm-up and is not timed; both
+sides are timed from the end of one update to the end of the next (logging and scoring included).
 Prints one line per trainer and the ratios ours / TRL (target >= 1.3 for sequences/s).
 """
 
@@ -38,14 +39,15 @@ def bench_config(a, pass2: str):
 
 
 def run_ours(a, model: Path, pass2: str, tmp: Path) -> tuple[float, float]:
-    """(sequences/s, s/update) over updates 2.. from the stage's own metrics."""
+    """(sequences/s, s/update) over updates 2.., timed from the end of one update to the end of the
+    next (the metrics rows' wall-clock stamps), as TRL's side is timed from step end to step end."""
     out = tmp / f"mgrpo-{pass2}"
     run_stage(bench_config(a, pass2), model, out, resume=False)
     import json
 
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    secs = [r["gen_s"] + r["train_s"] for r in rows]
-    return sum(r["sequences"] for r in rows) / sum(secs), statistics.mean(secs)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    secs = [b["time"] - a_["time"] for a_, b in zip(rows, rows[1:])]
+    return sum(r["sequences"] for r in rows[1:]) / sum(secs), statistics.mean(secs)
 
 
 def run_trl(a, model: Path, tmp: Path) -> tuple[float, float]:

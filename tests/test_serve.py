@@ -525,6 +525,80 @@ def test_engine_process_that_dies_fails_its_streams_and_health_says_so(tiny_mode
         proc.close()
 
 
+def test_engine_process_stops_when_its_server_is_killed_mid_generation(tiny_model_dir, tmp_path):
+    """`tifa serve` SIGKILLed while a long stream is decoding (no clean close): the engine process
+    sees its pipe close and exits instead of decoding on, or spinning, as an orphan."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "tifaforge.cli", "serve", str(tiny_model_dir), "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                return httpx.get(base + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait(up, 120)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert children, "no engine process"
+        with httpx.stream("POST", base + "/v1/completions", json=LONG, timeout=120) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # decoding (3000 tokens asked)
+            server.send_signal(signal.SIGKILL)
+            server.wait(30)
+        for pid in children:
+            _wait(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), 30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for pid in children if "children" in dir() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+def test_engine_child_stops_at_the_end_of_its_pipe_while_decoding(long_engine):
+    """The server's end of the pipe closes cleanly (the server exited without a stop message) while a
+    long request decodes: the child's loop sees end-of-file and returns, instead of reading "stop"
+    again and again (poll() stays true at EOF) and spinning as an orphan."""
+    import multiprocessing as mp
+    import os
+    import socket
+
+    from tifaforge.engine.generate import Request
+    from tifaforge.serve.engine_process import _ChildWorker
+
+    parent, child = mp.get_context("spawn").Pipe()
+    worker = threading.Thread(target=_ChildWorker(long_engine, child, 0.0)._work, daemon=True)
+    worker.start()
+    parent.send(("add", 0, [Request("<|begin▁of▁sentence|><|User|>写<|Assistant|>",
+                                    SamplingConfig(max_new_tokens=3000, temperature=1.0, seed=0))]))
+    while parent.recv()[0] != "deltas":  # decoding
+        pass
+    socket.socket(fileno=os.dup(parent.fileno())).shutdown(socket.SHUT_WR)  # the child reads EOF
+
+    def drain():  # the server side keeps reading, so the child never blocks on a full pipe
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                parent.recv()
+
+    threading.Thread(target=drain, daemon=True).start()
+    worker.join(30)
+    assert not worker.is_alive(), "the engine loop kept running after its server's end of the pipe closed"
+
+
 def test_engine_process_reports_a_load_error_in_the_server(tmp_path):
     from tifaforge.errors import TifaError
     from tifaforge.serve.engine_process import EngineProcess

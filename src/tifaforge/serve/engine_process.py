@@ -216,8 +216,8 @@ class _ChildWorker(Worker):
         if wait:
             self._set_busy(False)
             out += self._handle(self._recv())
-        while self._conn.poll():
-            out += self._handle(self._recv())
+        while None not in out and self._conn.poll():  # after a stop (or the server's end of the pipe
+            out += self._handle(self._recv())            # closing: poll() stays true at EOF) read no more
         if any(j is not None for j in out):
             self._set_busy(True)
         return out
@@ -272,5 +272,8 @@ def _child_main(conn, path: str, load_kwargs: dict, threads: int, configure) -> 
         conn.send(("error", _picklable(e)))
         return
     conn.send(("ready", engine.tokenizer, engine.context))
-    _ChildWorker(engine, conn, 0.02)._work()  # the server's ("config", interval) follows
+    try:
+        _ChildWorker(engine, conn, 0.02)._work()  # the server's ("config", interval) follows
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server process is gone (killed): nobody to send to, stop
     conn.close()
