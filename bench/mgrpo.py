@@ -96,6 +96,8 @@ def main() -> int:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
     a = p.parse_args()
+    if a.updates < 2:
+        p.error("--updates must be at least 2: the first update of each trainer is a warm-up, not timed")
     tmp = Path(tempfile.mkdtemp(prefix="bench-mgrpo-"))
     try:
         model = Path(a.model) if a.model else _tiny(tmp)

@@ -92,6 +92,21 @@ def test_models_of_a_run(tiny_model_dir, tmp_path):
         models_of(tmp_path)
 
 
+def test_a_run_is_evaluated_with_its_own_settings(tmp_path):
+    """`tifa eval runs/NAME` without --config: the run's config.yaml (the settings the pipeline trained
+    and evaluated with), not the defaults; a model folder or an explicit --config: as given."""
+    from tifaforge.config import load_config
+    from tifaforge.eval.report import run_config
+
+    run = tmp_path / "run"
+    (run / "01-cpt" / "model").mkdir(parents=True)
+    (run / "01-cpt" / "manifest.json").write_text("{}")
+    (run / "config.yaml").write_text("eval:\n  max_new_tokens: 7\n", encoding="utf-8")
+    assert load_config(run_config(run, None)).eval.max_new_tokens == 7
+    assert run_config(run, "other.yaml") == "other.yaml"
+    assert run_config(run / "01-cpt" / "model", None) is None
+
+
 def test_eval_writes_a_reproducible_report(trained_tiny_dir, tmp_path):
     cfg = EvalConfig(limit=3, max_new_tokens=8, bootstrap=50)
     a = run_eval(trained_tiny_dir, tmp_path / "a", cfg, SamplingConfig(), progress=False)

@@ -195,6 +195,8 @@ def test_texture():
     assert r.score < 0.2 and r.message.startswith("感官词堆砌：「月光」「阳光」「烛光」「微光」")
     r = R.texture(en(), think("pale cold rain whisper smoke glow shiver damp " * 4))
     assert r.score < 0.2 and r.message.startswith("stuffed sensory words: pale, cold, rain, whisper")
+    assert R.texture(zh(), think("")) == R.RuleResult(0.0, "没有正文")  # nothing to quote, no 「」
+    assert R.texture(en(), "<think>\nplan\n</think>\n  ") == R.RuleResult(0.0, "no answer text")
 
 
 def test_blocklist():

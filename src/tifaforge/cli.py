@@ -62,7 +62,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a JSONL file (DESIGN.md section 2a forms)")
+    p.add_argument("file", help="a JSONL file: OpenAI `messages` or ShareGPT rows (sft), a `messages` prompt per line (prompts), prompt/chosen/rejected (prefs)")
     p.add_argument("--kind", required=True, choices=["sft", "prompts", "prefs"], help="what the file holds")
     p.add_argument("--skip-bad", action="store_true", help="report every bad line and go on (default: stop at the first)")
 
@@ -102,7 +102,7 @@ COMMANDS: list[Command] = [
             _lazy_args("tifaforge.data.novels:novels_arguments")),
     Command(("data", "mine-pairs"), "tifaforge.data.preferences:run",
             "mine anti-repetition preference pairs from a model's own answers (natural, else synthetic)",
-            "tifa data mine-pairs runs/demo/warm data/demo/prompts.jsonl --out runs/demo/pairs.jsonl",
+            "tifa data mine-pairs runs/demo/03-mgrpo/model data/demo/prompts.jsonl --out runs/demo/pairs.jsonl",
             _lazy_args("tifaforge.data.preferences:add_arguments")),
     Command(("data", "demo"), "tifaforge.cli:cmd_data_demo",
             "regenerate the bundled demo data (deterministic: same files, same bytes)",
@@ -145,7 +145,7 @@ COMMANDS: list[Command] = [
             _lazy_args("tifaforge.export.unroll:add_arguments")),
     Command(("eval",), "tifaforge.eval.report:run",
             "evaluate a model or every stage of a run on held-out prompts: report.md, eval.json, plots",
-            "tifa eval runs/demo/warm --set eval.max_new_tokens=64", _lazy_args("tifaforge.eval.report:add_arguments")),
+            "tifa eval runs/demo/03-mgrpo/model --set eval.max_new_tokens=64", _lazy_args("tifaforge.eval.report:add_arguments")),
     Command(("doctor",), "tifaforge.cli:cmd_doctor",
             "print versions, device, threads, usable extras; check a model's template and tokenizer",
             "tifa doctor models/tiny", _doctor_args),
@@ -236,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         for depth in range(1, len(cmd.words)):
             prefix = cmd.words[:depth]
             if prefix not in groups:
-                groups[prefix] = subs[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                examples = "\n".join(f"  {c.example}" for c in COMMANDS if c.words[:depth] == prefix)
+                groups[prefix] = subs[prefix[:-1]].add_parser(
+                    prefix[-1], help=f"{' '.join(prefix)} commands", epilog=f"examples:\n{examples}",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
                 subs[prefix] = groups[prefix].add_subparsers(dest="_".join(prefix), metavar="COMMAND", required=True)
         p = subs[cmd.words[:-1]].add_parser(
             cmd.words[-1], help=cmd.help, description=cmd.help,

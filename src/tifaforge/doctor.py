@@ -43,7 +43,9 @@ def model_report(path: str | Path) -> tuple[list[str], list[str]]:
     from tifaforge.chat import template
     from tifaforge.models.load import load_tokenizer
 
-    path = Path(path)
+    from tifaforge.models.load import run_model
+
+    path = run_model(Path(path))  # a run folder: its last finished stage's model
     tok = load_tokenizer(path)
     problems = template.check_template(tok)
     info = [f"model         {path}", f"tokenizer     {type(tok).__name__}, {len(tok)} tokens"]

@@ -169,7 +169,7 @@ def summary(outcomes: Counter, n: int) -> dict:
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="the model whose own outputs are mined (e.g. the SFT stage's model/)")
-    p.add_argument("prompts", help="prompts JSONL (DESIGN §2a)")
+    p.add_argument("prompts", help="prompts JSONL (a `messages` list per line, optionally a `card`)")
     p.add_argument("--out", required=True, help="output JSONL of preference pairs")
     p.add_argument("--config", help="a config file (its `mining` and `sampling` sections)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mining.k=8")

@@ -245,14 +245,29 @@ def add_arguments(p) -> None:
     p.add_argument("target", help="a model folder, or a run folder (runs/NAME: base and every stage)")
     p.add_argument("--prompts", help="prompts JSONL (default: the bundled demo prompts' eval split)")
     p.add_argument("--out", help="output folder (default: the run folder, or MODEL/eval)")
-    p.add_argument("--config", help="a config file (its `eval` and `sampling` sections)")
+    p.add_argument("--config", help="a config file (its `eval` and `sampling` sections; default for a run "
+                                    "folder: the run's own config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.limit=5")
+
+
+def run_config(target: str | Path, given: str | None) -> str | Path | None:
+    """The config `tifa eval` uses: the one given, else a run folder's own `config.yaml` (what the
+    pipeline trained and evaluated with: the same eval settings and sampling), else the defaults."""
+    from tifaforge.models.load import run_model
+
+    target = Path(target)
+    if given is None and run_model(target) != target and (target / "config.yaml").is_file():
+        return target / "config.yaml"
+    return given
 
 
 def run(args) -> int:
     from tifaforge.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    config = run_config(args.target, args.config)
+    if config is not None and args.config is None:
+        print(f"settings: {config} (the run's own; --config to use others)")
+    cfg = load_config(config, args.set)
     if args.prompts:
         cfg.eval.prompts = args.prompts
     res = run_eval(args.target, args.out, cfg.eval, cfg.sampling, reward=cfg.reward)

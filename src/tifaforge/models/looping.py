@@ -387,9 +387,9 @@ def load_looped(path: str | Path, *, device: str = "cpu", dtype: str | None = "f
     keeps the saved dtype."""
     from transformers import AutoModelForCausalLM
 
-    from tifaforge.models.load import check_weights, load_tokenizer, resolve_dtype
+    from tifaforge.models.load import check_weights, load_tokenizer, resolve_dtype, run_model
 
-    path = Path(path)
+    path = run_model(Path(path))  # a run folder: its last finished stage's model
     if not (path / "config.json").exists():
         raise TifaError(f"{path}: not a model folder (no config.json)")
     check_weights(path, allow_pickle=False)

@@ -400,6 +400,8 @@ def texture(ctx: RewardContext, answer: str) -> RuleResult:
     per 100 units is stuffing and scales the score down.
     """
     content = _content(ctx, answer)
+    if not units(content):  # nothing after the think block: no texture to credit, nothing to quote
+        return RuleResult(0.0, _say(ctx, "没有正文", "no answer text"))
     n = max(1, len(units(content)))
     d2 = distinct_n(content, 2)
     at, count = _most_repeated(content, 2)
