@@ -157,6 +157,34 @@ def test_a_prompt_shared_by_several_rows_is_prefilled_once(endless):
         assert endless.generate([req])[0].token_ids == got.token_ids
 
 
+def test_prompts_that_open_alike_share_one_prefill_of_their_common_part(endless):
+    """MGRPO's revision prompts: the same conversation, then each its own first answer and note. The
+    common part goes through the model once per group, then each prompt's rest on top of its copy;
+    every row still gets the tokens it gets alone (prefilled whole)."""
+    from tifaforge.engine.generate import SHARED_MIN
+
+    heads = [endless.render(CHATS[1]) + NOVEL * 2, endless.render(CHATS[0]) + NOVEL * 3]
+    tails = ["他说：“走吧。”", "她笑了笑。", "夜深了，灯还亮着。", "“你来了。”"]
+    prompts = [h + t for h in heads for t in tails]
+    ids = [endless.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    assert min(len(i) for i in ids) > SHARED_MIN + 10
+    reqs = [Request(p, SamplingConfig(max_new_tokens=12, seed=s, temperature=1.0, top_p=1.0, repetition_penalty=1.0))
+            for s, p in enumerate(prompts)]
+    reqs += [Request(prompts[0], GREEDY), Request(prompts[5], GREEDY)]
+    seen = []
+    hook = endless.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                   with_kwargs=True)
+    try:
+        together = endless.generate(reqs)
+    finally:
+        hook.remove()
+    # the 2 common openings, then the 8 distinct prompts' own rests (short), then one token per row
+    assert seen[0][0] == 2 and seen[1][0] == 8 and seen[1][1] < 20 and seen[2] == (10, 1), seen[:3]
+    assert len({r.text for r in together}) >= 8
+    for req, got in zip(reqs, together):
+        assert endless.generate([req])[0].token_ids == got.token_ids
+
+
 def test_cancelled_rows_leave_the_batch_and_the_rest_are_unchanged(endless):
     reqs = [Request(endless.render(c), SamplingConfig(max_new_tokens=12, seed=i)) for i, c in enumerate(CHATS)]
     batch, deltas = Batch(endless), {}

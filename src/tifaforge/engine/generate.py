@@ -338,14 +338,19 @@ class Batch:
         if len(first) < len(rows):
             reps = torch.tensor([which.index(u) for u in range(len(first))], device=device)  # a row of each
             uids, umask = ids.index_select(0, reps), mask.index_select(0, reps)
-        out = model(input_ids=uids, attention_mask=umask, position_ids=(umask.cumsum(-1) - 1).clamp(min=0),
-                    cache=_new_cache(model), use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :]
+        shared = _shared_prefixes(list(first), model)
+        if shared is not None:  # distinct prompts that open alike (MGRPO's revision prompts): see _prefill_shared
+            cache, logits, umask = _prefill_shared(model, list(first), *shared, self.pad)
+            mask = umask.index_select(0, torch.tensor(which, device=device))
+        else:
+            out = model(input_ids=uids, attention_mask=umask, position_ids=(umask.cumsum(-1) - 1).clamp(min=0),
+                        cache=_new_cache(model), use_cache=True, logits_to_keep=1)
+            cache, logits = out.cache, out.logits[:, -1, :]
         if len(first) < len(rows):
             spread = torch.tensor(which, device=device)
-            out.cache.batch_select_indices(spread)
+            cache.batch_select_indices(spread)
             logits = logits.index_select(0, spread)
-        self._stack(out.cache, mask)
+        self._stack(cache, mask)
         self.pos = lengths if self.pos is None else torch.cat([self.pos, lengths])
         self.live += rows
         self.index += index
@@ -480,6 +485,69 @@ def _by_settings(entries: list[tuple[int, _Row]]) -> list[list[tuple[int, _Row]]
     for i, r in entries:
         groups.setdefault(_settings_key(r), []).append((i, r))
     return list(groups.values())
+
+
+SHARED_MIN = 32  # tokens two distinct prompts must open alike for their common part to be prefilled once
+
+
+def _shared_prefixes(prompts: list[tuple[int, ...]], model):
+    """(group of each prompt, shared length of each group) when every prompt shares at least SHARED_MIN
+    opening tokens with another (each keeping at least one token of its own), else None. MGRPO's
+    revision prompts are the original conversation, then a first answer and the rules' note: the G
+    revisions of one prompt share the whole conversation."""
+    if len(prompts) < 2 or not _paddable(_new_cache(model)):
+        return None
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    groups: list[list[int]] = []
+    lcps: list[int] = []
+    for i in order:  # sorted: prompts with a long common prefix are neighbours
+        if groups:
+            a = prompts[groups[-1][0]]
+            n = min(lcps[-1], len(prompts[i]) - 1, len(a) - 1)
+            k = next((j for j in range(n) if a[j] != prompts[i][j]), n)
+            if k >= SHARED_MIN:
+                groups[-1].append(i)
+                lcps[-1] = k
+                continue
+        groups.append([i])
+        lcps.append(len(prompts[i]))
+    if any(len(g) < 2 for g in groups):
+        return None
+    group_of = [0] * len(prompts)
+    for g, members in enumerate(groups):
+        for i in members:
+            group_of[i] = g
+    return group_of, lcps
+
+
+def _prefill_shared(model, prompts: list[tuple[int, ...]], group_of: list[int], lcps: list[int], pad: int):
+    """Prefill each group's common opening once, copy its cache to the group's prompts, then prefill
+    every prompt's own rest on top: (cache, first logits (n, V), mask (n, W)). The mask has padding
+    between a short opening and the rest (positions follow the mask, so each row attends and is placed
+    as if prefilled whole; only float rounding differs from one pass)."""
+    import torch
+
+    device = model.device
+
+    def left_padded(seqs):
+        width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(q)) + list(q) for q in seqs], device=device)
+        lengths = torch.tensor([len(q) for q in seqs], device=device)
+        return ids, (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
+
+    heads, head_mask = left_padded([prompts[next(i for i, g in enumerate(group_of) if g == k)][:n]
+                                    for k, n in enumerate(lcps)])
+    out = model(input_ids=heads, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+                cache=_new_cache(model), use_cache=True, logits_to_keep=1)
+    spread = torch.tensor(group_of, device=device)
+    cache = out.cache
+    cache.batch_select_indices(spread)
+    tails, tail_mask = left_padded([q[lcps[g]:] for q, g in zip(prompts, group_of)])
+    mask = torch.cat([head_mask.index_select(0, spread), tail_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -tails.shape[1]:]
+    out = model(input_ids=tails, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.cache, out.logits[:, -1, :], mask
 
 
 def _new_cache(model):
