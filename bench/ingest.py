@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true", help="show the ingest's progress bar")
     ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
+    ap.add_argument("--dedup-on-disk", action="store_true", help="the duplicate index in SQLite (flat memory)")
     args = ap.parse_args()
 
     from tifaforge.data.novels import ingest_novels, resolve_tokenizer
@@ -152,7 +153,7 @@ def main() -> int:
         sampler.start()
         t = time.perf_counter()
         stats = ingest_novels([tmp / "corpus"], tmp / "out", tok, block_size=args.block_size, progress=args.progress,
-                              workers=args.workers)
+                              workers=args.workers, dedup_on_disk=args.dedup_on_disk)
         wall = time.perf_counter() - t
         sampler.stop.set()
         report(stats, size, wall, rss_before, sampler.samples)

@@ -255,15 +255,40 @@ def near_copy(text: str) -> str:
     return text.replace("细雨", "小雨").replace("九百级", "八百级")
 
 
-def test_dedup_drops_exact_and_near_copies_and_keeps_a_different_chapter():
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_dedup_drops_exact_and_near_copies_and_keeps_a_different_chapter(on_disk, tmp_path):
     a, b = tx.split_chapters(tx.normalise(REF))
-    d = Deduper(threshold=0.8)
+    d = Deduper(threshold=0.8, on_disk=tmp_path / "i" if on_disk else None)
     assert d.check(a, owner=0) is None
     assert d.check(a, owner=1) == ("exact", 0)
     assert d.check(near_copy(a), owner=2) == ("near", 0)
     assert d.check(b, owner=3) is None
-    loose = Deduper(threshold=1.0)  # 1.0: exact copies only
+    loose = Deduper(threshold=1.0, on_disk=tmp_path / "j" if on_disk else None)  # 1.0: exact copies only
     assert loose.check(a, 0) is None and loose.check(near_copy(a), 1) is None and loose.check(a, 2) == ("exact", 0)
+    if on_disk:  # nothing held in memory
+        assert not d.exact and not d.owner and not d.signatures and d.lsh is None
+        d.close()
+        assert not (tmp_path / "i" / "dedup.sqlite").exists()
+
+
+def test_dedup_on_disk_gives_the_in_memory_verdicts(tmp_path):
+    """The same LSH bands and candidate order: every verdict equal, on chapters edited by 0-60%
+    (around the threshold) with repeats."""
+    rng = np.random.default_rng(1)
+    words = list("山水风雨云剑酒月花雪城人江湖客栈夜灯门窗")
+    bases = ["".join(rng.choice(words, 400)) for _ in range(12)]
+    chapters = []
+    for i in range(150):
+        base = bases[rng.integers(len(bases))]
+        edit = rng.uniform(0, 0.6)
+        cut = int(len(base) * (1 - edit))
+        chapters.append(base[:cut] + "".join(rng.choice(words, len(base) - cut)) if rng.random() < 0.9 else base)
+    memory, disk = Deduper(0.7), Deduper(0.7, on_disk=tmp_path)
+    verdicts = [(memory.check(c, i), disk.check(c, i)) for i, c in enumerate(chapters)]
+    assert all(m == d for m, d in verdicts)
+    kinds = {m[0] if m else None for m, _ in verdicts}
+    assert kinds == {None, "near", "exact"}
+    disk.close()
 
 
 def test_signature_estimates_jaccard():
@@ -395,6 +420,17 @@ def test_stats_json_contents(tmp_path, tiny_tokenizer):
     assert files["b.txt"]["duplicate_of"] == {files["a.txt"]["path"]: 2}
     assert set(s["seconds"]) == {"total", "decode_clean", "dedup", "tokenise", "pack_write"}
     assert s["encodings"] == {"utf-8": 3} and s["t2s"] is False and len(s["fingerprint"]) == 32
+
+
+def test_dedup_on_disk_ingest_equals_in_memory(tmp_path, tiny_tokenizer):
+    write_mixed_folder(tmp_path / "in")
+    mem = ingest([tmp_path / "in"], tmp_path / "mem", tiny_tokenizer, block_size=8)
+    disk = ingest([tmp_path / "in"], tmp_path / "disk", tiny_tokenizer, block_size=8, dedup_on_disk=True)
+    assert disk["fingerprint"] == mem["fingerprint"] and disk["chapters"] == mem["chapters"]
+    assert disk["chapters"]["near_duplicates"] >= 1 and disk["chapters"]["exact_duplicates"] >= 1  # found on disk too
+    assert [f.get("duplicate_of") for f in disk["files"]] == [f.get("duplicate_of") for f in mem["files"]]
+    assert disk["dedup"]["on_disk"] and not mem["dedup"]["on_disk"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "in", "mem"]  # the scratch index is gone
 
 
 def test_same_input_same_fingerprint(tmp_path, tiny_tokenizer):

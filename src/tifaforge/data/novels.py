@@ -23,7 +23,8 @@ similarity reaches the threshold. Chapters under 50 characters are checked for e
 
 Memory: flat in the corpus size except for the duplicate index, which keeps about 4 KB per kept
 chapter (4 GB per million chapters, that is per ~10 GB of text; with `dedup_threshold` 1.0 only the
-exact-copy digests stay, ~150 bytes each). Of a file, a block of a few MB is held at a time.
+exact-copy digests stay, ~150 bytes each); `--dedup-on-disk` keeps it in an SQLite file instead, and
+memory stays flat whatever the corpus size. Of a file, a block of a few MB is held at a time.
 
 Speed: tokenising is the bound (the Rust tokenizer spends ~1 us per pre-token on bookkeeping and BPE).
 Batches of chapters are encoded in `workers` processes (default: one per core; with 1, on a thread)
@@ -87,6 +88,8 @@ class NovelsOptions:
     t2s: bool = opt(False, "Convert Traditional to Simplified Chinese (OpenCC t2s) before cleaning and dedup.")
     num_perm: int = opt(128, "MinHash signature length (more: finer similarity, more memory).", min=8)
     shingle_chars: int = opt(5, "Characters per shingle for near-duplicate detection.", min=1)
+    dedup_on_disk: bool = opt(False, "Keep the duplicate index in an SQLite file beside the output instead of in "
+                              "memory (~4 KB per kept chapter): memory stays flat for any corpus size, slower.")
 
 
 DEFAULTS = NovelsOptions()
@@ -102,6 +105,7 @@ def novels_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", default=None, help=helps["encoding"])
     p.add_argument("--dedup-threshold", type=float, default=DEFAULTS.dedup_threshold, help=helps["dedup_threshold"])
     p.add_argument("--t2s", action="store_true", help=helps["t2s"])
+    p.add_argument("--dedup-on-disk", action="store_true", help=helps["dedup_on_disk"])
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizer processes (default: one per core; 1: none, tokenise on a thread); the output "
                         "is the same for any N")
@@ -114,6 +118,7 @@ def novels_command(args: Any) -> int:
         args.inputs, args.out, args.tokenizer, block_size=args.block_size, encoding=args.encoding,
         near_dup_threshold=args.dedup_threshold, to_simplified=args.t2s,
         progress=not getattr(args, "no_progress", False), workers=getattr(args, "workers", None),
+        dedup_on_disk=getattr(args, "dedup_on_disk", False),
     )
     print("\n".join(summary_lines(stats, args.out)))
     return 0
@@ -137,6 +142,7 @@ def ingest_novels(
     shard_blocks: int | None = None,
     progress: bool = True,
     workers: int | None = None,
+    dedup_on_disk: bool = DEFAULTS.dedup_on_disk,
 ) -> dict:
     """Turn novel files into a packed `input_ids` dataset at `out_dir`; returns the stats it writes.
 
@@ -152,8 +158,9 @@ def ingest_novels(
     out_dir = _check_out_dir(Path(out_dir))
     tok = resolve_tokenizer(tokenizer)
     eot = end_of_text(tok)
+    index_dir = out_dir.with_name(f".{out_dir.name}.dedup") if dedup_on_disk else None  # a scratch folder
     run = _Run(files, _tokenizer_name(tokenizer, tok), to_simplified, encoding,
-               Deduper(near_dup_threshold, num_perm, shingle_chars))
+               Deduper(near_dup_threshold, num_perm, shingle_chars, on_disk=index_dir))
     tmp = out_dir.with_name(f".{out_dir.name}.partial")  # renamed to out_dir once complete
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -165,6 +172,10 @@ def ingest_novels(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        run.dedup.close()
+        if index_dir is not None:
+            shutil.rmtree(index_dir, ignore_errors=True)
     return stats
 
 
@@ -508,15 +519,22 @@ def html_text(markup: str) -> str:
 
 
 class Deduper:
-    """Exact (BLAKE2b of the text) and near (one-permutation MinHash + LSH) duplicate chapters."""
+    """Exact (BLAKE2b of the text) and near (one-permutation MinHash + LSH) duplicate chapters.
 
-    def __init__(self, threshold: float, num_perm: int = 128, shingle_chars: int = 5) -> None:
+    In memory (datasketch's MinHashLSH), about 4 KB per kept chapter; with `on_disk` (a folder), the
+    same index in an SQLite file there instead: the same bands, candidates and verdicts, with memory
+    flat whatever the corpus size (SQLite's page cache is capped) at some cost in speed."""
+
+    def __init__(self, threshold: float, num_perm: int = 128, shingle_chars: int = 5,
+                 on_disk: str | Path | None = None) -> None:
         self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_chars
         self.exact: dict[bytes, int] = {}  # digest -> file index of the copy kept
         self.owner: list[int] = []  # LSH key -> file index
         self.signatures: list[bytes] = []  # LSH key -> signature bytes
-        self.lsh = None
-        if threshold < 1.0:
+        self.lsh = self.disk = None
+        if on_disk is not None:
+            self.disk = _DiskIndex(Path(on_disk), threshold, num_perm)
+        elif threshold < 1.0:
             from datasketch import MinHash, MinHashLSH
 
             self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -525,6 +543,8 @@ class Deduper:
     def check(self, text: str, owner: int) -> tuple[str, int] | None:
         """("exact" | "near", file index of the earlier copy) or None (then the text is recorded)."""
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if self.disk is not None:
+            return self.disk.check(digest, text, owner, self)
         if digest in self.exact:
             return "exact", self.exact[digest]
         near = self._near(text, owner) if self.lsh is not None and len(text) >= MIN_NEAR_DUP_CHARS else None
@@ -537,13 +557,80 @@ class Deduper:
 
         sig = signature(text, self.num_perm, self.k)
         minhash = MinHash(hashvalues=sig, permutations=self.permutations, scheme="affine32")
-        for key in self.lsh.query(minhash):  # LSH candidates, confirmed by the estimated similarity
+        for key in sorted(self.lsh.query(minhash)):  # LSH candidates, earliest first, confirmed by similarity
             if np.mean(np.frombuffer(self.signatures[key], np.uint32) == sig) >= self.threshold:
                 return self.owner[key]
         self.lsh.insert(len(self.owner), minhash, check_duplication=False)
         self.owner.append(owner)
         self.signatures.append(sig.tobytes())
         return None
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
+class _DiskIndex:
+    """The duplicate index in SQLite: exact digests, and MinHash signatures with their LSH band keys
+    (datasketch's band count and width for the threshold, so candidates are the in-memory index's)."""
+
+    COMMIT_EVERY = 2000
+
+    def __init__(self, folder: Path, threshold: float, num_perm: int) -> None:
+        import sqlite3
+
+        from datasketch.lsh import _optimal_param
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "dedup.sqlite"
+        self.path.unlink(missing_ok=True)
+        self.bands, self.rows = _optimal_param(threshold, num_perm, 0.5, 0.5) if threshold < 1.0 else (0, 0)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-16384", "temp_store=FILE"):
+            self.db.execute(f"PRAGMA {pragma}")  # a scratch file: rebuilt on a rerun, never read after it
+        self.db.execute("CREATE TABLE exact (digest BLOB PRIMARY KEY, owner INTEGER) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE sig (key INTEGER PRIMARY KEY, owner INTEGER, sig BLOB)")
+        self.db.execute("CREATE TABLE band (h INTEGER, key INTEGER)")
+        self.db.execute("CREATE INDEX band_h ON band (h)")
+        self.db.execute("BEGIN")
+        self.pending = self.keys = 0
+
+    def check(self, digest: bytes, text: str, owner: int, dd: Deduper) -> tuple[str, int] | None:
+        row = self.db.execute("SELECT owner FROM exact WHERE digest = ?", (digest,)).fetchone()
+        if row is not None:
+            return "exact", row[0]
+        near = self._near(text, owner, dd) if self.bands and len(text) >= MIN_NEAR_DUP_CHARS else None
+        self.db.execute("INSERT INTO exact VALUES (?, ?)", (digest, owner if near is None else near))
+        self._written()
+        return None if near is None else ("near", near)
+
+    def _near(self, text: str, owner: int, dd: Deduper) -> int | None:
+        sig = signature(text, dd.num_perm, dd.k)
+        keys = [int.from_bytes(hashlib.blake2b(i.to_bytes(4, "little") + sig[i * self.rows:(i + 1) * self.rows].tobytes(),
+                                               digest_size=8).digest(), "little", signed=True)
+                for i in range(self.bands)]
+        marks = ",".join("?" * len(keys))
+        found = self.db.execute(f"SELECT DISTINCT s.key, s.owner, s.sig FROM band b JOIN sig s ON s.key = b.key "
+                                f"WHERE b.h IN ({marks}) ORDER BY s.key", keys).fetchall()
+        for _, earlier, stored in found:  # candidates, earliest first, confirmed by the estimated similarity
+            if np.mean(np.frombuffer(stored, np.uint32) == sig) >= dd.threshold:
+                return earlier
+        key = self.keys
+        self.keys += 1
+        self.db.execute("INSERT INTO sig VALUES (?, ?, ?)", (key, owner, sig.tobytes()))
+        self.db.executemany("INSERT INTO band VALUES (?, ?)", [(h, key) for h in keys])
+        return None
+
+    def _written(self) -> None:
+        self.pending += 1
+        if self.pending >= self.COMMIT_EVERY:
+            self.db.execute("COMMIT")
+            self.db.execute("BEGIN")
+            self.pending = 0
+
+    def close(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
 
 
 _M1, _M2, _S = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(33)
@@ -1099,7 +1186,8 @@ def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], f
         "tokens_dropped_tail": packer.dropped_tail,
         "special_token_strings_removed": packer.special_strings,
         "removed_lines": dict(sorted(run.removed.items())),
-        "dedup": {"threshold": run.dedup.threshold, "num_perm": run.dedup.num_perm, "shingle_chars": run.dedup.k},
+        "dedup": {"threshold": run.dedup.threshold, "num_perm": run.dedup.num_perm, "shingle_chars": run.dedup.k,
+                  "on_disk": run.dedup.disk is not None},
         "t2s": run.simplify,
         "tokenizer": run.tokenizer,
         "separator": {"token": eot[0], "id": eot[1]},
