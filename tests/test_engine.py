@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import dataclasses
 import math
@@ -138,19 +139,26 @@ def test_rows_that_join_at_different_steps_share_one_sampler_chain(endless):
         assert deltas[i][0] == alone.text and deltas[i][1].tokens == alone.completion_tokens
 
 
+@contextlib.contextmanager
+def input_shapes(engine):
+    """The input_ids shape of every forward pass of the engine's model while inside."""
+    seen: list[tuple[int, ...]] = []
+    hook = engine.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
 def test_a_prompt_shared_by_several_rows_is_prefilled_once(endless):
     # MGRPO's group: G answers to one prompt. The prompt goes through the model once (its KV cache copied
     # to each row), and every row still gets the tokens it gets alone.
     shared = endless.render(CHATS[1])
     reqs = [Request(shared, SamplingConfig(max_new_tokens=10, seed=s, temperature=1.0, top_p=1.0)) for s in range(4)]
     reqs.insert(2, Request(endless.render(CHATS[0]), SamplingConfig(max_new_tokens=10, seed=9)))
-    seen = []
-    hook = endless.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
-                                                   with_kwargs=True)
-    try:
+    with input_shapes(endless) as seen:
         together = endless.generate(reqs)
-    finally:
-        hook.remove()
     assert seen[0][0] == 2 and all(shape == (5, 1) for shape in seen[1:])  # 2 distinct prompts, then 5 rows
     assert len({r.text for r in together}) == 5
     for req, got in zip(reqs, together):
@@ -171,13 +179,8 @@ def test_prompts_that_open_alike_share_one_prefill_of_their_common_part(endless)
     reqs = [Request(p, SamplingConfig(max_new_tokens=12, seed=s, temperature=1.0, top_p=1.0, repetition_penalty=1.0))
             for s, p in enumerate(prompts)]
     reqs += [Request(prompts[0], GREEDY), Request(prompts[5], GREEDY)]
-    seen = []
-    hook = endless.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
-                                                   with_kwargs=True)
-    try:
+    with input_shapes(endless) as seen:
         together = endless.generate(reqs)
-    finally:
-        hook.remove()
     # the 2 common openings, then the 8 distinct prompts' own rests (short), then one token per row
     assert seen[0][0] == 2 and seen[1][0] == 8 and seen[1][1] < 20 and seen[2] == (10, 1), seen[:3]
     assert len({r.text for r in together}) >= 8

@@ -528,45 +528,14 @@ def test_engine_process_that_dies_fails_its_streams_and_health_says_so(tiny_mode
 def test_engine_process_stops_when_its_server_is_killed_mid_generation(tiny_model_dir, tmp_path):
     """`tifa serve` SIGKILLed while a long stream is decoding (no clean close): the engine process
     sees its pipe close and exits instead of decoding on, or spinning, as an orphan."""
-    import os
     import signal
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "tifaforge.cli", "serve", str(tiny_model_dir), "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up():
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                return httpx.get(base + "/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        _wait(up, 120)
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
-                                                   text=True).stdout.split()]
-        assert children, "no engine process"
+    with tifa_serve(tiny_model_dir, tmp_path) as (server, base, children):
         with httpx.stream("POST", base + "/v1/completions", json=LONG, timeout=120) as r:
             assert next(r.iter_lines()).startswith("data: ")  # decoding (3000 tokens asked)
             server.send_signal(signal.SIGKILL)
             server.wait(30)
-        for pid in children:
-            _wait(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), 30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-        for pid in children if "children" in dir() else []:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
+        _wait_gone(children)
 
 
 def test_engine_child_stops_at_the_end_of_its_pipe_while_decoding(long_engine):
@@ -610,6 +579,21 @@ def test_engine_process_reports_a_load_error_in_the_server(tmp_path):
 def test_tifa_serve_command_runs_its_engine_process_and_stops_it(think_dir, tmp_path):
     """`tifa serve MODEL` as a user starts it: the engine loads in a child process, the openai SDK
     gets the think-format answer, and Ctrl-C stops the server and its engine process (no orphan)."""
+    import signal
+
+    with tifa_serve(think_dir, tmp_path, "--model-name", "tiny-think") as (server, base, children):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msg = ask(client).choices[0].message
+        assert msg.content == "好的，我在。" and msg.reasoning_content == "先想一想。"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 0
+        _wait_gone(children)
+
+
+@contextlib.contextmanager
+def tifa_serve(model, tmp_path, *extra):
+    """`tifa serve MODEL` in a subprocess on a free port, up and healthy: yields (process, base URL,
+    its child processes: the engine process). Killed at the end if still running."""
     import os
     import signal
     import socket
@@ -620,8 +604,9 @@ def test_tifa_serve_command_runs_its_engine_process_and_stops_it(think_dir, tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "tifaforge.cli", "serve", str(think_dir), "--port", str(port),
-                               "--model-name", "tiny-think"], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([sys.executable, "-m", "tifaforge.cli", "serve", str(model), "--port", str(port), *extra],
+                              stdout=log, stderr=subprocess.STDOUT)
+    children: list[int] = []
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -633,17 +618,23 @@ def test_tifa_serve_command_runs_its_engine_process_and_stops_it(think_dir, tmp_
                 return False
 
         _wait(up, 120)
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
-                                                   text=True).stdout.split()]
+        children += [int(p) for p in subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
         assert children, "no engine process"
-        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-        msg = ask(client).choices[0].message
-        assert msg.content == "好的，我在。" and msg.reasoning_content == "先想一想。"
-        server.send_signal(signal.SIGINT)
-        assert server.wait(60) == 0
-        for pid in children:
-            _wait(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), 30)
+        yield server, base, children
     finally:
         if server.poll() is None:
             server.kill()
+        for pid in children:  # a failed test leaves no engine process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def _wait_gone(pids, seconds=30):
+    """Each process exited (gone, or a zombie its new parent has not reaped)."""
+    import os
+
+    for pid in pids:
+        _wait(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(),
+              seconds)
