@@ -214,7 +214,7 @@ def test_revise_runs_pass2_once_with_the_rules_messages(engine):
     from tifaforge.config import SamplingConfig
     from tifaforge.engine.generate import Engine
     from tifaforge.rewards import LogicReward, RewardConfig
-    from tifaforge.rl.revise import revise
+    from tifaforge.rl.revise import revision
 
     class Recording(Engine):  # the real engine, remembering what it was asked
         prompts: list = []
@@ -230,13 +230,13 @@ def test_revise_runs_pass2_once_with_the_rules_messages(engine):
     first = eng.chat(messages, sampling)
     assert reward.score(reward.context(messages), first.text).summary  # the tiny model writes no think block
     eng.prompts.clear()
-    out = revise(eng, messages, first, reward, sampling)
+    out = revision(eng, messages, first, reward, sampling).final
     assert len(eng.prompts) == 1 and "缺少<think>…</think>思考部分" in eng.prompts[0] and first.text.split("</think>")[-1] in eng.prompts[0]
     ctx = reward.context(messages)
     assert reward.score(ctx, out.text).total >= reward.score(ctx, first.text).total
     eng.prompts.clear()
     good = type(first)("<think>\n想想\n</think>\n好呀。", [], "stop", "想想", "好呀。", 1)
-    assert revise(eng, messages, good, reward, sampling) is good and eng.prompts == []  # nothing to fix
+    assert revision(eng, messages, good, reward, sampling).final is good and eng.prompts == []  # nothing to fix
 
 
 # ---------------------------------------------------------------------------------------------

@@ -533,7 +533,7 @@ class Deduper:
         self.signatures: list[bytes] = []  # LSH key -> signature bytes
         self.lsh = self.disk = None
         if on_disk is not None:
-            self.disk = _DiskIndex(Path(on_disk), threshold, num_perm)
+            self.disk = _DiskIndex(Path(on_disk), threshold, num_perm, shingle_chars)
         elif threshold < 1.0:
             from datasketch import MinHash, MinHashLSH
 
@@ -544,7 +544,7 @@ class Deduper:
         """("exact" | "near", file index of the earlier copy) or None (then the text is recorded)."""
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
         if self.disk is not None:
-            return self.disk.check(digest, text, owner, self)
+            return self.disk.check(digest, text, owner)
         if digest in self.exact:
             return "exact", self.exact[digest]
         near = self._near(text, owner) if self.lsh is not None and len(text) >= MIN_NEAR_DUP_CHARS else None
@@ -576,12 +576,13 @@ class _DiskIndex:
 
     COMMIT_EVERY = 2000
 
-    def __init__(self, folder: Path, threshold: float, num_perm: int) -> None:
+    def __init__(self, folder: Path, threshold: float, num_perm: int, shingle_chars: int) -> None:
         import sqlite3
 
         from datasketch.lsh import _optimal_param
 
         folder.mkdir(parents=True, exist_ok=True)
+        self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_chars
         self.path = folder / "dedup.sqlite"
         self.path.unlink(missing_ok=True)
         self.bands, self.rows = _optimal_param(threshold, num_perm, 0.5, 0.5) if threshold < 1.0 else (0, 0)
@@ -595,17 +596,17 @@ class _DiskIndex:
         self.db.execute("BEGIN")
         self.pending = self.keys = 0
 
-    def check(self, digest: bytes, text: str, owner: int, dd: Deduper) -> tuple[str, int] | None:
+    def check(self, digest: bytes, text: str, owner: int) -> tuple[str, int] | None:
         row = self.db.execute("SELECT owner FROM exact WHERE digest = ?", (digest,)).fetchone()
         if row is not None:
             return "exact", row[0]
-        near = self._near(text, owner, dd) if self.bands and len(text) >= MIN_NEAR_DUP_CHARS else None
+        near = self._near(text, owner) if self.bands and len(text) >= MIN_NEAR_DUP_CHARS else None
         self.db.execute("INSERT INTO exact VALUES (?, ?)", (digest, owner if near is None else near))
         self._written()
         return None if near is None else ("near", near)
 
-    def _near(self, text: str, owner: int, dd: Deduper) -> int | None:
-        sig = signature(text, dd.num_perm, dd.k)
+    def _near(self, text: str, owner: int) -> int | None:
+        sig = signature(text, self.num_perm, self.k)
         keys = [int.from_bytes(hashlib.blake2b(i.to_bytes(4, "little") + sig[i * self.rows:(i + 1) * self.rows].tobytes(),
                                                digest_size=8).digest(), "little", signed=True)
                 for i in range(self.bands)]
@@ -613,7 +614,7 @@ class _DiskIndex:
         found = self.db.execute(f"SELECT DISTINCT s.key, s.owner, s.sig FROM band b JOIN sig s ON s.key = b.key "
                                 f"WHERE b.h IN ({marks}) ORDER BY s.key", keys).fetchall()
         for _, earlier, stored in found:  # candidates, earliest first, confirmed by the estimated similarity
-            if np.mean(np.frombuffer(stored, np.uint32) == sig) >= dd.threshold:
+            if np.mean(np.frombuffer(stored, np.uint32) == sig) >= self.threshold:
                 return earlier
         key = self.keys
         self.keys += 1

@@ -334,15 +334,15 @@ class Batch:
         # once; its KV cache and first logits are then copied to each of its rows.
         first: dict[tuple[int, ...], int] = {}
         which = [first.setdefault(tuple(r.prompt_ids), len(first)) for r in rows]  # row -> its unique prompt
-        uids, umask = ids, mask
-        if len(first) < len(rows):
-            reps = torch.tensor([which.index(u) for u in range(len(first))], device=device)  # a row of each
-            uids, umask = ids.index_select(0, reps), mask.index_select(0, reps)
         shared = _shared_prefixes(list(first), model)
         if shared is not None:  # distinct prompts that open alike (MGRPO's revision prompts): see _prefill_shared
             cache, logits, umask = _prefill_shared(model, list(first), *shared, self.pad)
             mask = umask.index_select(0, torch.tensor(which, device=device))
         else:
+            uids, umask = ids, mask
+            if len(first) < len(rows):
+                reps = torch.tensor([which.index(u) for u in range(len(first))], device=device)  # a row of each
+                uids, umask = ids.index_select(0, reps), mask.index_select(0, reps)
             out = model(input_ids=uids, attention_mask=umask, position_ids=(umask.cumsum(-1) - 1).clamp(min=0),
                         cache=_new_cache(model), use_cache=True, logits_to_keep=1)
             cache, logits = out.cache, out.logits[:, -1, :]
@@ -495,7 +495,7 @@ def _shared_prefixes(prompts: list[tuple[int, ...]], model):
     opening tokens with another (each keeping at least one token of its own), else None. MGRPO's
     revision prompts are the original conversation, then a first answer and the rules' note: the G
     revisions of one prompt share the whole conversation."""
-    if len(prompts) < 2 or not _paddable(_new_cache(model)):
+    if len(prompts) < 2:
         return None
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     groups: list[list[int]] = []
@@ -511,7 +511,7 @@ def _shared_prefixes(prompts: list[tuple[int, ...]], model):
                 continue
         groups.append([i])
         lcps.append(len(prompts[i]))
-    if any(len(g) < 2 for g in groups):
+    if any(len(g) < 2 for g in groups) or not _paddable(_new_cache(model)):
         return None
     group_of = [0] * len(prompts)
     for g, members in enumerate(groups):

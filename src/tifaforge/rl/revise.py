@@ -88,11 +88,6 @@ def revision(engine, messages: Sequence[Mapping[str, Any]], result, reward, samp
                     ctx.language)
 
 
-def revise(engine, messages: Sequence[Mapping[str, Any]], result, reward, sampling, card: Mapping | None = None):
-    """`revision(...)`'s kept answer: an engine `Result`."""
-    return revision(engine, messages, result, reward, sampling, card).final
-
-
 def answer_revised(engine, messages: Sequence[Mapping[str, Any]], reward, sampling, card: Mapping | None = None,
                    prompt: str | None = None, stop: Sequence[str] = ()) -> Revision:
     """Answer `messages` after one self-revision: the first answer is generated whole (not shown),
