@@ -57,8 +57,9 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a config file whose `sampling` section sets generation")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
-    p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers",
-                   help="llamacpp runs a .gguf file in llama.cpp (faster on CPU; needs the llamacpp extra)")
+    p.add_argument("--backend", choices=["transformers", "llamacpp", "vllm"], default="transformers",
+                   help="llamacpp runs a .gguf file in llama.cpp (faster on CPU; needs the llamacpp extra); "
+                        "vllm decodes on a CUDA GPU (needs the vllm extra)")
 
 
 def _data_check_args(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,10 @@ def run(args) -> int:
         from tifaforge.engine.llamacpp import LlamaCppEngine
 
         engine = LlamaCppEngine.load(args.model)
+    elif getattr(args, "backend", "transformers") == "vllm":
+        from tifaforge.engine.vllm_backend import VLLMEngine
+
+        engine = VLLMEngine.load(args.model)
     else:
         engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
     try:

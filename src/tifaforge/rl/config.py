@@ -52,3 +52,7 @@ class MGRPOConfig:
     save_every: int = opt(10, "Write a resumable checkpoint every this many updates (and at the end).", min=1)
     keep_checkpoints: int = opt(2, "Complete checkpoints kept (oldest removed first).", min=1)
     samples_per_step: int = opt(4, "Rollouts per update written to samples.jsonl.", min=0)
+    rollout_backend: Literal["transformers", "vllm"] = opt(
+        "transformers", "Who samples the rollouts: our transformers engine, or vLLM on the same GPU (the vllm "
+        "extra; the policy's weights are pushed into it after every update).")
+    vllm_memory: float = opt(0.3, "With rollout_backend vllm: the share of GPU memory vLLM may take.", min=0.05, max=0.95)

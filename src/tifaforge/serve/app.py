@@ -542,8 +542,9 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="a config file whose `sampling` section sets the default sampling")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
-    p.add_argument("--backend", choices=["transformers", "llamacpp"], default="transformers",
-                   help="llamacpp serves a .gguf file through llama.cpp, one request at a time (needs the llamacpp extra)")
+    p.add_argument("--backend", choices=["transformers", "llamacpp", "vllm"], default="transformers",
+                   help="llamacpp serves a .gguf file through llama.cpp, one request at a time (needs the llamacpp "
+                        "extra); vllm decodes on a CUDA GPU, one request at a time (needs the vllm extra)")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the transformers engine in its own process, so HTTP work never waits for its GIL "
                         "(default; --no-engine-process: in a thread of the server's process)")
@@ -568,6 +569,10 @@ def run(args) -> int:
         from tifaforge.engine.llamacpp import LlamaCppEngine
 
         engine = LlamaCppEngine.load(args.model)
+    elif args.backend == "vllm":
+        from tifaforge.engine.vllm_backend import VLLMEngine
+
+        engine = VLLMEngine.load(args.model)
     elif args.engine_process:
         from tifaforge.serve.engine_process import EngineProcess
 

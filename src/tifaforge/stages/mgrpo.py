@@ -450,10 +450,11 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)
     start = load_checkpoint(resume_from, policy, opt, sched)
+    engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy)
     # --- the loop
     bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
     for step in bar:
-        row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run)
+        row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
         bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
         done = step + 1
         stopping = stop_after is not None and done - start >= stop_after and done < m.steps
@@ -470,13 +471,35 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     return run.model
 
 
+def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None):
+    """None (each update samples through `Engine(policy)`), or a vLLM engine started once on the base
+    model's folder, sharing the GPU; `update` pushes the policy's weights into it before sampling."""
+    if m.rollout_backend != "vllm":
+        return None
+    import torch
+
+    from tifaforge.engine.vllm_backend import VLLMEngine
+
+    if loop is not None and loop.end > loop.start:
+        raise TifaError("mgrpo.rollout_backend vllm: vLLM cannot run a looped policy; use the transformers backend")
+    if not torch.cuda.is_available():
+        raise TifaError("mgrpo.rollout_backend vllm needs a CUDA GPU (vLLM is CUDA-only); use transformers here")
+    dtype = str(next(policy.parameters()).dtype).removeprefix("torch.") if policy is not None else "auto"
+    return VLLMEngine(base_model_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
+
+
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
-           run) -> dict:
-    """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples."""
+           run, rollouts=None) -> dict:
+    """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples.
+    `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine)."""
     from tifaforge.engine.generate import Engine
 
-    engine = Engine(policy, tok)
     t0 = time.perf_counter()
+    if rollouts is not None:
+        rollouts.load_policy(policy)
+        engine = rollouts
+    else:
+        engine = Engine(policy, tok)
     batch_seed = (seed * 1_000_003 + step) * 100_003
     firsts, zero1 = pass1(engine, reward, prompts_for_step(prompts, step, m.prompts_per_step, seed), m, batch_seed)
     revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)

@@ -1,0 +1,93 @@
+"""The vLLM backend's parts that do not need a GPU: what it refuses, and the weights it pushes.
+
+vLLM itself is CUDA-only and not part of `make setup`; `bench/gpu_check.py --vllm` runs this backend on a
+GPU (greedy equal to the transformers engine, streaming, stop strings, seeds, pushed weights, MGRPO's
+vLLM rollouts; README "GPU checks")."""
+
+import argparse
+import copy
+
+import pytest
+import torch
+
+from tifaforge.config import load_config
+from tifaforge.engine.vllm_backend import VLLMEngine, _peft_names
+from tifaforge.errors import MissingExtraError, TifaError
+from tifaforge.models.load import load_model, save_model
+from tifaforge.models.looping import LoopConfig, apply_loop
+
+
+def test_without_the_extra_the_error_names_it(trained_tiny_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "vllm" else real(n, *a))
+    with pytest.raises(MissingExtraError, match=r"pip install 'tifaforge\[vllm\]'"):
+        VLLMEngine.load(trained_tiny_dir)
+
+
+def test_a_looped_model_or_a_non_model_is_refused_before_vllm_loads(trained_tiny_dir, tmp_path):
+    model, tok = load_model(trained_tiny_dir, device="cpu")
+    save_model(apply_loop(model, LoopConfig(start=1, end=3, k=2)), tok, tmp_path / "looped")
+    with pytest.raises(TifaError, match="looped model.*tifa export unroll"):
+        VLLMEngine.load(tmp_path / "looped")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TifaError, match="transformers model folder"):
+        VLLMEngine.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("raw,match", [("{not json", "not JSON"), ("[1, 2]", "JSON object")])
+def test_bad_extra_vllm_arguments_are_named(trained_tiny_dir, monkeypatch, raw, match):
+    monkeypatch.setenv("TIFA_VLLM_ARGS", raw)
+    with pytest.raises(TifaError, match=rf"TIFA_VLLM_ARGS.*{match}|{match}"):
+        VLLMEngine.load(trained_tiny_dir)
+
+
+def test_lora_weights_are_pushed_merged_under_the_plain_models_names(trained_tiny_dir):
+    """What `load_policy` sends for a LoRA policy: every base weight, by the plain model's name, with
+    the adapters merged in (equal to merge_and_unload), and no LoRA tensor."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model(trained_tiny_dir, device="cpu")
+    names = dict(base.named_parameters())
+    policy = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                            lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # B starts at zero: make the adapters change the weights
+    merged = copy.deepcopy(policy).merge_and_unload()
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM here: record what would reach its load_weights
+    sent = {}
+    engine.load_weights = lambda pairs: sent.update({n: p.detach().clone() for n, p in pairs})
+    engine.load_policy(policy)
+    assert set(sent) == set(names)
+    changed = 0
+    for n, p in merged.named_parameters():
+        torch.testing.assert_close(sent[n], p, atol=1e-6, rtol=0)
+        changed += not torch.equal(p, names[n])
+    assert changed >= 4 * 7  # every linear layer of the 4 blocks moved
+    # and the policy was unmerged afterwards: its own base weights are untouched
+    for n, p in _peft_names(policy):
+        torch.testing.assert_close(p, names[n], atol=1e-6, rtol=0)
+
+
+def test_mgrpo_vllm_rollouts_need_a_gpu_and_a_plain_policy(trained_tiny_dir, tmp_path):
+    from tifaforge.stages import mgrpo
+
+    cfg = load_config(None, ["mgrpo.rollout_backend=vllm", "mgrpo.steps=1"])
+    with pytest.raises(TifaError, match="needs a CUDA GPU"):  # the suite runs on CPU machines
+        mgrpo.run_stage(cfg, trained_tiny_dir, tmp_path / "run")
+    looped = load_config(None, ["mgrpo.rollout_backend=vllm", "model.loop.start=1", "model.loop.end=3"])
+    with pytest.raises(TifaError, match="cannot run a looped policy"):
+        mgrpo.rollout_engine(trained_tiny_dir, looped.mgrpo, looped.model.loop, 0)
+
+
+def test_the_chat_and_serve_commands_offer_the_vllm_backend():
+    from tifaforge import cli
+    from tifaforge.serve import app
+
+    for add in (cli._chat_args, app.add_arguments):
+        p = argparse.ArgumentParser()
+        add(p)
+        assert p.parse_args(["m", "--backend", "vllm"]).backend == "vllm"
