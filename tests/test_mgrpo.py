@@ -193,6 +193,47 @@ def test_loss_and_gradients_equal_trl_grpo(trl_batch, loss_type, tmp_path):
         torch.testing.assert_close(p.grad, theirs_named[name].grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_shared_prefix_scoring_equals_the_collated_batch(trained_tiny_dir):
+    """The stage scores rows that share a prompt opening (a pass-1 group; the revisions of one
+    conversation) by computing that opening once: the log-probs, entropies and per-parameter gradients
+    must equal `completion_logps` on the plain left-padded batch, which equals TRL's (test above)."""
+    from tifaforge.engine.generate import SHARED_MIN, Engine
+    from tifaforge.models.load import load_model
+    from tifaforge.rewards import LogicReward
+    from tifaforge.rl.losses import prefix_groups
+    from tifaforge.stages.mgrpo import collate, load_prompts, pass1, pass2, score
+
+    cfg = stage_cfg("mgrpo.group_size=3", "mgrpo.max_new_tokens=10", "mgrpo.pass2=all", "mgrpo.revisions=2")
+    model, tok = load_model(trained_tiny_dir, device="cpu")
+    reward = LogicReward(cfg.reward)
+    prompts = load_prompts(cfg.mgrpo, reward, tok)
+    prompts = [prompts[0], min(prompts[1:], key=lambda p: len(p.ids))]
+    engine = Engine(model, tok)
+    firsts, _ = pass1(engine, reward, prompts, cfg.mgrpo, seed=7)
+    revs, _ = pass2(engine, reward, firsts, cfg.mgrpo, seed=8)
+    for rows in (firsts, revs, firsts + revs):
+        groups = prefix_groups([r.prompt_ids for r in rows], SHARED_MIN)
+        assert any(k > 0 and len(g) >= 2 for g, k in groups), "nothing shared: the test would prove nothing"
+        weights = torch.randn(len(rows), max(len(r.completion_ids) for r in rows), generator=torch.Generator().manual_seed(0))
+        grads = []
+        for shared in (True, False):
+            policy = copy.deepcopy(model).train()
+            if shared:
+                logps, ent, cmask, C = score(policy, rows, tok.pad_token_id, cfg.mgrpo, entropy=True)
+            else:
+                ids, mask, C = collate(rows, tok.pad_token_id)
+                logps, ent = completion_logps(policy, ids, mask, C, cfg.mgrpo.temperature, entropy=True)
+                cmask = mask[:, -C:].float()
+            (logps * weights).sum().backward()
+            grads.append(({n: p.grad for n, p in policy.named_parameters()}, logps.detach(), ent, cmask))
+        (ga, la, ea, ma), (gb, lb, eb, mb) = grads
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ea, eb, atol=1e-5, rtol=1e-5)
+        assert torch.equal(ma, mb)
+        for name in ga:
+            torch.testing.assert_close(ga[name], gb[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Revision prompts and self-revision at inference
 

@@ -94,6 +94,97 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return logps, ent
 
 
+def prefix_groups(prompts: list[list[int]], min_shared: int) -> list[tuple[list[int], int]]:
+    """Runs of consecutive rows whose prompts open with the same >= `min_shared` tokens: (row indices,
+    shared length). The shared part stops one token short of every member's prompt end, so the logit
+    that predicts each row's first completion token comes from its own suffix. Single rows: length 0."""
+    groups: list[tuple[list[int], int]] = []
+    for i, p in enumerate(prompts):
+        if groups:
+            rows, k = groups[-1]
+            first = prompts[rows[0]]
+            n = 0
+            limit = min(k if len(rows) > 1 else len(first) - 1, len(p) - 1)
+            while n < limit and first[n] == p[n]:
+                n += 1
+            if n >= min_shared:
+                groups[-1] = (rows + [i], n)
+                continue
+        groups.append(([i], 0))
+    return [(rows, k if len(rows) > 1 else 0) for rows, k in groups]
+
+
+def grouped_completion_logps(model, prompts: list[list[int]], completions: list[list[int]], C: int, pad: int,
+                             temperature: float = 1.0, entropy: bool = False, min_shared: int = 32):
+    """`completion_logps` of the collated rows, with each run of rows that shares a prompt opening of at
+    least `min_shared` tokens computing that opening once: one forward of the shared tokens (with
+    gradient), its KV cache repeated for the run, then the rows' rest (prompt tail + completion, right-
+    padded) on top. The G answers of a pass-1 prompt share their whole prompt, the revision prompts of
+    pass 2 their original conversation; every row gets the log-probs it has alone (up to float rounding),
+    and the gradient through the shared part is the sum over its rows, as when each row computed it.
+
+    Returns ((B, C) log-probs, (B, C) entropies or None) in the rows' order; pads score 0."""
+    device = next(model.parameters()).device
+    parts: list[torch.Tensor] = []
+    ents: list[torch.Tensor] = []
+    order: list[int] = []
+    single: list[int] = []
+    for rows, k in prefix_groups(prompts, min_shared):
+        if k == 0:
+            single += rows
+            continue
+        lp, en = _shared_logps(model, [prompts[i] for i in rows], [completions[i] for i in rows], k, C, pad,
+                               temperature, entropy, device)
+        parts.append(lp)
+        ents.append(en)
+        order += rows
+    if single:
+        ids, mask = _left_collate([prompts[i] for i in single], [completions[i] for i in single], C, pad)
+        lp, en = completion_logps(model, ids, mask, C, temperature, entropy)
+        parts.append(lp)
+        ents.append(en)
+        order += single
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse = inverse.to(device)
+    logps = torch.cat(parts)[inverse]
+    return logps, (torch.cat(ents)[inverse] if entropy else None)
+
+
+def _left_collate(prompts, completions, C: int, pad: int):
+    """Prompts left-padded, completions right-padded to C (the engine's and completion_logps' layout)."""
+    P = max(len(p) for p in prompts)
+    ids = [[pad] * (P - len(p)) + p + c + [pad] * (C - len(c)) for p, c in zip(prompts, completions)]
+    mask = [[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)) for p, c in zip(prompts, completions)]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def _shared_logps(model, prompts, completions, k: int, C: int, pad: int, temperature: float, entropy: bool, device):
+    n = len(prompts)
+    cache = model(input_ids=torch.tensor([prompts[0][:k]], device=device), use_cache=True).cache
+    cache.batch_repeat_interleave(n)
+    tails = [p[k:] + c for p, c in zip(prompts, completions)]
+    S = max(len(t) for t in tails)
+    ids = torch.tensor([t + [pad] * (S - len(t)) for t in tails], device=device)
+    mask = torch.tensor([[1] * (k + len(t)) + [0] * (S - len(t)) for t in tails], device=device)
+    positions = (k + torch.arange(S, device=device)).expand(n, S)
+    starts = torch.tensor([len(p) - k - 1 for p in prompts], device=device)  # logit predicting completion[0]
+    low = int(starts.min())
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=S - low)
+    index = (starts[:, None] - low + torch.arange(C, device=device)).clamp(max=S - low - 1)  # (n, C)
+    logits = out.logits.gather(1, index[..., None].expand(-1, -1, out.logits.size(-1))).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    target = torch.tensor([c + [pad] * (C - len(c)) for c in completions], device=device)
+    cmask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in completions], device=device)
+    logps = logp_all.gather(-1, target[..., None]).squeeze(-1) * cmask
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1) * cmask
+    return logps, ent
+
+
 # ---------------------------------------------------------------------------------------------
 # The loss
 

@@ -249,18 +249,39 @@ def pad_stack(tensors: list, C: int):
     return torch.stack([torch.nn.functional.pad(t, (0, C - t.numel())) for t in tensors])
 
 
+def score(policy, chunk: list[Rollout], pad: int, m: MGRPOConfig, entropy: bool = False):
+    """(log-probs (B, C), entropies or None, completion mask (B, C), C) of a micro-batch's completions.
+    Rows sharing a prompt opening of >= SHARED_MIN tokens (a pass-1 group, the revisions of one
+    conversation) compute it once (`grouped_completion_logps`); a looped policy, whose KV cache has a
+    slot per iteration, scores the plain collated batch."""
+    import torch
+
+    from tifaforge.engine.generate import SHARED_MIN
+    from tifaforge.models.looping import get_loop
+    from tifaforge.rl.losses import completion_logps, grouped_completion_logps
+
+    C = max(len(r.completion_ids) for r in chunk)
+    if get_loop(policy) is None:
+        logps, ent = grouped_completion_logps(policy, [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
+                                              C, pad, m.temperature, entropy, SHARED_MIN)
+        cmask = torch.tensor([[1.0] * len(r.completion_ids) + [0.0] * (C - len(r.completion_ids)) for r in chunk],
+                             device=logps.device)
+        return logps, ent, cmask, C
+    ids, mask, C = collate(chunk, pad)
+    logps, ent = completion_logps(policy, ids, mask, C, m.temperature, entropy=entropy)
+    return logps, ent, mask[:, -C:].float().to(logps.device), C
+
+
 def store_logps(policy, ref, rows: list[Rollout], m: MGRPOConfig, pad: int) -> None:
     """Old log-probs (needed when μ > 1) and reference log-probs (β > 0), once per rollout batch."""
     import torch
-
-    from tifaforge.rl.losses import completion_logps
 
     if m.iterations == 1 and m.beta == 0:
         return
     with torch.no_grad():
         for chunk in chunks(rows, m.micro_batch):
             batch = collate(chunk, pad)
-            old = completion_logps(policy, *batch, m.temperature)[0] if m.iterations > 1 else None
+            old = score(policy, chunk, pad, m)[0] if m.iterations > 1 else None  # as pass_loss scores them
             refl = reference_logps(policy, ref, batch, m) if m.beta > 0 else None
             for i, r in enumerate(chunk):
                 n = len(r.completion_ids)
@@ -272,16 +293,14 @@ def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: i
     """Backward one pass's loss (× weight) micro-batch by micro-batch, normalised over the whole pass."""
     import torch
 
-    from tifaforge.rl.losses import LossSettings, aggregate, completion_logps, per_token_loss
+    from tifaforge.rl.losses import LossSettings, aggregate, per_token_loss
 
     s = LossSettings(m.loss_type, m.epsilon_low, m.epsilon_high, m.beta, m.kl_ratio_correction, m.max_new_tokens)
     parts = chunks(rows, m.micro_batch)
     n_tokens = sum(len(r.completion_ids) for r in rows)
     for chunk in parts:
-        ids, mask, C = collate(chunk, pad)
-        logps, ent = completion_logps(policy, ids, mask, C, m.temperature, entropy=True)
+        logps, ent, cmask, C = score(policy, chunk, pad, m, entropy=True)
         dev = logps.device
-        cmask = mask[:, -C:].float().to(dev)
         old = pad_stack([r.old_logps for r in chunk], C).to(dev) if m.iterations > 1 else logps.detach()
         ref = pad_stack([r.ref_logps for r in chunk], C).to(dev) if m.beta > 0 else None
         adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype, device=dev)
