@@ -100,7 +100,11 @@ class VLLMEngine(Engine):
     def load_weights(self, named_tensors: Iterable) -> None:
         """Replace the served weights by `(name, tensor)` pairs in transformers' naming (a policy's
         `named_parameters()`), then drop the prefix cache, which holds the old weights' keys/values."""
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        if executor is None:
+            raise TifaError("pushing weights needs vLLM's engine in this process: unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                            "(tifaforge sets it to 0)")
+        runner = executor.driver_worker.worker.model_runner
         runner.get_model().load_weights(named_tensors)  # get_model: past any CUDA-graph wrapper
         self.llm.reset_prefix_cache()
 
