@@ -211,9 +211,13 @@ def test_shared_prefix_scoring_equals_the_collated_batch(trained_tiny_dir):
     engine = Engine(model, tok)
     firsts, _ = pass1(engine, reward, prompts, cfg.mgrpo, seed=7)
     revs, _ = pass2(engine, reward, firsts, cfg.mgrpo, seed=8)
-    for rows in (firsts, revs, firsts + revs):
+    lone = copy.copy(revs[0])  # a row that shares no opening with its neighbours: scored on its own
+    lone.prompt_ids = tok("你好。", add_special_tokens=False).input_ids
+    for rows in (firsts, revs, firsts + [lone] + revs):
         groups = prefix_groups([r.prompt_ids for r in rows], SHARED_MIN)
         assert any(k > 0 and len(g) >= 2 for g, k in groups), "nothing shared: the test would prove nothing"
+        if lone in rows:  # the lone row is its own group: the plain path, then put back in place
+            assert ([rows.index(lone)], 0) in groups
         weights = torch.randn(len(rows), max(len(r.completion_ids) for r in rows), generator=torch.Generator().manual_seed(0))
         grads = []
         for shared in (True, False):

@@ -25,6 +25,9 @@ request that turns either on is refused with a clear error rather than silently 
 MGRPO's rollouts (`mgrpo.rollout_backend: vllm`) use `load_weights` to push the policy's current
 weights into the running engine after every update, as TRL's colocated mode does; the engine runs in
 the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0), sharing the GPU (`gpu_memory_utilization`).
+Departure from TRL: no importance-sampling correction for the small gap between vLLM's sampling
+probabilities and the trainer's (its kernels round differently); the old log-probs are the trainer's.
+One generate/stream call at a time per engine: vLLM's `step()` answers for every request it holds.
 """
 
 from __future__ import annotations
@@ -106,21 +109,42 @@ class VLLMEngine(Engine):
                             "(tifaforge sets it to 0)")
         runner = executor.driver_worker.worker.model_runner
         runner.get_model().load_weights(named_tensors)  # get_model: past any CUDA-graph wrapper
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:  # a request still holds blocks: they would keep old keys/values
+            raise TifaError("vLLM kept its prefix cache (a request is still running): the new weights would "
+                            "reuse keys and values computed with the old ones")
 
     def load_policy(self, policy) -> None:
-        """Push a policy's weights: LoRA adapters merged in for the copy, then unmerged (TRL's way)."""
+        """Push a policy's weights; a LoRA policy's as merged weights, computed apart (base + delta in
+        fp32) so the frozen base is never touched (merging in place and back drifts in bf16)."""
         import torch
 
         with torch.no_grad():
-            if hasattr(policy, "merge_adapter"):
-                policy.merge_adapter()
-                try:
-                    self.load_weights(_peft_names(policy))
-                finally:
-                    policy.unmerge_adapter()
-            else:
-                self.load_weights(policy.named_parameters())
+            self.load_weights(_peft_merged(policy) if hasattr(policy, "peft_config") else policy.named_parameters())
+
+    def close(self) -> None:
+        """Give the GPU memory back (weights and KV cache) before the next stage runs in this process."""
+        import gc
+
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # already down, or another vLLM layout: the deletion below still frees it
+            pass
+        del llm
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception:
+            pass
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- the decode loop --------------------------------------------------------------------------
 
@@ -130,6 +154,12 @@ class VLLMEngine(Engine):
             raise TifaError(f"request {i}: vLLM has no DRY or XTC sampler; set sampling.dry_multiplier and "
                             "sampling.xtc_probability to 0 or use the transformers or llama.cpp backend")
         budget = min(s.max_new_tokens, self.context - len(row.prompt_ids))
+        try:
+            return self._sampling_params(row, s, budget)
+        except ValueError as e:  # vLLM's own range checks (e.g. top_p 0, temperature above its limit)
+            raise TifaError(f"request {i}: vLLM refuses these sampling settings: {e}") from None
+
+    def _sampling_params(self, row: _Row, s, budget: int):
         return self.sp.SamplingParams(
             n=1, max_tokens=budget, seed=_seed(row),
             temperature=s.temperature if s.do_sample else 0.0,
@@ -142,15 +172,22 @@ class VLLMEngine(Engine):
             output_kind=self.sp.RequestOutputKind.DELTA)
 
     def _decode(self, rows: list[_Row]) -> Iterator[Delta]:
+        if self.llm is None:
+            raise TifaError("this vLLM engine was closed")
+        if getattr(self, "_busy", False):  # vLLM's step() answers for every request: two loops would steal tokens
+            raise TifaError("this vLLM engine is already generating: one generate/stream call at a time")
         engine = self.llm.llm_engine
         params = [self._params(i, row) for i, row in enumerate(rows)]  # all checked before any is queued
         live: dict[str, int] = {}
+        self._busy = True
         try:
             for i, (row, p) in enumerate(zip(rows, params)):
                 rid = f"tifa-{next(_ids)}"  # vLLM reports and aborts by this (external) id
                 engine.add_request(rid, {"prompt_token_ids": row.prompt_ids}, p)
                 live[rid] = i
             while live:
+                if not engine.has_unfinished_requests():
+                    raise TifaError(f"vLLM finished without answering {len(live)} request(s)")
                 for out in engine.step():
                     i = live.get(out.request_id)
                     if i is None:
@@ -171,6 +208,7 @@ class VLLMEngine(Engine):
                         if not out.finished:
                             engine.abort_request([out.request_id])
         finally:  # a closed stream (client gone) or an error: nothing of ours keeps decoding
+            self._busy = False
             if live:
                 engine.abort_request(list(live))
 
@@ -192,13 +230,21 @@ def _env_args() -> dict:
     return args
 
 
-def _peft_names(policy):
-    """A merged PEFT model's base weights under the plain model's names (no LoRA tensors)."""
+def _peft_merged(policy):
+    """A LoRA policy's weights as the merged model's, under the plain model's names: each adapted
+    layer's base weight plus its active adapters' delta (in fp32, cast back), every other weight as is.
+    Nothing in the policy changes."""
+    from peft.tuners.lora import LoraLayer
+
+    lora = {name: m for name, m in policy.named_modules() if isinstance(m, LoraLayer)}
     for name, p in policy.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
             continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        yield name, p
+        layer = lora.get(name.removesuffix(".base_layer.weight")) if name.endswith(".base_layer.weight") else None
+        if layer is not None:
+            delta = sum(layer.get_delta_weight(a).float() for a in layer.active_adapters if a in layer.lora_A)
+            p = (p.float() + delta).to(p.dtype)
+        yield name.removeprefix("base_model.model.").replace(".base_layer", ""), p
 
 
 def _seed(row: _Row) -> int:

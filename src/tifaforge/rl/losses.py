@@ -161,7 +161,9 @@ def _left_collate(prompts, completions, C: int, pad: int):
 
 def _shared_logps(model, prompts, completions, k: int, C: int, pad: int, temperature: float, entropy: bool, device):
     n = len(prompts)
-    cache = model(input_ids=torch.tensor([prompts[0][:k]], device=device), use_cache=True).cache
+    cache = model(input_ids=torch.tensor([prompts[0][:k]], device=device), use_cache=True, logits_to_keep=1).cache
+    if cache is None or cache.get_seq_length() != k:
+        raise RuntimeError("the shared opening left no KV cache (gradient checkpointing?): score the plain batch")
     cache.batch_repeat_interleave(n)
     tails = [p[k:] + c for p, c in zip(prompts, completions)]
     S = max(len(t) for t in tails)

@@ -124,14 +124,13 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None):
     return policy, tok, ref
 
 
-def reference_logps(policy, ref, batch, m: MGRPOConfig):
-    """Reference log-probs: the frozen copy, or the LoRA policy with its adapters disabled."""
-    from tifaforge.rl.losses import completion_logps
-
+def reference_logps(policy, ref, chunk, pad: int, m: MGRPOConfig):
+    """Reference log-probs, scored as the policy's are (`score`): the frozen copy, or the LoRA policy
+    with its adapters disabled."""
     if ref is not None:
-        return completion_logps(ref, *batch, m.temperature)[0]
+        return score(ref, chunk, pad, m)[0]
     with policy.disable_adapter():
-        return completion_logps(policy, *batch, m.temperature)[0]
+        return score(policy, chunk, pad, m)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,8 +251,8 @@ def pad_stack(tensors: list, C: int):
 def score(policy, chunk: list[Rollout], pad: int, m: MGRPOConfig, entropy: bool = False):
     """(log-probs (B, C), entropies or None, completion mask (B, C), C) of a micro-batch's completions.
     Rows sharing a prompt opening of >= SHARED_MIN tokens (a pass-1 group, the revisions of one
-    conversation) compute it once (`grouped_completion_logps`); a looped policy, whose KV cache has a
-    slot per iteration, scores the plain collated batch."""
+    conversation) compute it once (`grouped_completion_logps`); a looped policy (its KV cache has a
+    slot per iteration) or one with gradient checkpointing (it keeps no cache) scores the plain batch."""
     import torch
 
     from tifaforge.engine.generate import SHARED_MIN
@@ -261,7 +260,7 @@ def score(policy, chunk: list[Rollout], pad: int, m: MGRPOConfig, entropy: bool 
     from tifaforge.rl.losses import completion_logps, grouped_completion_logps
 
     C = max(len(r.completion_ids) for r in chunk)
-    if get_loop(policy) is None:
+    if get_loop(policy) is None and not getattr(policy, "is_gradient_checkpointing", False):  # both drop the cache
         logps, ent = grouped_completion_logps(policy, [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
                                               C, pad, m.temperature, entropy, SHARED_MIN)
         cmask = torch.tensor([[1.0] * len(r.completion_ids) + [0.0] * (C - len(r.completion_ids)) for r in chunk],
@@ -279,10 +278,9 @@ def store_logps(policy, ref, rows: list[Rollout], m: MGRPOConfig, pad: int) -> N
     if m.iterations == 1 and m.beta == 0:
         return
     with torch.no_grad():
-        for chunk in chunks(rows, m.micro_batch):
-            batch = collate(chunk, pad)
-            old = score(policy, chunk, pad, m)[0] if m.iterations > 1 else None  # as pass_loss scores them
-            refl = reference_logps(policy, ref, batch, m) if m.beta > 0 else None
+        for chunk in chunks(rows, m.micro_batch):  # the micro-batches pass_loss will score: the same groups
+            old = score(policy, chunk, pad, m)[0] if m.iterations > 1 else None
+            refl = reference_logps(policy, ref, chunk, pad, m) if m.beta > 0 else None
             for i, r in enumerate(chunk):
                 n = len(r.completion_ids)
                 r.old_logps = None if old is None else old[i, :n]
@@ -469,19 +467,23 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)
     start = load_checkpoint(resume_from, policy, opt, sched)
-    engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy)
+    engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out) if start < m.steps else None
     # --- the loop
-    bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
-    for step in bar:
-        row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
-        bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
-        done = step + 1
-        stopping = stop_after is not None and done - start >= stop_after and done < m.steps
-        if done % m.save_every == 0 or done == m.steps or stopping:
-            save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
-            plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
-        if stopping:
-            return run.checkpoints
+    try:
+        bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
+        for step in bar:
+            row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
+            bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
+            done = step + 1
+            stopping = stop_after is not None and done - start >= stop_after and done < m.steps
+            if done % m.save_every == 0 or done == m.steps or stopping:
+                save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
+                plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
+            if stopping:
+                return run.checkpoints
+    finally:  # vLLM's GPU memory back before the next stage of a pipeline runs in this process
+        if engine is not None:
+            engine.close()
     # --- save: a plain transformers folder (LoRA merged), then the manifest, last
     final = policy.merge_and_unload() if m.lora_r > 0 else policy
     save_model(final.eval(), tok, run.model)
@@ -490,9 +492,10 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     return run.model
 
 
-def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None):
+def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None):
     """None (each update samples through `Engine(policy)`), or a vLLM engine started once on the base
-    model's folder, sharing the GPU; `update` pushes the policy's weights into it before sampling."""
+    model's folder, sharing the GPU; `update` pushes the policy's weights into it before sampling. A
+    base whose vocabulary the loader grew (template tags added) is saved as loaded for vLLM to start from."""
     if m.rollout_backend != "vllm":
         return None
     import torch
@@ -504,7 +507,23 @@ def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None)
     if not torch.cuda.is_available():
         raise TifaError("mgrpo.rollout_backend vllm needs a CUDA GPU (vLLM is CUDA-only); use transformers here")
     dtype = str(next(policy.parameters()).dtype).removeprefix("torch.") if policy is not None else "auto"
-    return VLLMEngine(base_model_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
+    start_dir = base_model_dir
+    if policy is not None and scratch is not None:
+        from transformers import AutoConfig
+
+        from tifaforge.models.load import run_model, save_model
+
+        rows = policy.get_input_embeddings().weight.shape[0]
+        if rows != AutoConfig.from_pretrained(run_model(Path(base_model_dir))).vocab_size:
+            plain = copy.deepcopy(policy).merge_and_unload() if m.lora_r > 0 else policy
+            start_dir = save_model(plain, tok, Path(scratch) / "vllm-start")
+    try:
+        return VLLMEngine(start_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
+    finally:
+        if start_dir != base_model_dir:  # vLLM holds the weights now
+            import shutil
+
+            shutil.rmtree(start_dir, ignore_errors=True)
 
 
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
@@ -524,7 +543,8 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
     t1 = time.perf_counter()
     train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
-    store_logps(policy, ref, train1 + train2, m, pad)
+    for rows in (train1, train2):  # per pass, as pass_loss cuts its micro-batches
+        store_logps(policy, ref, rows, m, pad)
     losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad)
     t2 = time.perf_counter()
     row = {"step": step + 1, **step_metrics(firsts, zero1, revs, zero2, losses, t1 - t0, t2 - t1,
