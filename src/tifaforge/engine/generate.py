@@ -165,13 +165,16 @@ class Engine:
         """End of sentence plus the template's role tags: a model never writes the next turn's tag."""
         vocab = self.tokenizer.get_vocab()
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = getattr(self._generation_config(), "eos_token_id", None)
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         for tags in SPECIAL_TOKENS.values():
             ids |= {vocab[tags[k]] for k in ("eos", "user", "assistant") if tags[k] in vocab}
         if "<|endoftext|>" in vocab:  # the CPT document separator: a document ended
             ids.add(vocab["<|endoftext|>"])
         return ids
+
+    def _generation_config(self):
+        return self.model.generation_config
 
     # -- public API ----------------------------------------------------------------------------
 

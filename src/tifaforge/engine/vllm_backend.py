@@ -79,24 +79,14 @@ class VLLMEngine(Engine):
     def load(cls, path, **kwargs) -> VLLMEngine:
         return cls(path, **kwargs)
 
-    def _default_stop_ids(self) -> set[int]:
-        """As the transformers backend: end of sentence (tokenizer and generation config), role tags, end of text."""
+    def _generation_config(self):
+        """The folder's generation config (its end-of-sentence ids), or None where it has none."""
         from transformers import GenerationConfig
 
-        from tifaforge.chat.template import SPECIAL_TOKENS
-
-        vocab = self.tokenizer.get_vocab()
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         try:
-            eos = GenerationConfig.from_pretrained(self.path).eos_token_id
+            return GenerationConfig.from_pretrained(self.path)
         except OSError:  # no generation_config.json
-            eos = None
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        for tags in SPECIAL_TOKENS.values():
-            ids |= {vocab[tags[k]] for k in ("eos", "user", "assistant") if tags[k] in vocab}
-        if "<|endoftext|>" in vocab:
-            ids.add(vocab["<|endoftext|>"])
-        return ids
+            return None
 
     # -- weights from a trainer -------------------------------------------------------------------
 
