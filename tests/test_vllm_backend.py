@@ -96,3 +96,30 @@ def test_the_chat_and_serve_commands_offer_the_vllm_backend():
         p = argparse.ArgumentParser()
         add(p)
         assert p.parse_args(["m", "--backend", "vllm"]).backend == "vllm"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_vllm_starts_from_the_policy_as_loaded_when_the_loader_grew_its_vocabulary(trained_tiny_dir, tmp_path, lora):
+    """A tagless base gets the template tags from the loader (more embedding rows than its folder has):
+    vLLM must start from the grown model, or the first weight push would not fit. A base that already
+    has them is used as is."""
+    from peft import LoraConfig, get_peft_model
+    from test_train import _tagless_base
+
+    from tifaforge.stages.mgrpo import vllm_start_folder
+
+    plain, tok = load_model(trained_tiny_dir, device="cpu")
+    assert vllm_start_folder(trained_tiny_dir, plain, tok, tmp_path / "a") == trained_tiny_dir
+    base = _tagless_base(tmp_path / "base", tied=True)
+    policy, tok = load_model(base, device="cpu")
+    grown = policy.get_input_embeddings().weight.shape[0]
+    if lora:
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    folder = vllm_start_folder(base, policy, tok, tmp_path / "b")
+    assert folder != base
+    saved, _ = load_model(folder, device="cpu")
+    assert saved.get_input_embeddings().weight.shape[0] == saved.config.vocab_size == grown
+    source = policy.merge_and_unload() if lora else policy
+    for (n, a), (_, b) in zip(source.named_parameters(), saved.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+

@@ -507,16 +507,7 @@ def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None,
     if not torch.cuda.is_available():
         raise TifaError("mgrpo.rollout_backend vllm needs a CUDA GPU (vLLM is CUDA-only); use transformers here")
     dtype = str(next(policy.parameters()).dtype).removeprefix("torch.") if policy is not None else "auto"
-    start_dir = base_model_dir
-    if policy is not None and scratch is not None:
-        from transformers import AutoConfig
-
-        from tifaforge.models.load import run_model, save_model
-
-        rows = policy.get_input_embeddings().weight.shape[0]
-        if rows != AutoConfig.from_pretrained(run_model(Path(base_model_dir))).vocab_size:
-            plain = copy.deepcopy(policy).merge_and_unload() if m.lora_r > 0 else policy
-            start_dir = save_model(plain, tok, Path(scratch) / "vllm-start")
+    start_dir = vllm_start_folder(base_model_dir, policy, tok, scratch) if policy is not None else base_model_dir
     try:
         return VLLMEngine(start_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
     finally:
@@ -524,6 +515,21 @@ def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None,
             import shutil
 
             shutil.rmtree(start_dir, ignore_errors=True)
+
+
+def vllm_start_folder(base_model_dir, policy, tok, scratch: Path | None):
+    """The folder vLLM starts from: the base's own, unless the loader grew the policy's vocabulary
+    (template tags added to a tagless base): then the policy as loaded (LoRA merged on a copy), saved
+    under `scratch`, since pushed weights must have the shapes vLLM was built with."""
+    from transformers import AutoConfig
+
+    from tifaforge.models.load import run_model, save_model
+
+    rows = policy.get_input_embeddings().weight.shape[0]
+    if scratch is None or rows == AutoConfig.from_pretrained(run_model(Path(base_model_dir))).vocab_size:
+        return base_model_dir
+    plain = copy.deepcopy(policy).merge_and_unload() if hasattr(policy, "peft_config") else policy
+    return save_model(plain, tok, Path(scratch) / "vllm-start")
 
 
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
