@@ -139,7 +139,7 @@ def grouped_completion_logps(model, prompts: list[list[int]], completions: list[
         ents.append(en)
         order += rows
     if single:
-        ids, mask = _left_collate([prompts[i] for i in single], [completions[i] for i in single], C, pad)
+        ids, mask = left_collate([prompts[i] for i in single], [completions[i] for i in single], C, pad)
         lp, en = completion_logps(model, ids, mask, C, temperature, entropy)
         parts.append(lp)
         ents.append(en)
@@ -151,8 +151,9 @@ def grouped_completion_logps(model, prompts: list[list[int]], completions: list[
     return logps, (torch.cat(ents)[inverse] if entropy else None)
 
 
-def _left_collate(prompts, completions, C: int, pad: int):
-    """Prompts left-padded, completions right-padded to C (the engine's and completion_logps' layout)."""
+def left_collate(prompts, completions, C: int, pad: int):
+    """(input_ids, attention_mask): prompts left-padded, completions right-padded to C (the engine's
+    and completion_logps' layout)."""
     P = max(len(p) for p in prompts)
     ids = [[pad] * (P - len(p)) + p + c + [pad] * (C - len(c)) for p, c in zip(prompts, completions)]
     mask = [[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)) for p, c in zip(prompts, completions)]

@@ -226,16 +226,11 @@ def kept(rolls: list[Rollout], zero: list[bool], size: int, m: MGRPOConfig) -> l
 
 def collate(rows: list[Rollout], pad: int):
     """(input_ids, attention_mask, completion_len): prompts left-padded, completions right-padded."""
-    import torch
+    from tifaforge.rl.losses import left_collate
 
-    P = max(len(r.prompt_ids) for r in rows)
     C = max(len(r.completion_ids) for r in rows)
-    ids, mask = [], []
-    for r in rows:
-        p, c = r.prompt_ids, r.completion_ids
-        ids.append([pad] * (P - len(p)) + p + c + [pad] * (C - len(c)))
-        mask.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c)))
-    return torch.tensor(ids), torch.tensor(mask), C
+    ids, mask = left_collate([r.prompt_ids for r in rows], [r.completion_ids for r in rows], C, pad)
+    return ids, mask, C
 
 
 def chunks(rows: list, size: int) -> list[list]:
