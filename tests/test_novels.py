@@ -266,7 +266,7 @@ def test_dedup_drops_exact_and_near_copies_and_keeps_a_different_chapter(on_disk
     loose = Deduper(threshold=1.0, on_disk=tmp_path / "j" if on_disk else None)  # 1.0: exact copies only
     assert loose.check(a, 0) is None and loose.check(near_copy(a), 1) is None and loose.check(a, 2) == ("exact", 0)
     if on_disk:  # nothing held in memory
-        assert not d.exact and not d.owner and not d.signatures and d.lsh is None
+        assert not d.exact and not d.owner and not d.signatures and d.bands is None
         d.close()
         assert not (tmp_path / "i" / "dedup.sqlite").exists()
 
@@ -289,6 +289,19 @@ def test_dedup_on_disk_gives_the_in_memory_verdicts(tmp_path):
     kinds = {m[0] if m else None for m, _ in verdicts}
     assert kinds == {None, "near", "exact"}
     disk.close()
+    # The in-memory band tables find what datasketch's MinHashLSH finds, for every indexed signature.
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=0.7, num_perm=128)
+    perms = MinHash(num_perm=128).permutations
+    sigs = [np.frombuffer(raw, np.uint32) for raw in memory.signatures]
+    for key, sig in enumerate(sigs):
+        lsh.insert(key, MinHash(hashvalues=sig, permutations=perms, scheme="affine32"))
+    for sig in sigs:
+        raw, width = sig.tobytes(), 4 * memory.rows
+        ours = set().union(*(t.get(raw[i * width:(i + 1) * width], ()) for i, t in enumerate(memory.bands)))
+        assert ours == set(lsh.query(MinHash(hashvalues=sig, permutations=perms, scheme="affine32")))
+    assert (len(memory.bands), memory.rows) == (lsh.b, lsh.r)
 
 
 def test_signature_estimates_jaccard():

@@ -18,7 +18,7 @@ Near duplicates, and how they depart from textbook MinHash: signatures are one-p
 (Li, Owen & Zhang 2012: every 5-gram of letters and digits hashed once, punctuation and spaces
 skipped, the minimum kept per bin) with rotation densification for the bins a short chapter leaves
 empty (Shrivastava & Li 2014), computed with numpy in O(length) instead of O(length x permutations);
-datasketch's `MinHashLSH` indexes them and a candidate counts only if its estimated Jaccard
+an LSH index with datasketch's band split finds candidates, and a candidate counts only if its estimated Jaccard
 similarity reaches the threshold. Chapters under 50 characters are checked for exact copies only.
 
 Memory: flat in the corpus size except for the duplicate index, which keeps about 4 KB per kept
@@ -48,6 +48,7 @@ import posixpath
 import re
 import shutil
 import time
+import unicodedata
 import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -521,9 +522,12 @@ def html_text(markup: str) -> str:
 class Deduper:
     """Exact (BLAKE2b of the text) and near (one-permutation MinHash + LSH) duplicate chapters.
 
-    In memory (datasketch's MinHashLSH), about 4 KB per kept chapter; with `on_disk` (a folder), the
-    same index in an SQLite file there instead: the same bands, candidates and verdicts, with memory
-    flat whatever the corpus size (SQLite's page cache is capped) at some cost in speed."""
+    The LSH bands are datasketch's optimum for the threshold (`_optimal_param`, as its MinHashLSH picks
+    them). In memory the band tables are plain dicts, band bytes -> chapter keys, as in MinHashLSH but
+    without a MinHash object per chapter (that and its byte-swapping cost more than the signature itself);
+    about 3 KB per kept chapter. With `on_disk` (a folder), the same bands in an SQLite file there
+    instead: the same candidates and verdicts, with memory flat whatever the corpus size (SQLite's page
+    cache is capped) at some cost in speed."""
 
     def __init__(self, threshold: float, num_perm: int = 128, shingle_chars: int = 5,
                  on_disk: str | Path | None = None) -> None:
@@ -531,14 +535,13 @@ class Deduper:
         self.exact: dict[bytes, int] = {}  # digest -> file index of the copy kept
         self.owner: list[int] = []  # LSH key -> file index
         self.signatures: list[bytes] = []  # LSH key -> signature bytes
-        self.lsh = self.disk = None
+        self.bands: list[dict[bytes, list[int]]] | None = None
+        self.disk = None
         if on_disk is not None:
             self.disk = _DiskIndex(Path(on_disk), threshold, num_perm, shingle_chars)
         elif threshold < 1.0:
-            from datasketch import MinHash, MinHashLSH
-
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-            self.permutations = MinHash(num_perm=num_perm).permutations  # unused by LSH; MinHash wants them
+            bands, self.rows = lsh_bands(threshold, num_perm)
+            self.bands = [{} for _ in range(bands)]
 
     def check(self, text: str, owner: int) -> tuple[str, int] | None:
         """("exact" | "near", file index of the earlier copy) or None (then the text is recorded)."""
@@ -547,27 +550,40 @@ class Deduper:
             return self.disk.check(digest, text, owner)
         if digest in self.exact:
             return "exact", self.exact[digest]
-        near = self._near(text, owner) if self.lsh is not None and len(text) >= MIN_NEAR_DUP_CHARS else None
+        near = self._near(text, owner) if self.bands is not None and len(text) >= MIN_NEAR_DUP_CHARS else None
         self.exact[digest] = owner if near is None else near
         return None if near is None else ("near", near)
 
     def _near(self, text: str, owner: int) -> int | None:
         """File index of a near copy already indexed; if none, index this text and return None."""
-        from datasketch import MinHash
-
         sig = signature(text, self.num_perm, self.k)
-        minhash = MinHash(hashvalues=sig, permutations=self.permutations, scheme="affine32")
-        for key in sorted(self.lsh.query(minhash)):  # LSH candidates, earliest first, confirmed by similarity
-            if np.mean(np.frombuffer(self.signatures[key], np.uint32) == sig) >= self.threshold:
-                return self.owner[key]
-        self.lsh.insert(len(self.owner), minhash, check_duplication=False)
+        raw, width = sig.tobytes(), 4 * self.rows
+        keys = [raw[i * width:(i + 1) * width] for i in range(len(self.bands))]
+        found = set()
+        for table, key in zip(self.bands, keys):
+            found.update(table.get(key, ()))
+        for candidate in sorted(found):  # LSH candidates, earliest first, confirmed by similarity
+            if np.mean(np.frombuffer(self.signatures[candidate], np.uint32) == sig) >= self.threshold:
+                return self.owner[candidate]
+        new = len(self.owner)
+        for table, key in zip(self.bands, keys):
+            table.setdefault(key, []).append(new)
         self.owner.append(owner)
-        self.signatures.append(sig.tobytes())
+        self.signatures.append(raw)
         return None
 
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
+
+
+@lru_cache(maxsize=8)
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band): datasketch's optimum for the threshold, false positives and negatives
+    weighed equally (MinHashLSH's default)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
 class _DiskIndex:
@@ -579,13 +595,11 @@ class _DiskIndex:
     def __init__(self, folder: Path, threshold: float, num_perm: int, shingle_chars: int) -> None:
         import sqlite3
 
-        from datasketch.lsh import _optimal_param
-
         folder.mkdir(parents=True, exist_ok=True)
         self.threshold, self.num_perm, self.k = threshold, num_perm, shingle_chars
         self.path = folder / "dedup.sqlite"
         self.path.unlink(missing_ok=True)
-        self.bands, self.rows = _optimal_param(threshold, num_perm, 0.5, 0.5) if threshold < 1.0 else (0, 0)
+        self.bands, self.rows = lsh_bands(threshold, num_perm) if threshold < 1.0 else (0, 0)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-16384", "temp_store=FILE"):
             self.db.execute(f"PRAGMA {pragma}")  # a scratch file: rebuilt on a rerun, never read after it
@@ -666,7 +680,17 @@ def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
 
 
 def signature(text: str, num_perm: int = 128, k: int = 5) -> np.ndarray:
-    """One-permutation MinHash: bin = hash mod num_perm, keep each bin's smallest high 32 bits."""
+    """One-permutation MinHash: bin = hash mod num_perm, keep each bin's smallest high 32 bits.
+    The C kernel computes the same in one pass when it was built (signature_numpy is the definition)."""
+    bpe = _native()
+    if bpe is None:
+        return signature_numpy(text, num_perm, k)
+    out = np.empty(num_perm, np.uint32)
+    bpe.signature(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), _is_word_char().view(np.uint8), k, out)
+    return out
+
+
+def signature_numpy(text: str, num_perm: int = 128, k: int = 5) -> np.ndarray:
     h = shingle_hashes(text, k)
     if not len(h):
         return np.zeros(num_perm, dtype=np.uint32)
@@ -829,7 +853,8 @@ class TextEncoder:
 
         self.tok = tok
         self.backend = tok if isinstance(tok, Tokenizer) else getattr(tok, "backend_tokenizer", None)
-        self.cache = WordCacheEncoder.build(self.backend) if self.backend is not None else None
+        self.cache = None if self.backend is None else (NativeEncoder.build(self.backend)
+                                                        or WordCacheEncoder.build(self.backend))
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         if not texts:
@@ -925,6 +950,34 @@ class _Words(dict):
         return i
 
 
+def _byte_level_layout(d: dict) -> tuple[str, str | None, dict[str, int]] | None:
+    """(split pattern, normalizer: None or "NFC", added tokens) of a tokenizer.json dict whose layout the
+    fast encoders reproduce: a Qwen2 or GPT-2 split pattern then byte-level BPE, no dropout, added tokens
+    matched plainly; else None."""
+    pre = d.get("pre_tokenizer") or {}
+    pattern = None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex") and not pre.get("add_prefix_space"):
+        pattern = GPT2_SPLIT
+    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, byte_level = pre["pretokenizers"]
+        if (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+                and split.get("pattern", {}).get("Regex") in (QWEN2_SPLIT, GPT2_SPLIT)
+                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex")
+                and not byte_level.get("add_prefix_space")):
+            pattern = split["pattern"]["Regex"]
+    norm = d.get("normalizer")
+    normalizer = None if norm is None else "NFC" if norm == {"type": "NFC"} else "other"
+    model = d.get("model") or {}
+    tokens = d.get("added_tokens") or []
+    if (pattern is None or normalizer == "other" or model.get("type") != "BPE" or model.get("dropout")
+            or d.get("truncation") or d.get("padding")
+            or any(t["single_word"] or t["lstrip"] or t["rstrip"] for t in tokens)):
+        return None
+    if len({t["normalized"] for t in tokens}) > 1:
+        return None  # two passes of added-token matching; not reproduced
+    return pattern, normalizer, {t["content"]: t["id"] for t in tokens}
+
+
 class WordCacheEncoder:
     """`encode(texts)` -> one int32 array of token ids per text, equal to `backend.encode_batch`'s ids
     with add_special_tokens=False. `build` returns None for a tokenizer whose layout it cannot reproduce."""
@@ -955,31 +1008,16 @@ class WordCacheEncoder:
         if importlib.util.find_spec("regex") is None:  # the pattern's syntax (\p{L}) needs it
             return None
         d = json.loads(backend.to_str())
-        pre = d.get("pre_tokenizer") or {}
-        pattern = None
-        if pre.get("type") == "ByteLevel" and pre.get("use_regex") and not pre.get("add_prefix_space"):
-            pattern = GPT2_SPLIT
-        elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
-            split, byte_level = pre["pretokenizers"]
-            if (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
-                    and split.get("pattern", {}).get("Regex") in (QWEN2_SPLIT, GPT2_SPLIT)
-                    and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex")
-                    and not byte_level.get("add_prefix_space")):
-                pattern = split["pattern"]["Regex"]
-        model = d.get("model") or {}
-        tokens = d.get("added_tokens") or []
-        if (pattern is None or d.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout")
-                or d.get("truncation") or d.get("padding")
-                or any(t["single_word"] or t["lstrip"] or t["rstrip"] for t in tokens)):
+        layout = _byte_level_layout(d)
+        if layout is None or layout[1] is not None:  # no normalizer here
             return None
-        if len({t["normalized"] for t in tokens}) > 1:
-            return None  # two passes of added-token matching; not reproduced
-        ids = [int(i) for i in model.get("vocab", {}).values()] + [t["id"] for t in tokens]
+        pattern, _, added = layout
+        ids = [int(i) for i in d["model"].get("vocab", {}).values()] + list(added.values())
         bpe = {**d, "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": None,
                "truncation": None, "padding": None,
                "added_tokens": [{"id": max(ids, default=-1) + 1, "content": _SEP, "single_word": False, "lstrip": False,
                                  "rstrip": False, "normalized": False, "special": True}]}
-        return cls(backend, pattern, {t["content"]: t["id"] for t in tokens}, json.dumps(bpe))
+        return cls(backend, pattern, added, json.dumps(bpe))
 
     def _reset(self) -> None:
         self.words = _Words({a: i for i, a in enumerate(self.added)})
@@ -1061,6 +1099,177 @@ class WordCacheEncoder:
             if ours != theirs:
                 self.disputed_chars.append(c)
                 self.disputed = re.compile("[" + "".join(map(re.escape, self.disputed_chars)) + "]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenise: the C kernel (_bpe.c), when it was built
+#
+# The same idea as the word cache, all in C: split with the tokenizer's pattern, look each pre-token up
+# in a bounded cache, run HF's BPE merge loop on the ones not seen. Only the character classes come from
+# Python: each character's class (letter, number, white space, CR/LF) is taken from the `regex` module
+# the first time it is met and checked by splitting a probe string with the kernel and with the Rust
+# pre-tokenizer (and, for an NFC tokenizer, normalising it with Python's unicodedata and with Rust's); a
+# character they treat differently sends the texts holding it to the Rust tokenizer whole, as do texts
+# holding an added token. Equality with the tokenizer is tested on tricky texts and on random ones.
+
+
+def _native():
+    """The compiled kernel, or None (no C compiler when the package was installed)."""
+    try:
+        from tifaforge.data import _bpe
+    except ImportError:
+        return None
+    return _bpe
+
+
+class NativeEncoder:
+    """`encode(texts)` -> one int32 array of token ids per text, equal to `backend.encode_batch`'s ids
+    with add_special_tokens=False. `build` returns None without the kernel or for a layout it cannot
+    reproduce."""
+
+    def __init__(self, bpe, backend, mode: int, nfc: bool, added: dict[str, int], byte_ids: np.ndarray,
+                 merges: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        import regex
+
+        self.bpe, self.backend, self.mode, self.nfc = bpe, backend, mode, nfc
+        self.added = added
+        alternatives = "|".join(map(regex.escape, sorted(added, key=len, reverse=True)))  # the longest first
+        self.added_search = regex.compile(alternatives).search if added else None
+        self.added_split = regex.compile(f"({alternatives})").split if added else None
+        self.byte_ids = byte_ids
+        size = 1 << max(4, (2 * len(merges[0])).bit_length())
+        self.keys, self.vals = np.empty(size, np.uint64), np.empty(size, np.uint64)
+        bpe.build(*merges, self.keys, self.vals)
+        self.cache = bpe.cache()
+        self.classes = np.zeros(0x110000, np.uint8)  # letter 1, number 2, white space 4, CR/LF 8
+        self.known = np.zeros(0x110000, dtype=bool)  # characters already classed and checked
+        self.disputed = np.zeros(0x110000, dtype=bool)
+        self.class_patterns = [(1, regex.compile(r"\p{L}")), (2, regex.compile(r"\p{N}")), (4, regex.compile(r"\s")),
+                               (8, regex.compile(r"[\r\n]"))]
+        fixed = sorted(set(_PROBE.format(c="")))
+        for c in fixed:
+            self.classes[ord(c)] = self._class_of(c)
+        self._check_characters(fixed)
+
+    @classmethod
+    def build(cls, backend) -> NativeEncoder | None:
+        import importlib.util
+
+        bpe = _native()
+        if bpe is None or importlib.util.find_spec("regex") is None:
+            return None
+        d = json.loads(backend.to_str())
+        layout = _byte_level_layout(d)
+        model = d.get("model") or {}
+        if (layout is None or model.get("ignore_merges") or model.get("continuing_subword_prefix")
+                or model.get("end_of_word_suffix")):
+            return None
+        pattern, normalizer, added = layout
+        vocab = model.get("vocab") or {}
+        byte_ids = [vocab.get(c) for _, c in sorted(_bytes_to_unicode().items())]  # byte -> its token
+        if None in byte_ids:
+            return None  # a byte without a token: HF's unknown-token handling is not reproduced
+        left, right, new = [], [], []
+        for merge in model.get("merges") or []:
+            a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+            if a not in vocab or b not in vocab or a + b not in vocab:
+                return None
+            left.append(vocab[a])
+            right.append(vocab[b])
+            new.append(vocab[a + b])
+        merges = tuple(np.asarray(x, dtype=np.int32) for x in (left, right, new))
+        return cls(bpe, backend, 0 if pattern == QWEN2_SPLIT else 1, normalizer == "NFC", added,
+                   np.asarray(byte_ids, dtype=np.int32), merges)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        given = texts
+        if self.nfc:
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
+        joined = "".join(texts)
+        codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)  # (n_chars,)
+        new = codes[~self.known[codes]]
+        if len(new):
+            self._check_characters([chr(c) for c in np.unique(new)])
+        ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+        direct = self._disputed_texts(codes, ends)
+        search = self.added_search
+        added = search is not None and (search(joined) is not None or (self.nfc and search("".join(given)) is not None))
+        if not direct and not added:
+            return self._run(codes, ends)
+        # Some texts go to the Rust tokenizer whole; added tokens are cut out first (with NFC, the
+        # texts holding one go whole too: HF matches them before or after normalising, per token).
+        parts: list[str] = []
+        plan: list[list[int] | None] = []  # per text: indices into parts, or -1 - id for an added token
+        for i, (text, raw) in enumerate(zip(texts, given)):
+            if i in direct or (added and self.nfc and (search(text) or search(raw))):
+                plan.append(None)
+            elif added and search(text):
+                items = []
+                for j, segment in enumerate(self.added_split(text)):
+                    if j % 2:
+                        items.append(-1 - self.added[segment])
+                    elif segment:
+                        items.append(len(parts))
+                        parts.append(segment)
+                plan.append(items)
+            else:
+                plan.append([len(parts)])
+                parts.append(text)
+        encoded = self._run(np.frombuffer("".join(parts).encode("utf-32-le"), dtype=np.uint32),
+                            np.cumsum([len(p) for p in parts], dtype=np.int64))
+        out = []
+        for items, raw in zip(plan, given):
+            if items is None:
+                out.append(np.asarray(self.backend.encode(raw, add_special_tokens=False).ids, dtype=np.int32))
+            elif len(items) == 1 and items[0] >= 0:
+                out.append(encoded[items[0]])
+            else:
+                out.append(np.concatenate([encoded[k] if k >= 0 else np.array([-1 - k], np.int32) for k in items]
+                                          or [np.zeros(0, np.int32)]))
+        return out
+
+    def _run(self, codes: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+        """The kernel over texts back to back (`ends`: where each ends): one id array per text."""
+        out = np.empty(4 * len(codes), np.int32)  # one token per UTF-8 byte at most; pages never written stay free
+        out_ends = np.empty(len(ends), np.int64)
+        self.bpe.encode(codes, ends, self.classes, self.byte_ids, self.keys, self.vals, self.mode, out, out_ends,
+                        self.cache)
+        starts = np.concatenate([np.zeros(1, np.int64), out_ends[:-1]])
+        return [out[a:b] for a, b in zip(starts.tolist(), out_ends.tolist())]
+
+    def _disputed_texts(self, codes: np.ndarray, ends: np.ndarray) -> set[int]:
+        """Texts holding a character the kernel and the Rust tokenizer treat differently."""
+        bad = self.disputed[codes]
+        if not bad.any():
+            return set()
+        seen = np.concatenate([[0], np.cumsum(bad)])
+        starts = np.concatenate([[0], ends[:-1]])
+        return set(np.flatnonzero(seen[ends] > seen[starts]).tolist())
+
+    def _class_of(self, c: str) -> int:
+        return sum(bit for bit, pattern in self.class_patterns if pattern.match(c))
+
+    def _split(self, text: str) -> list[int]:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        out = np.empty(max(1, len(codes)), np.int64)
+        n = self.bpe.split(codes, np.array([len(codes)], np.int64), self.classes, self.mode, out)
+        return out[:n].tolist()
+
+    def _check_characters(self, chars: list[str]) -> None:
+        """Class each new character and split it in a few contexts with the kernel and the Rust
+        pre-tokenizer (for NFC, also normalise them both ways); a character treated differently is
+        disputed (texts holding it go to the Rust tokenizer whole)."""
+        pre, norm = self.backend.pre_tokenizer, self.backend.normalizer
+        for c in chars:
+            code = ord(c)
+            if not self.known[code]:
+                self.classes[code] = self._class_of(c)
+            self.known[code] = True
+        for c in chars:
+            probe = _PROBE.format(c=c)
+            theirs = [end for _, (_, end) in pre.pre_tokenize_str(probe)]
+            if self._split(probe) != theirs or (self.nfc and norm.normalize_str(probe) != unicodedata.normalize("NFC", probe)):
+                self.disputed[ord(c)] = True
 
 
 class ShardWriter:
