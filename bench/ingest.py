@@ -160,7 +160,7 @@ def main() -> int:
         rust, cached = tokenizer_ceiling(tok, tmp / "corpus")
         print(f"tokenizer alone {rust:7.1f} MB/s   (Rust encode_batch_fast on all cores, up to 20 MB of the UTF-8 "
               "files)")
-        print(f"word cache alone {cached:6.1f} MB/s   (the ingest's WordCacheEncoder on one core, the same texts)")
+        print(f"encoder alone   {cached:7.1f} MB/s   (the ingest's {encoder_name(tok)} on one core, the same texts)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -189,6 +189,14 @@ def tokenizer_ceiling(tok, corpus: Path, limit: int = 20_000_000) -> tuple[float
     for i in range(0, len(texts), 300):
         encoder.encode(texts[i:i + 300])
     return rust, size / 1e6 / (time.perf_counter() - start)
+
+
+def encoder_name(tok) -> str:
+    from tifaforge.data.novels import TextEncoder
+
+    cache = TextEncoder(tok).cache
+    return {"NativeEncoder": "C kernel", "WordCacheEncoder": "Python word cache"}.get(type(cache).__name__,
+                                                                                    "Rust batch call")
 
 
 def report(stats: dict, size: int, wall: float, rss_before: int, samples: list[tuple[float, int]]) -> None:

@@ -12,9 +12,9 @@
  * texts it cannot reproduce to the Rust tokenizer whole, so the ids are the tokenizer's.
  *
  * Python API (every array is a C-contiguous buffer; numpy arrays work):
- *   build(left i32[m], right i32[m], new i32[m], keys u64[size], vals u64[size])  merge table, size a power of 2
+ *   build(left i32[m], right i32[m], new i32[m], table u64[2 * size])  the merge table; size a power of 2
  *   split(codes u32[], ends i64[t], cls u8[0x110000], mode, out_ends i64[]) -> pieces
- *   encode(codes u32[], ends i64[t], cls u8[], byte_ids i32[256], keys u64[], vals u64[], mode,
+ *   encode(codes u32[], ends i64[t], cls u8[], byte_ids i32[256], table u64[], mode,
  *          out i32[], out_ends i64[t], cache) -> tokens     cache: None or cache()
  * `codes` is the texts' code points back to back, `ends[i]` the end of text i; mode 0 is Qwen2's
  * pattern, 1 GPT-2's. `cls` classes each code point: 1 letter (\p{L}), 2 number (\p{N}), 4 white
@@ -121,14 +121,14 @@ static inline uint64_t slot_of(uint64_t key, uint64_t mask) {
     return key & mask;
 }
 
-static inline int lookup(const uint64_t *keys, const uint64_t *vals, uint64_t mask, uint32_t a, uint32_t b,
+static inline int lookup(const uint64_t *table, uint64_t mask, uint32_t a, uint32_t b,
                          uint32_t *rank, int32_t *id) {
     uint64_t key = ((uint64_t)a << 32) | b, s = slot_of(key, mask);
     for (;;) {
-        uint64_t k = keys[s];
+        uint64_t k = table[2 * s];  /* key and value side by side: one cache line */
         if (k == key) {
-            *rank = (uint32_t)(vals[s] >> 32);
-            *id = (int32_t)(uint32_t)vals[s];
+            *rank = (uint32_t)(table[2 * s + 1] >> 32);
+            *id = (int32_t)(uint32_t)table[2 * s + 1];
             return 1;
         }
         if (k == EMPTY_KEY) return 0;
@@ -204,8 +204,8 @@ static inline Merge pop(Merge *h, Py_ssize_t *n) {
 }
 
 /* BPE of the UTF-8 bytes b[0..n): ids appended at out; returns how many. */
-static Py_ssize_t bpe_word(Scratch *s, const uint8_t *b, Py_ssize_t n, const int32_t *byte_ids, const uint64_t *keys,
-                           const uint64_t *vals, uint64_t mask, int32_t *out) {
+static Py_ssize_t bpe_word(Scratch *s, const uint8_t *b, Py_ssize_t n, const int32_t *byte_ids, const uint64_t *table,
+                           uint64_t mask, int32_t *out) {
     if (n == 1) {
         out[0] = byte_ids[b[0]];
         return 1;
@@ -223,7 +223,7 @@ static Py_ssize_t bpe_word(Scratch *s, const uint8_t *b, Py_ssize_t n, const int
     uint32_t rank;
     int32_t id;
     for (Py_ssize_t i = 0; i + 1 < n; i++)
-        if (lookup(keys, vals, mask, (uint32_t)sym[i], (uint32_t)sym[i + 1], &rank, &id))
+        if (lookup(table, mask, (uint32_t)sym[i], (uint32_t)sym[i + 1], &rank, &id))
             push(heap, &hn, (Merge){rank, (uint32_t)i, id});
     while (hn) {
         Merge m = pop(heap, &hn);
@@ -231,14 +231,14 @@ static Py_ssize_t bpe_word(Scratch *s, const uint8_t *b, Py_ssize_t n, const int
         if (!alive[p] || next[p] < 0) continue;
         Py_ssize_t q = next[p];
         /* stale: the pair at p is no longer the one this entry was made for */
-        if (!lookup(keys, vals, mask, (uint32_t)sym[p], (uint32_t)sym[q], &rank, &id) || id != m.id) continue;
+        if (!lookup(table, mask, (uint32_t)sym[p], (uint32_t)sym[q], &rank, &id) || id != m.id) continue;
         sym[p] = id;
         alive[q] = 0;
         next[p] = next[q];
         if (next[q] >= 0) prev[next[q]] = (int32_t)p;
-        if (prev[p] >= 0 && lookup(keys, vals, mask, (uint32_t)sym[prev[p]], (uint32_t)sym[p], &rank, &id))
+        if (prev[p] >= 0 && lookup(table, mask, (uint32_t)sym[prev[p]], (uint32_t)sym[p], &rank, &id))
             push(heap, &hn, (Merge){rank, (uint32_t)prev[p], id});
-        if (next[p] >= 0 && lookup(keys, vals, mask, (uint32_t)sym[p], (uint32_t)sym[next[p]], &rank, &id))
+        if (next[p] >= 0 && lookup(table, mask, (uint32_t)sym[p], (uint32_t)sym[next[p]], &rank, &id))
             push(heap, &hn, (Merge){rank, (uint32_t)p, id});
     }
     Py_ssize_t k = 0;
@@ -256,16 +256,21 @@ static inline Py_ssize_t utf8(uint32_t c, uint8_t *o) {
 
 /* ---- a word cache: pre-token code points -> its ids; most pre-tokens of a corpus were seen before ---- */
 
+#define INLINE 6  /* a pre-token of up to 6 code points and 6 ids lives in its slot: one cache line per lookup */
+
 typedef struct {
     uint64_t h;
-    uint32_t key_off, key_len, tok_off, tok_len;
-} Entry;
+    uint8_t key_len, tok_len;
+    uint16_t unused;
+    uint32_t off;               /* longer ones: key then ids in `spill`, from here */
+    uint32_t key[INLINE];
+    int32_t tok[INLINE];
+} Entry;                        /* 64 bytes */
 
 typedef struct {
     Entry *table;  /* open addressing; h == 0 marks an empty slot */
-    uint32_t *keys;
-    int32_t *toks;
-    Py_ssize_t size, used, keys_used, toks_used, keys_cap, toks_cap;
+    uint32_t *spill;
+    Py_ssize_t size, used, spill_used, spill_cap;
 } Cache;
 
 #define CACHE_SLOTS (1 << 18)
@@ -274,13 +279,13 @@ typedef struct {
 static void cache_free(PyObject *capsule) {
     Cache *c = PyCapsule_GetPointer(capsule, "tifaforge._bpe.Cache");
     if (c) {
-        free(c->table); free(c->keys); free(c->toks); free(c);
+        free(c->table); free(c->spill); free(c);
     }
 }
 
 static void cache_clear(Cache *c) {
     memset(c->table, 0, c->size * sizeof(Entry));
-    c->used = c->keys_used = c->toks_used = 0;
+    c->used = c->spill_used = 0;
 }
 
 static inline uint64_t hash_codes(const uint32_t *t, Py_ssize_t n) {
@@ -293,6 +298,14 @@ static inline uint64_t hash_codes(const uint32_t *t, Py_ssize_t n) {
     return h ? h : 1;
 }
 
+static inline const uint32_t *entry_key(const Cache *c, const Entry *e) {
+    return e->key_len <= INLINE && e->tok_len <= INLINE ? e->key : c->spill + e->off;
+}
+
+static inline const int32_t *entry_ids(const Cache *c, const Entry *e) {
+    return e->key_len <= INLINE && e->tok_len <= INLINE ? e->tok : (const int32_t *)(c->spill + e->off + e->key_len);
+}
+
 /* The cached ids of t[0..n) (count in *len), or NULL with *slot where to insert. */
 static inline const int32_t *cache_get(const Cache *c, const uint32_t *t, Py_ssize_t n, uint64_t h, Py_ssize_t *slot,
                                        Py_ssize_t *len) {
@@ -303,9 +316,9 @@ static inline const int32_t *cache_get(const Cache *c, const uint32_t *t, Py_ssi
             *slot = s;
             return NULL;
         }
-        if (e->h == h && e->key_len == n && memcmp(c->keys + e->key_off, t, n * sizeof(uint32_t)) == 0) {
+        if (e->h == h && e->key_len == n && memcmp(entry_key(c, e), t, n * sizeof(uint32_t)) == 0) {
             *len = e->tok_len;
-            return c->toks + e->tok_off;
+            return entry_ids(c, e);
         }
         s = (s + 1) & mask;
     }
@@ -313,39 +326,50 @@ static inline const int32_t *cache_get(const Cache *c, const uint32_t *t, Py_ssi
 
 static inline void cache_put(Cache *c, const uint32_t *t, Py_ssize_t n, uint64_t h, Py_ssize_t slot, const int32_t *ids,
                              Py_ssize_t k) {
-    if (2 * (c->used + 1) > c->size || c->keys_used + n > c->keys_cap || c->toks_used + k > c->toks_cap) {
+    int spill = n > INLINE || k > INLINE;
+    if (k > 255 || (spill && n + k > c->spill_cap)) return;  /* not cached (k > 255: 4-byte characters) */
+    if (2 * (c->used + 1) > c->size || (spill && c->spill_used + n + k > c->spill_cap)) {
         cache_clear(c);  /* full: start again (memory stays bounded) */
         Py_ssize_t len;
         cache_get(c, t, n, h, &slot, &len);
     }
     Entry *e = &c->table[slot];
     e->h = h;
-    e->key_off = (uint32_t)c->keys_used;
-    e->key_len = (uint32_t)n;
-    e->tok_off = (uint32_t)c->toks_used;
-    e->tok_len = (uint32_t)k;
-    memcpy(c->keys + c->keys_used, t, n * sizeof(uint32_t));
-    memcpy(c->toks + c->toks_used, ids, k * sizeof(int32_t));
-    c->keys_used += n;
-    c->toks_used += k;
+    e->key_len = (uint8_t)n;
+    e->tok_len = (uint8_t)k;
+    if (spill) {
+        e->off = (uint32_t)c->spill_used;
+        memcpy(c->spill + c->spill_used, t, n * sizeof(uint32_t));
+        memcpy(c->spill + c->spill_used + n, ids, k * sizeof(int32_t));
+        c->spill_used += n + k;
+    } else {
+        memcpy(e->key, t, n * sizeof(uint32_t));
+        memcpy(e->tok, ids, k * sizeof(int32_t));
+    }
     c->used++;
 }
 
 static PyObject *py_cache(PyObject *self, PyObject *args) {
+    Py_ssize_t slots = CACHE_SLOTS;
+    if (!PyArg_ParseTuple(args, "|n", &slots)) return NULL;
+    if (slots < 8 || (slots & (slots - 1))) {
+        PyErr_SetString(PyExc_ValueError, "cache: slots must be a power of 2, at least 8");
+        return NULL;
+    }
     Cache *c = calloc(1, sizeof(Cache));
     if (!c) return PyErr_NoMemory();
-    c->size = CACHE_SLOTS;
-    c->keys_cap = c->toks_cap = 8 * CACHE_SLOTS;
-    c->table = calloc(c->size, sizeof(Entry));
-    c->keys = malloc(c->keys_cap * sizeof(uint32_t));
-    c->toks = malloc(c->toks_cap * sizeof(int32_t));
-    if (!c->table || !c->keys || !c->toks) {
-        free(c->table); free(c->keys); free(c->toks); free(c);
+    c->size = slots;
+    c->spill_cap = 4 * slots;
+    c->table = aligned_alloc(64, c->size * sizeof(Entry));
+    c->spill = malloc(c->spill_cap * sizeof(uint32_t));
+    if (!c->table || !c->spill) {
+        free(c->table); free(c->spill); free(c);
         return PyErr_NoMemory();
     }
+    memset(c->table, 0, c->size * sizeof(Entry));
     PyObject *capsule = PyCapsule_New(c, "tifaforge._bpe.Cache", cache_free);
     if (!capsule) {
-        free(c->table); free(c->keys); free(c->toks); free(c);
+        free(c->table); free(c->spill); free(c);
     }
     return capsule;
 }
@@ -363,35 +387,31 @@ static int get(PyObject *o, Py_buffer *v, int writable, Py_ssize_t item, const c
 }
 
 static PyObject *py_build(PyObject *self, PyObject *args) {
-    PyObject *lo, *ro, *no, *ko, *vo;
-    if (!PyArg_ParseTuple(args, "OOOOO", &lo, &ro, &no, &ko, &vo)) return NULL;
-    Py_buffer l, r, n, k, v;
+    PyObject *lo, *ro, *no, *to;
+    if (!PyArg_ParseTuple(args, "OOOO", &lo, &ro, &no, &to)) return NULL;
+    Py_buffer l, r, n, t;
     if (get(lo, &l, 0, 4, "left")) return NULL;
     if (get(ro, &r, 0, 4, "right")) { PyBuffer_Release(&l); return NULL; }
     if (get(no, &n, 0, 4, "new")) { PyBuffer_Release(&l); PyBuffer_Release(&r); return NULL; }
-    if (get(ko, &k, 1, 8, "keys")) { PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); return NULL; }
-    if (get(vo, &v, 1, 8, "vals")) {
-        PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); PyBuffer_Release(&k);
-        return NULL;
-    }
-    Py_ssize_t m = l.len / 4, size = k.len / 8;
+    if (get(to, &t, 1, 16, "table")) { PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); return NULL; }
+    Py_ssize_t m = l.len / 4, size = t.len / 16;
     PyObject *result = NULL;
-    if (r.len / 4 != m || n.len / 4 != m || v.len / 8 != size || size == 0 || (size & (size - 1)) || size < 2 * m) {
+    if (r.len / 4 != m || n.len / 4 != m || size == 0 || (size & (size - 1)) || size < 2 * m) {
         PyErr_SetString(PyExc_ValueError, "build: mismatched lengths, or a table size not a power of 2 >= 2 merges");
     } else {
-        uint64_t *keys = k.buf, *vals = v.buf, mask = (uint64_t)size - 1;
+        uint64_t *table = t.buf, mask = (uint64_t)size - 1;
         const int32_t *L = l.buf, *R = r.buf, *N = n.buf;
-        for (Py_ssize_t i = 0; i < size; i++) keys[i] = EMPTY_KEY;
+        for (Py_ssize_t i = 0; i < size; i++) table[2 * i] = EMPTY_KEY;
         for (Py_ssize_t i = 0; i < m; i++) {  /* a pair listed twice keeps its last rank, as HF's map does */
             uint64_t key = ((uint64_t)(uint32_t)L[i] << 32) | (uint32_t)R[i], s = slot_of(key, mask);
-            while (keys[s] != EMPTY_KEY && keys[s] != key) s = (s + 1) & mask;
-            keys[s] = key;
-            vals[s] = ((uint64_t)i << 32) | (uint32_t)N[i];
+            while (table[2 * s] != EMPTY_KEY && table[2 * s] != key) s = (s + 1) & mask;
+            table[2 * s] = key;
+            table[2 * s + 1] = ((uint64_t)i << 32) | (uint32_t)N[i];
         }
         result = Py_None;
         Py_INCREF(result);
     }
-    PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); PyBuffer_Release(&k); PyBuffer_Release(&v);
+    PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); PyBuffer_Release(&t);
     return result;
 }
 
@@ -445,25 +465,24 @@ static PyObject *py_split(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_encode(PyObject *self, PyObject *args) {
-    PyObject *co, *eo, *clo, *bo, *ko, *vo, *oo, *oeo, *cache_obj;
+    PyObject *co, *eo, *clo, *bo, *to, *oo, *oeo, *cache_obj;
     int mode;
-    if (!PyArg_ParseTuple(args, "OOOOOOiOOO", &co, &eo, &clo, &bo, &ko, &vo, &mode, &oo, &oeo, &cache_obj))
-        return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOiOOO", &co, &eo, &clo, &bo, &to, &mode, &oo, &oeo, &cache_obj)) return NULL;
     Cache *cache = NULL;
     if (cache_obj != Py_None && !(cache = PyCapsule_GetPointer(cache_obj, "tifaforge._bpe.Cache"))) return NULL;
-    Py_buffer b[8];
-    PyObject *objs[8] = {co, eo, clo, bo, ko, vo, oo, oeo};
-    const Py_ssize_t items[8] = {4, 8, 1, 4, 8, 8, 4, 8};
-    const int writable[8] = {0, 0, 0, 0, 0, 0, 1, 1};
-    const char *names[8] = {"codes", "ends", "cls", "byte_ids", "keys", "vals", "out", "out_ends"};
+    Py_buffer b[7];
+    PyObject *objs[7] = {co, eo, clo, bo, to, oo, oeo};
+    const Py_ssize_t items[7] = {4, 8, 1, 4, 16, 4, 8};
+    const int writable[7] = {0, 0, 0, 0, 0, 1, 1};
+    const char *names[7] = {"codes", "ends", "cls", "byte_ids", "table", "out", "out_ends"};
     int got = 0;
     PyObject *result = NULL;
-    for (; got < 8; got++)
+    for (; got < 7; got++)
         if (get(objs[got], &b[got], writable[got], items[got], names[got])) goto done;
     if (check_texts(&b[0], &b[1], &b[2])) goto done;
-    Py_ssize_t ntexts = b[1].len / 8, nkeys = b[4].len / 8;
-    if (b[3].len != 256 * 4 || b[5].len != b[4].len || nkeys == 0 || (nkeys & (nkeys - 1)) || b[7].len / 8 < ntexts) {
-        PyErr_SetString(PyExc_ValueError, "encode: byte_ids needs 256 ids, keys/vals one power-of-2 size, "
+    Py_ssize_t ntexts = b[1].len / 8, nkeys = b[4].len / 16;
+    if (b[3].len != 256 * 4 || nkeys == 0 || (nkeys & (nkeys - 1)) || b[6].len / 8 < ntexts) {
+        PyErr_SetString(PyExc_ValueError, "encode: byte_ids needs 256 ids, the table a power-of-2 size, "
                                           "out_ends a slot per text");
         goto done;
     }
@@ -472,10 +491,10 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
         const uint32_t *t = b[0].buf;
         const int64_t *E = b[1].buf;
         const int32_t *byte_ids = b[3].buf;
-        const uint64_t *keys = b[4].buf, *vals = b[5].buf, mask = (uint64_t)nkeys - 1;
-        int32_t *out = b[6].buf;
-        int64_t *out_ends = b[7].buf;
-        Py_ssize_t room = b[6].len / 4, k = 0, pos = 0;
+        const uint64_t *table = b[4].buf, mask = (uint64_t)nkeys - 1;
+        int32_t *out = b[5].buf;
+        int64_t *out_ends = b[6].buf;
+        Py_ssize_t room = b[5].len / 4, k = 0, pos = 0;
         Scratch s = {0};
         int failed = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -505,7 +524,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
                 for (Py_ssize_t j = pos; j < end; j++) n += utf8(t[j], s.bytes + n);
                 if (k + n > room) { failed = 2; break; }
                 if (grow(&s, n)) { failed = 1; break; }
-                Py_ssize_t got = bpe_word(&s, s.bytes, n, byte_ids, keys, vals, mask, out + k);
+                Py_ssize_t got = bpe_word(&s, s.bytes, n, byte_ids, table, mask, out + k);
                 if (slot >= 0) cache_put(cache, t + pos, end - pos, h, slot, out + k, got);
                 k += got;
                 pos = end;
@@ -607,12 +626,12 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"build", py_build, METH_VARARGS, "build(left, right, new, keys, vals): fill the merge table"},
+    {"build", py_build, METH_VARARGS, "build(left, right, new, table): fill the merge table"},
     {"split", py_split, METH_VARARGS, "split(codes, ends, cls, mode, out_ends) -> pre-token count"},
     {"encode", py_encode, METH_VARARGS,
-     "encode(codes, ends, cls, byte_ids, keys, vals, mode, out, out_ends, cache) -> tokens"},
+     "encode(codes, ends, cls, byte_ids, table, mode, out, out_ends, cache) -> tokens"},
     {"signature", py_signature, METH_VARARGS, "signature(codes, word, k, out): one-permutation MinHash into out"},
-    {"cache", (PyCFunction)py_cache, METH_NOARGS, "cache() -> a word cache for encode (about 90 MB, bounded)"},
+    {"cache", py_cache, METH_VARARGS, "cache(slots=2**18) -> a word cache for encode (64 bytes a slot, bounded)"},
     {NULL, NULL, 0, NULL},
 };
 
