@@ -17,24 +17,28 @@ that occur in the text itself (a fake `<|endoftext|>`) are removed and counted.
 Near duplicates, and how they depart from textbook MinHash: signatures are one-permutation MinHash
 (Li, Owen & Zhang 2012: every 5-gram of letters and digits hashed once, punctuation and spaces
 skipped, the minimum kept per bin) with rotation densification for the bins a short chapter leaves
-empty (Shrivastava & Li 2014), computed with numpy in O(length) instead of O(length x permutations);
-an LSH index with datasketch's band split finds candidates, and a candidate counts only if its estimated Jaccard
-similarity reaches the threshold. Chapters under 50 characters are checked for exact copies only.
+empty (Shrivastava & Li 2014), computed in O(length) instead of O(length x permutations) (numpy, or the
+C kernel); an LSH index with datasketch's band split finds candidates, and a candidate counts only if its
+estimated Jaccard similarity reaches the threshold. Chapters under 50 characters are checked for exact
+copies only.
 
-Memory: flat in the corpus size except for the duplicate index, which keeps about 4 KB per kept
-chapter (4 GB per million chapters, that is per ~10 GB of text; with `dedup_threshold` 1.0 only the
+Memory: flat in the corpus size except for the duplicate index, which keeps about 3 KB per kept
+chapter (3 GB per million chapters, that is per ~10 GB of text; with `dedup_threshold` 1.0 only the
 exact-copy digests stay, ~150 bytes each); `--dedup-on-disk` keeps it in an SQLite file instead, and
 memory stays flat whatever the corpus size. Of a file, a block of a few MB is held at a time.
 
-Speed: tokenising is the bound (the Rust tokenizer spends ~1 us per pre-token on bookkeeping and BPE).
-Batches of chapters are encoded in `workers` processes (default: one per core; with 1, on a thread)
-while the main process reads, cleans and deduplicates the next chapters; results are taken in order,
-so the output is the same for any number of workers. Each process puts a word cache in front of the
-Rust BPE (WordCacheEncoder: pre-tokens split in Python with the tokenizer's own pattern, each new word
-sent to the BPE once; ids identical to the tokenizer's, checked character by character). A script
-that calls `ingest_novels` with workers > 1 needs the usual `if __name__ == "__main__":` guard, as
-any code that starts processes (they are started from a fork server, never by forking a process that
-runs threads). bench/ingest.py prints the phases, the Rust tokenizer alone and the word cache alone.
+Speed: tokenising was the bound (the Rust tokenizer spends ~1 us per pre-token on offsets and other
+bookkeeping that packing never reads). Batches of chapters are encoded in `workers` processes (default:
+one per core; with 1, on a thread) while the main process reads, cleans and deduplicates the next
+chapters; results are taken in order, so the output is the same for any number of workers. Each process
+encodes with the C kernel (`_bpe.c`, built at install; NativeEncoder): the tokenizer's split pattern and
+HF's BPE merge loop in C behind a word cache, each character's class checked against the Rust
+pre-tokenizer the first time it is met, ids identical to the tokenizer's. Without a C compiler at install,
+a Python word cache (WordCacheEncoder) in front of the Rust BPE does the same job at about a third of the
+speed. The kernel also computes the MinHash signatures. A script that calls `ingest_novels` with
+workers > 1 needs the usual `if __name__ == "__main__":` guard, as any code that starts processes (they
+are started from a fork server, never by forking a process that runs threads). bench/ingest.py prints
+the phases, the Rust tokenizer alone and the ingest's encoder alone.
 """
 
 from __future__ import annotations
@@ -563,7 +567,7 @@ class Deduper:
         for table, key in zip(self.bands, keys):
             found.update(table.get(key, ()))
         for candidate in sorted(found):  # LSH candidates, earliest first, confirmed by similarity
-            if np.mean(np.frombuffer(self.signatures[candidate], np.uint32) == sig) >= self.threshold:
+            if np.count_nonzero(np.frombuffer(self.signatures[candidate], np.uint32) == sig) / len(sig) >= self.threshold:
                 return self.owner[candidate]
         new = len(self.owner)
         for table, key in zip(self.bands, keys):
@@ -600,7 +604,7 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 
 class _DiskIndex:
     """The duplicate index in SQLite: exact digests, and MinHash signatures with their LSH band keys
-    (datasketch's band count and width for the threshold, so candidates are the in-memory index's)."""
+    (the band split of `lsh_bands`, so candidates are the in-memory index's)."""
 
     COMMIT_EVERY = 2000
 
@@ -640,7 +644,7 @@ class _DiskIndex:
         found = self.db.execute(f"SELECT DISTINCT s.key, s.owner, s.sig FROM band b JOIN sig s ON s.key = b.key "
                                 f"WHERE b.h IN ({marks}) ORDER BY s.key", keys).fetchall()
         for _, earlier, stored in found:  # candidates, earliest first, confirmed by the estimated similarity
-            if np.mean(np.frombuffer(stored, np.uint32) == sig) >= self.threshold:
+            if np.count_nonzero(np.frombuffer(stored, np.uint32) == sig) / len(sig) >= self.threshold:
                 return earlier
         key = self.keys
         self.keys += 1
