@@ -104,24 +104,29 @@ def test_layouts_the_kernel_does_not_reproduce(tiny_tokenizer):
 
 
 def test_kernel_rejects_bad_buffers():
-    codes, ends = np.zeros(4, np.uint32), np.array([4], np.int64)
-    classes, table = np.zeros(0x110000, np.uint8), np.zeros(32, np.uint64)
-    byte_ids, out, out_ends = np.zeros(256, np.int32), np.zeros(16, np.int32), np.zeros(1, np.int64)
-    BPE.encode(codes, ends, classes, byte_ids, table, 0, out, out_ends, None)
+    codes, ends, classes = np.zeros(4, np.uint32), np.array([4], np.int64), np.zeros(0x110000, np.uint8)
+    byte_ids, out, out_ends = np.arange(256, dtype=np.int32), np.zeros(16, np.int32), np.zeros(1, np.int64)
+    one = np.zeros(1, np.int32)
+    model = BPE.model(one, one + 1, one + 256, byte_ids)
+    BPE.encode(codes, ends, classes, model, 0, out, out_ends, None)
     with pytest.raises(ValueError, match="ends"):
-        BPE.encode(codes, np.array([5], np.int64), classes, byte_ids, table, 0, out, out_ends, None)
+        BPE.encode(codes, np.array([5], np.int64), classes, model, 0, out, out_ends, None)
     with pytest.raises(ValueError, match="cls"):
-        BPE.encode(codes, ends, classes[:10], byte_ids, table, 0, out, out_ends, None)
+        BPE.encode(codes, ends, classes[:10], model, 0, out, out_ends, None)
     with pytest.raises(ValueError, match="one token per UTF-8 byte"):
-        BPE.encode(codes, ends, classes, byte_ids, table, 0, out[:2], out_ends, None)
-    with pytest.raises(ValueError, match="power-of-2"):
-        BPE.encode(codes, ends, classes, byte_ids, table[:6], 0, out, out_ends, None)
+        BPE.encode(codes, ends, classes, model, 0, out[:2], out_ends, None)
+    with pytest.raises(ValueError, match="out_ends"):
+        BPE.encode(codes, ends, classes, model, 0, out, out_ends[:0], None)
     with pytest.raises(ValueError, match="whole number"):
-        BPE.encode(codes, ends, classes, byte_ids, np.zeros(3, np.uint32), 0, out, out_ends, None)
-    with pytest.raises(ValueError, match="power of 2"):
-        BPE.build(np.zeros(3, np.int32), np.zeros(3, np.int32), np.zeros(3, np.int32), np.zeros(8, np.uint64))
+        BPE.encode(codes, ends, classes, model, 0, np.zeros(3, np.uint8), out_ends, None)
+    with pytest.raises(ValueError, match="256 ids"):
+        BPE.model(one, one, one, byte_ids[:255])
+    with pytest.raises(ValueError, match="negative"):
+        BPE.model(one - 1, one, one, byte_ids)
     with pytest.raises(ValueError, match="PyCapsule"):
-        BPE.encode(codes, ends, classes, byte_ids, table, 0, out, out_ends, "not a cache")
+        BPE.encode(codes, ends, classes, model, 0, out, out_ends, "not a cache")
+    with pytest.raises(ValueError, match="PyCapsule"):
+        BPE.encode(codes, ends, classes, BPE.cache(8), 0, out, out_ends, None)  # a cache is not a model
 
 
 def test_signature_kernel_equals_the_numpy_definition():
@@ -153,3 +158,30 @@ def test_kernel_splits_where_the_rust_pre_tokenizer_splits(layouts, layout):
     encoder.encode(texts)  # classes every character
     for text in texts:
         assert encoder._split(text) == [end for _, (_, end) in backend.pre_tokenizer.pre_tokenize_str(text)], text
+
+
+def test_characters_merged_ahead_only_where_that_is_exact():
+    """A hand-made vocabulary where one character's edge byte merges across characters before its own
+    merges finish (你: A0 + E4 ranks first), and one where nothing reaches in (好). Merging 你 ahead would
+    give other ids for 你你; the kernel must start it from bytes and still merge 好 ahead."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    b2u = novels._bytes_to_unicode()
+    u = lambda data: "".join(b2u[x] for x in data)  # noqa: E731  bytes -> byte-level token string
+    vocab = {b2u[x]: x for x in range(256)}
+    merges = [(u(b"\xa0"), u(b"\xe4")),  # rank 0: across 你|你
+              (u(b"\xa5"), u(b"\xbd")), (u(b"\xe5"), u(b"\xa5\xbd")),  # 好 = E5 A5 BD, alone
+              (u(b"\xe4"), u(b"\xbd")), (u(b"\xe4\xbd"), u(b"\xa0")),  # 你 = E4 BD A0
+              (u("好".encode()), u("好".encode()))]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(novels.QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    encoder = novels.NativeEncoder.build(tok)
+    assert encoder is not None
+    texts = ["你你", "好好", "你好你", "好你好你你", "a你b", *random_texts(5, 300, 12)]
+    texts += ["".join(np.random.default_rng(6).choice(["你", "好", "你好"], 30)) for _ in range(50)]
+    assert [ids.tolist() for ids in encoder.encode(texts)] == rust_ids(tok, texts)
+    assert rust_ids(tok, ["你你"])[0] != 2 * rust_ids(tok, ["你"])[0]  # the cross merge does change 你你

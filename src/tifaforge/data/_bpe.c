@@ -11,11 +11,18 @@
  * every character class against the Rust pre-tokenizer the first time it meets a character and sends
  * texts it cannot reproduce to the Rust tokenizer whole, so the ids are the tokenizer's.
  *
+ * Characters are merged ahead where that is exact: a character whose bytes always become the same
+ * tokens before any merge reaches across its edges (every merge that takes one of its edge states with
+ * an outside token ranks after its own last merge) starts the word as those tokens, not as bytes. The
+ * merges left are the ones HF would still make, in the same order (a Chinese word starts with a third
+ * of the symbols). Which characters qualify is worked out the first time each is met (model_premerged).
+ *
  * Python API (every array is a C-contiguous buffer; numpy arrays work):
- *   build(left i32[m], right i32[m], new i32[m], table u64[2 * size])  the merge table; size a power of 2
+ *   model(left i32[m], right i32[m], new i32[m], byte_ids i32[256]) -> a BPE model: merge i is
+ *       (left[i], right[i]) -> new[i], ranked i; byte_ids[b] is byte b's token
  *   split(codes u32[], ends i64[t], cls u8[0x110000], mode, out_ends i64[]) -> pieces
- *   encode(codes u32[], ends i64[t], cls u8[], byte_ids i32[256], table u64[], mode,
- *          out i32[], out_ends i64[t], cache) -> tokens     cache: None or cache()
+ *   encode(codes u32[], ends i64[t], cls u8[], model, mode, out i32[], out_ends i64[t], cache) -> tokens
+ *       cache: None or cache(); a model and a cache are used by one thread at a time
  * `codes` is the texts' code points back to back, `ends[i]` the end of text i; mode 0 is Qwen2's
  * pattern, 1 GPT-2's. `cls` classes each code point: 1 letter (\p{L}), 2 number (\p{N}), 4 white
  * space (\s), 8 CR or LF. `out` needs room for one token per UTF-8 byte.
@@ -149,8 +156,8 @@ typedef struct {
     uint8_t *alive;
     Merge *heap;
     Py_ssize_t cap, heap_cap;
-    uint8_t *bytes;
-    Py_ssize_t bytes_cap;
+    int32_t *init;       /* a word's starting symbols */
+    Py_ssize_t init_cap;
 } Scratch;
 
 static int grow(Scratch *s, Py_ssize_t n) {
@@ -203,11 +210,11 @@ static inline Merge pop(Merge *h, Py_ssize_t *n) {
     return top;
 }
 
-/* BPE of the UTF-8 bytes b[0..n): ids appended at out; returns how many. */
-static Py_ssize_t bpe_word(Scratch *s, const uint8_t *b, Py_ssize_t n, const int32_t *byte_ids, const uint64_t *table,
-                           uint64_t mask, int32_t *out) {
+/* BPE of a word from its starting symbols init[0..n): ids appended at out; returns how many. */
+static Py_ssize_t bpe_word(Scratch *s, const int32_t *init, Py_ssize_t n, const uint64_t *table, uint64_t mask,
+                           int32_t *out) {
     if (n == 1) {
-        out[0] = byte_ids[b[0]];
+        out[0] = init[0];
         return 1;
     }
     int32_t *sym = s->sym, *prev = s->prev, *next = s->next;
@@ -215,7 +222,7 @@ static Py_ssize_t bpe_word(Scratch *s, const uint8_t *b, Py_ssize_t n, const int
     Merge *heap = s->heap;
     Py_ssize_t hn = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        sym[i] = byte_ids[b[i]];
+        sym[i] = init[i];
         prev[i] = (int32_t)i - 1;
         next[i] = i + 1 < n ? (int32_t)i + 1 : -1;
         alive[i] = 1;
@@ -252,6 +259,152 @@ static inline Py_ssize_t utf8(uint32_t c, uint8_t *o) {
     if (c < 0x10000) { o[0] = 0xE0 | (c >> 12); o[1] = 0x80 | ((c >> 6) & 0x3F); o[2] = 0x80 | (c & 0x3F); return 3; }
     o[0] = 0xF0 | (c >> 18); o[1] = 0x80 | ((c >> 12) & 0x3F); o[2] = 0x80 | ((c >> 6) & 0x3F); o[3] = 0x80 | (c & 0x3F);
     return 4;
+}
+
+static int get(PyObject *o, Py_buffer *v, int writable, Py_ssize_t item, const char *what) {
+    if (PyObject_GetBuffer(o, v, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (v->len % item) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte items", what, v->len, item);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the model: merge table, byte tokens, and characters merged ahead ---- */
+
+typedef struct {
+    uint64_t *table, mask;
+    int32_t byte_ids[256];
+    uint32_t *min_left, *min_right;  /* per token id: the lowest rank of a merge taking it on the left / right */
+    Py_ssize_t vocab;
+    int32_t (*ahead)[4];  /* per BMP code point: [0] 0 not yet worked out, -1 bytes, 1..3 tokens in [1..3] */
+} Model;
+
+static void model_free(PyObject *capsule) {
+    Model *m = PyCapsule_GetPointer(capsule, "tifaforge._bpe.Model");
+    if (m) {
+        free(m->table); free(m->min_left); free(m->min_right); free(m->ahead); free(m);
+    }
+}
+
+static inline uint32_t min_rank(const uint32_t *a, Py_ssize_t vocab, int32_t id) {
+    return id >= 0 && id < vocab ? a[id] : 0;  /* an id outside the merges' range: treated as unsafe */
+}
+
+/* Work out whether code point cp (BMP) can start a word as tokens: its bytes merged alone (the same
+ * leftmost-lowest-rank rule), noting every state its first and its last symbol pass through and the
+ * highest rank used; it qualifies if no merge takes one of those edge states with an outside partner
+ * at a rank up to that. Such a merge is the only way its neighbours could change how it merges. */
+static void premerge(Model *M, uint32_t cp) {
+    uint8_t b[4];
+    int32_t sym[4], edge_first[4], edge_last[4];
+    int n = (int)utf8(cp, b), m = n, nf = 0, nl = 0;
+    int64_t highest = -1;
+    for (int i = 0; i < n; i++) sym[i] = M->byte_ids[b[i]];
+    edge_first[nf++] = sym[0];
+    edge_last[nl++] = sym[m - 1];
+    for (;;) {
+        uint32_t best = UINT32_MAX, rank;
+        int32_t best_id = 0, id;
+        int at = -1;
+        for (int i = 0; i + 1 < m; i++)
+            if (lookup(M->table, M->mask, (uint32_t)sym[i], (uint32_t)sym[i + 1], &rank, &id) && rank < best) {
+                best = rank;
+                best_id = id;
+                at = i;
+            }
+        if (at < 0) break;
+        if ((int64_t)best > highest) highest = best;
+        sym[at] = best_id;
+        for (int i = at + 1; i + 1 < m; i++) sym[i] = sym[i + 1];
+        m--;
+        edge_first[nf++] = sym[0];
+        edge_last[nl++] = sym[m - 1];
+    }
+    int safe = 1;
+    for (int i = 0; i < nf; i++) safe &= (int64_t)min_rank(M->min_right, M->vocab, edge_first[i]) > highest;
+    for (int i = 0; i < nl; i++) safe &= (int64_t)min_rank(M->min_left, M->vocab, edge_last[i]) > highest;
+    int32_t *entry = M->ahead[cp];
+    for (int i = 0; i < m; i++) entry[1 + i] = sym[i];
+    entry[0] = safe ? m : -1;
+}
+
+/* A word's starting symbols: characters merged ahead where they qualify, else their bytes. */
+static Py_ssize_t start_symbols(Model *M, const uint32_t *t, Py_ssize_t n, int32_t *init) {
+    Py_ssize_t k = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint32_t cp = t[j];
+        if (cp >= 0x80 && cp < 0x10000) {
+            int32_t *entry = M->ahead[cp];
+            if (entry[0] == 0) premerge(M, cp);
+            if (entry[0] > 0) {
+                for (int i = 1; i <= entry[0]; i++) init[k++] = entry[i];
+                continue;
+            }
+        }
+        uint8_t b[4];
+        Py_ssize_t nb = utf8(cp, b);
+        for (Py_ssize_t i = 0; i < nb; i++) init[k++] = M->byte_ids[b[i]];
+    }
+    return k;
+}
+
+static PyObject *py_model(PyObject *self, PyObject *args) {
+    PyObject *lo, *ro, *no, *bo;
+    if (!PyArg_ParseTuple(args, "OOOO", &lo, &ro, &no, &bo)) return NULL;
+    Py_buffer l, r, n, b;
+    if (get(lo, &l, 0, 4, "left")) return NULL;
+    if (get(ro, &r, 0, 4, "right")) { PyBuffer_Release(&l); return NULL; }
+    if (get(no, &n, 0, 4, "new")) { PyBuffer_Release(&l); PyBuffer_Release(&r); return NULL; }
+    if (get(bo, &b, 0, 4, "byte_ids")) { PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); return NULL; }
+    PyObject *result = NULL;
+    Model *M = NULL;
+    Py_ssize_t m = l.len / 4;
+    const int32_t *L = l.buf, *R = r.buf, *N = n.buf, *B = b.buf;
+    if (r.len / 4 != m || n.len / 4 != m || b.len != 256 * 4) {
+        PyErr_SetString(PyExc_ValueError, "model: left, right and new need one id per merge, byte_ids 256 ids");
+        goto done;
+    }
+    int32_t top = 0;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        if (L[i] < 0 || R[i] < 0 || N[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "model: token ids must not be negative");
+            goto done;
+        }
+        top = L[i] > top ? L[i] : top;
+        top = R[i] > top ? R[i] : top;
+        top = N[i] > top ? N[i] : top;
+    }
+    for (int i = 0; i < 256; i++) top = B[i] > top ? B[i] : top;
+    Py_ssize_t size = 16;
+    while (size < 2 * m) size *= 2;
+    if (!(M = calloc(1, sizeof(Model))) || !(M->table = malloc(2 * size * sizeof(uint64_t)))
+        || !(M->min_left = malloc((top + 1) * sizeof(uint32_t))) || !(M->min_right = malloc((top + 1) * sizeof(uint32_t)))
+        || !(M->ahead = calloc(0x10000, sizeof(*M->ahead)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    M->mask = (uint64_t)size - 1;
+    M->vocab = top + 1;
+    memcpy(M->byte_ids, B, sizeof(M->byte_ids));
+    for (Py_ssize_t i = 0; i < size; i++) M->table[2 * i] = EMPTY_KEY;
+    for (Py_ssize_t i = 0; i <= top; i++) M->min_left[i] = M->min_right[i] = UINT32_MAX;
+    for (Py_ssize_t i = 0; i < m; i++) {  /* a pair listed twice keeps its last rank, as HF's map does */
+        uint64_t key = ((uint64_t)(uint32_t)L[i] << 32) | (uint32_t)R[i], s = slot_of(key, M->mask);
+        while (M->table[2 * s] != EMPTY_KEY && M->table[2 * s] != key) s = (s + 1) & M->mask;
+        M->table[2 * s] = key;
+        M->table[2 * s + 1] = ((uint64_t)i << 32) | (uint32_t)N[i];
+        if ((uint32_t)i < M->min_left[L[i]]) M->min_left[L[i]] = (uint32_t)i;
+        if ((uint32_t)i < M->min_right[R[i]]) M->min_right[R[i]] = (uint32_t)i;
+    }
+    result = PyCapsule_New(M, "tifaforge._bpe.Model", model_free);
+done:
+    if (!result && M) {
+        free(M->table); free(M->min_left); free(M->min_right); free(M->ahead); free(M);
+    }
+    PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); PyBuffer_Release(&b);
+    return result;
 }
 
 /* ---- a word cache: pre-token code points -> its ids; most pre-tokens of a corpus were seen before ---- */
@@ -376,45 +529,6 @@ static PyObject *py_cache(PyObject *self, PyObject *args) {
 
 /* ---- Python bindings ---- */
 
-static int get(PyObject *o, Py_buffer *v, int writable, Py_ssize_t item, const char *what) {
-    if (PyObject_GetBuffer(o, v, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
-    if (v->len % item) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte items", what, v->len, item);
-        PyBuffer_Release(v);
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *py_build(PyObject *self, PyObject *args) {
-    PyObject *lo, *ro, *no, *to;
-    if (!PyArg_ParseTuple(args, "OOOO", &lo, &ro, &no, &to)) return NULL;
-    Py_buffer l, r, n, t;
-    if (get(lo, &l, 0, 4, "left")) return NULL;
-    if (get(ro, &r, 0, 4, "right")) { PyBuffer_Release(&l); return NULL; }
-    if (get(no, &n, 0, 4, "new")) { PyBuffer_Release(&l); PyBuffer_Release(&r); return NULL; }
-    if (get(to, &t, 1, 16, "table")) { PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); return NULL; }
-    Py_ssize_t m = l.len / 4, size = t.len / 16;
-    PyObject *result = NULL;
-    if (r.len / 4 != m || n.len / 4 != m || size == 0 || (size & (size - 1)) || size < 2 * m) {
-        PyErr_SetString(PyExc_ValueError, "build: mismatched lengths, or a table size not a power of 2 >= 2 merges");
-    } else {
-        uint64_t *table = t.buf, mask = (uint64_t)size - 1;
-        const int32_t *L = l.buf, *R = r.buf, *N = n.buf;
-        for (Py_ssize_t i = 0; i < size; i++) table[2 * i] = EMPTY_KEY;
-        for (Py_ssize_t i = 0; i < m; i++) {  /* a pair listed twice keeps its last rank, as HF's map does */
-            uint64_t key = ((uint64_t)(uint32_t)L[i] << 32) | (uint32_t)R[i], s = slot_of(key, mask);
-            while (table[2 * s] != EMPTY_KEY && table[2 * s] != key) s = (s + 1) & mask;
-            table[2 * s] = key;
-            table[2 * s + 1] = ((uint64_t)i << 32) | (uint32_t)N[i];
-        }
-        result = Py_None;
-        Py_INCREF(result);
-    }
-    PyBuffer_Release(&l); PyBuffer_Release(&r); PyBuffer_Release(&n); PyBuffer_Release(&t);
-    return result;
-}
-
 static int check_texts(const Py_buffer *codes, const Py_buffer *ends, const Py_buffer *cls) {
     const int64_t *E = ends->buf;
     Py_ssize_t t = ends->len / 8, n = codes->len / 4, at = 0;
@@ -465,36 +579,35 @@ static PyObject *py_split(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_encode(PyObject *self, PyObject *args) {
-    PyObject *co, *eo, *clo, *bo, *to, *oo, *oeo, *cache_obj;
+    PyObject *co, *eo, *clo, *mo, *oo, *oeo, *cache_obj;
     int mode;
-    if (!PyArg_ParseTuple(args, "OOOOOiOOO", &co, &eo, &clo, &bo, &to, &mode, &oo, &oeo, &cache_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOiOOO", &co, &eo, &clo, &mo, &mode, &oo, &oeo, &cache_obj)) return NULL;
+    Model *M = PyCapsule_GetPointer(mo, "tifaforge._bpe.Model");
+    if (!M) return NULL;
     Cache *cache = NULL;
     if (cache_obj != Py_None && !(cache = PyCapsule_GetPointer(cache_obj, "tifaforge._bpe.Cache"))) return NULL;
-    Py_buffer b[7];
-    PyObject *objs[7] = {co, eo, clo, bo, to, oo, oeo};
-    const Py_ssize_t items[7] = {4, 8, 1, 4, 16, 4, 8};
-    const int writable[7] = {0, 0, 0, 0, 0, 1, 1};
-    const char *names[7] = {"codes", "ends", "cls", "byte_ids", "table", "out", "out_ends"};
+    Py_buffer b[5];
+    PyObject *objs[5] = {co, eo, clo, oo, oeo};
+    const Py_ssize_t items[5] = {4, 8, 1, 4, 8};
+    const int writable[5] = {0, 0, 0, 1, 1};
+    const char *names[5] = {"codes", "ends", "cls", "out", "out_ends"};
     int got = 0;
     PyObject *result = NULL;
-    for (; got < 7; got++)
+    for (; got < 5; got++)
         if (get(objs[got], &b[got], writable[got], items[got], names[got])) goto done;
     if (check_texts(&b[0], &b[1], &b[2])) goto done;
-    Py_ssize_t ntexts = b[1].len / 8, nkeys = b[4].len / 16;
-    if (b[3].len != 256 * 4 || nkeys == 0 || (nkeys & (nkeys - 1)) || b[6].len / 8 < ntexts) {
-        PyErr_SetString(PyExc_ValueError, "encode: byte_ids needs 256 ids, the table a power-of-2 size, "
-                                          "out_ends a slot per text");
+    Py_ssize_t ntexts = b[1].len / 8;
+    if (b[4].len / 8 < ntexts) {
+        PyErr_SetString(PyExc_ValueError, "out_ends: needs a slot per text");
         goto done;
     }
     {
         Classes c = {b[2].buf};
         const uint32_t *t = b[0].buf;
         const int64_t *E = b[1].buf;
-        const int32_t *byte_ids = b[3].buf;
-        const uint64_t *table = b[4].buf, mask = (uint64_t)nkeys - 1;
-        int32_t *out = b[5].buf;
-        int64_t *out_ends = b[6].buf;
-        Py_ssize_t room = b[5].len / 4, k = 0, pos = 0;
+        int32_t *out = b[3].buf;
+        int64_t *out_ends = b[4].buf;
+        Py_ssize_t room = b[3].len / 4, k = 0, pos = 0;
         Scratch s = {0};
         int failed = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -514,17 +627,17 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
                         continue;
                     }
                 }
-                if (4 * (end - pos) > s.bytes_cap) {
-                    Py_ssize_t cap = 4 * (end - pos) > 2 * s.bytes_cap ? 4 * (end - pos) : 2 * s.bytes_cap;
-                    uint8_t *nb = realloc(s.bytes, cap);
-                    if (!nb) { failed = 1; break; }
-                    s.bytes = nb;
-                    s.bytes_cap = cap;
+                if (4 * (end - pos) > s.init_cap) {
+                    Py_ssize_t cap = 4 * (end - pos) > 2 * s.init_cap ? 4 * (end - pos) : 2 * s.init_cap;
+                    int32_t *grown = realloc(s.init, cap * sizeof(int32_t));
+                    if (!grown) { failed = 1; break; }
+                    s.init = grown;
+                    s.init_cap = cap;
                 }
-                for (Py_ssize_t j = pos; j < end; j++) n += utf8(t[j], s.bytes + n);
+                n = start_symbols(M, t + pos, end - pos, s.init);
                 if (k + n > room) { failed = 2; break; }
                 if (grow(&s, n)) { failed = 1; break; }
-                Py_ssize_t got = bpe_word(&s, s.bytes, n, byte_ids, table, mask, out + k);
+                Py_ssize_t got = bpe_word(&s, s.init, n, M->table, M->mask, out + k);
                 if (slot >= 0) cache_put(cache, t + pos, end - pos, h, slot, out + k, got);
                 k += got;
                 pos = end;
@@ -532,7 +645,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
             out_ends[i] = k;
         }
         Py_END_ALLOW_THREADS
-        free(s.sym); free(s.prev); free(s.next); free(s.alive); free(s.heap); free(s.bytes);
+        free(s.sym); free(s.prev); free(s.next); free(s.alive); free(s.heap); free(s.init);
         if (failed == 1) PyErr_NoMemory();
         else if (failed == 2) PyErr_SetString(PyExc_ValueError, "out: needs room for one token per UTF-8 byte");
         else result = PyLong_FromSsize_t(k);
@@ -626,10 +739,10 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"build", py_build, METH_VARARGS, "build(left, right, new, table): fill the merge table"},
+    {"model", py_model, METH_VARARGS, "model(left, right, new, byte_ids) -> a BPE model for encode"},
     {"split", py_split, METH_VARARGS, "split(codes, ends, cls, mode, out_ends) -> pre-token count"},
     {"encode", py_encode, METH_VARARGS,
-     "encode(codes, ends, cls, byte_ids, table, mode, out, out_ends, cache) -> tokens"},
+     "encode(codes, ends, cls, model, mode, out, out_ends, cache) -> tokens"},
     {"signature", py_signature, METH_VARARGS, "signature(codes, word, k, out): one-permutation MinHash into out"},
     {"cache", py_cache, METH_VARARGS, "cache(slots=2**18) -> a word cache for encode (64 bytes a slot, bounded)"},
     {NULL, NULL, 0, NULL},

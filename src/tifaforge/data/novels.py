@@ -1129,6 +1129,7 @@ class WordCacheEncoder:
 # holding an added token. Equality with the tokenizer is tested on tricky texts and on random ones.
 
 
+@lru_cache(maxsize=1)
 def _native():
     """The compiled kernel, or None (no C compiler when the package was installed)."""
     try:
@@ -1152,10 +1153,7 @@ class NativeEncoder:
         alternatives = "|".join(map(regex.escape, sorted(added, key=len, reverse=True)))  # the longest first
         self.added_search = regex.compile(alternatives).search if added else None
         self.added_split = regex.compile(f"({alternatives})").split if added else None
-        self.byte_ids = byte_ids
-        size = 1 << max(4, (2 * len(merges[0])).bit_length())
-        self.table = np.empty(2 * size, np.uint64)  # (pair, rank and new id) per slot
-        bpe.build(*merges, self.table)
+        self.model = bpe.model(*merges, byte_ids)
         self.cache = bpe.cache()
         self.classes = np.zeros(0x110000, np.uint8)  # letter 1, number 2, white space 4, CR/LF 8
         self.known = np.zeros(0x110000, dtype=bool)  # characters already classed and checked
@@ -1248,7 +1246,7 @@ class NativeEncoder:
         """The kernel over texts back to back (`ends`: where each ends): one id array per text."""
         out = np.empty(4 * len(codes), np.int32)  # one token per UTF-8 byte at most; pages never written stay free
         out_ends = np.empty(len(ends), np.int64)
-        self.bpe.encode(codes, ends, self.classes, self.byte_ids, self.table, self.mode, out, out_ends, self.cache)
+        self.bpe.encode(codes, ends, self.classes, self.model, self.mode, out, out_ends, self.cache)
         starts = np.concatenate([np.zeros(1, np.int64), out_ends[:-1]])
         return [out[a:b] for a, b in zip(starts.tolist(), out_ends.tolist())]
 
