@@ -1124,9 +1124,12 @@ class WordCacheEncoder:
 # in a bounded cache, run HF's BPE merge loop on the ones not seen. Only the character classes come from
 # Python: each character's class (letter, number, white space, CR/LF) is taken from the `regex` module
 # the first time it is met and checked by splitting a probe string with the kernel and with the Rust
-# pre-tokenizer (and, for an NFC tokenizer, normalising it with Python's unicodedata and with Rust's); a
-# character they treat differently sends the texts holding it to the Rust tokenizer whole, as do texts
-# holding an added token. Equality with the tokenizer is tested on tricky texts and on random ones.
+# pre-tokenizer; a character they treat differently sends the texts holding it to the Rust tokenizer
+# whole, as do texts holding an added token. For an NFC tokenizer, a text Python's unicodedata finds in
+# NFC is used as it is (the Rust normaliser's older Unicode tables cannot change it either: combining
+# classes and decompositions, once assigned, never change), any other is normalised by the tokenizer's
+# own normaliser (Python's newer tables would reorder marks or compose pairs that Rust's leave alone).
+# Equality with the tokenizer is tested on tricky texts and on random ones.
 
 
 @lru_cache(maxsize=1)
@@ -1198,7 +1201,8 @@ class NativeEncoder:
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         given = texts
         if self.nfc:
-            texts = [unicodedata.normalize("NFC", t) for t in texts]
+            norm = self.backend.normalizer
+            texts = [t if unicodedata.is_normalized("NFC", t) else norm.normalize_str(t) for t in texts]
         joined = "".join(texts)
         codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)  # (n_chars,)
         new = codes[~self.known[codes]]
@@ -1270,9 +1274,9 @@ class NativeEncoder:
 
     def _check_characters(self, chars: list[str]) -> None:
         """Class each new character and split it in a few contexts with the kernel and the Rust
-        pre-tokenizer (for NFC, also normalise them both ways); a character treated differently is
-        disputed (texts holding it go to the Rust tokenizer whole)."""
-        pre, norm = self.backend.pre_tokenizer, self.backend.normalizer
+        pre-tokenizer; a character split differently is disputed (texts holding it go to the Rust
+        tokenizer whole)."""
+        pre = self.backend.pre_tokenizer
         for c in chars:
             code = ord(c)
             if not self.known[code]:
@@ -1281,7 +1285,7 @@ class NativeEncoder:
         for c in chars:
             probe = _PROBE.format(c=c)
             theirs = [end for _, (_, end) in pre.pre_tokenize_str(probe)]
-            if self._split(probe) != theirs or (self.nfc and norm.normalize_str(probe) != unicodedata.normalize("NFC", probe)):
+            if self._split(probe) != theirs:
                 self.disputed[ord(c)] = True
 
 
