@@ -59,7 +59,8 @@ def test_cli_import_is_light():
 def test_doctor_reports_environment_and_model(tiny_model_dir):
     r = run_tifa("doctor", str(tiny_model_dir))
     assert r.returncode == 0, r.stderr
-    for field in ("torch", "transformers", "threads", "extra llamacpp", "tag spelling  ascii", "template      ok"):
+    for field in ("torch", "transformers", "threads", "extra llamacpp", "ingest kernel built", "tag spelling  ascii",
+                  "template      ok"):
         assert field in r.stdout
 
 
