@@ -621,8 +621,7 @@ class _DiskIndex:
             self.db.execute(f"PRAGMA {pragma}")  # a scratch file: rebuilt on a rerun, never read after it
         self.db.execute("CREATE TABLE exact (digest BLOB PRIMARY KEY, owner INTEGER) WITHOUT ROWID")
         self.db.execute("CREATE TABLE sig (key INTEGER PRIMARY KEY, owner INTEGER, sig BLOB)")
-        self.db.execute("CREATE TABLE band (h INTEGER, key INTEGER)")
-        self.db.execute("CREATE INDEX band_h ON band (h)")
+        self.db.execute("CREATE TABLE band (h INTEGER, key INTEGER, PRIMARY KEY (h, key)) WITHOUT ROWID")  # one B-tree
         self.db.execute("BEGIN")
         self.pending = self.keys = 0
 
@@ -649,7 +648,7 @@ class _DiskIndex:
         key = self.keys
         self.keys += 1
         self.db.execute("INSERT INTO sig VALUES (?, ?, ?)", (key, owner, sig.tobytes()))
-        self.db.executemany("INSERT INTO band VALUES (?, ?)", [(h, key) for h in keys])
+        self.db.executemany("INSERT OR IGNORE INTO band VALUES (?, ?)", [(h, key) for h in keys])
         return None
 
     def _written(self) -> None:
