@@ -7,10 +7,12 @@ The corpus is generated in a temporary folder: Chinese novel-like chapters (clau
 bundled tokenizer corpus, with random characters inserted so the tokenizer's word cache cannot flatter
 the figure), paragraph indents, CRLF line endings in some files, boilerplate lines in about a third of
 the chapters, exact copies (a whole re-uploaded book) and near copies of chapters, and one file in
-GBK of every ten. MB/s is input bytes on disk over wall-clock seconds. Phases overlap (tokenising runs
-in worker processes, `--workers`, default one per core), so each phase's figure is its bytes over its own
-busy seconds (tokenise: summed over the workers). Memory is sampled from /proc while the ingest runs, for
-the process and its tokenizer processes together: flat means streaming works. Target: 20 MB/s on 2 cores.
+GBK of every ten. MB/s is input bytes on disk over wall-clock seconds. Phases overlap (the main process
+reads and splits and keeps the duplicate index; cleaning, duplicate keys and tokenising run in worker
+processes, `--workers`, default one per core), so each phase's figure is its bytes over its own busy
+seconds, summed over the processes (on 2 cores, 3 processes share them: busy seconds include waiting for
+a core). Memory is sampled from /proc while the ingest runs, for the process and its worker processes
+together: flat means streaming works. Target: 20 MB/s on 2 cores.
 
 Caveat: the generated text recombines the clauses of a small bundled corpus, so about 88% of its
 pre-tokens repeat; the encoder's word cache (the C kernel's, data/_bpe.c) gains more here than on real

@@ -508,21 +508,53 @@ def test_word_cache_gpt2_layout_and_unsupported_layouts(tiny_tokenizer):
     assert [ids.tolist() for ids in encoder.encode(TRICKY)] == _rust_ids(nfc, TRICKY)
 
 
-def test_tokenizer_processes_give_the_same_dataset_as_one_worker(tmp_path, tiny_tokenizer, monkeypatch):
+def serial_ingest(folder: Path, tok, simplify: bool) -> list[int]:
+    """The token stream the ingest must produce, the plain way: one chapter at a time, cleaned, checked
+    for copies, fake special tokens cut, tokenised by the tokenizer's own call."""
+    dedup, eot, specials = Deduper(0.8), novels.end_of_text(tok)[1], novels._special_pattern(tok)
+    stream: list[int] = []
+    for index, path in enumerate(novels.find_inputs([folder])):
+        kept = False
+        try:
+            for chapter in file_chapters(path, None, FileReport(str(path), 0)):
+                chapter, _ = tx.clean_chapter(chapter, simplify)
+                if chapter.strip() and dedup.check(chapter, index) is None:
+                    stream += tok(specials.sub("", chapter), add_special_tokens=False)["input_ids"]
+                    kept = True
+        except novels.SkipFile:
+            pass
+        if kept:
+            stream.append(eot)
+    return stream
+
+
+@pytest.mark.parametrize("simplify", [False, True], ids=["plain", "t2s"])
+def test_worker_processes_give_the_serial_ingest_s_stream(tmp_path, tiny_tokenizer, monkeypatch, simplify):
+    """Chapters are cleaned, keyed and tokenised in worker processes and judged afterwards, in order: the
+    same blocks for 1, 2 and 3 workers, and the same as the plain serial ingest, with exact and near
+    copies, a chapter that cleaning empties, boilerplate, a fake separator and Traditional text."""
     import datasets
 
     monkeypatch.setattr(novels.Packer, "BATCH_CHARS", 300)  # many batches, so the processes start
     write_mixed_folder(tmp_path / "in")
     (tmp_path / "in" / "more.txt").write_text(REF * 5 + "".join(TRICKY), encoding="utf-8")
+    (tmp_path / "in" / "sub" / "again.txt").write_text("本章完\n\n求月票！\n" + REF_TRAD + "\n第十章 尾\n"  # a preamble
+                                                       "<|endoftext|>结束了。\n", encoding="utf-8")  # cleaning empties
     runs = {}
     for workers in (1, 2, 3):
         stats = ingest([tmp_path / "in"], tmp_path / f"out{workers}", tiny_tokenizer, block_size=8,
-                       workers=workers, shard_blocks=50)
+                       workers=workers, shard_blocks=50, to_simplified=simplify)
         stats.pop("seconds")
         rows = datasets.load_from_disk(str(tmp_path / f"out{workers}"))["input_ids"]
         runs[workers] = (json.dumps(stats, sort_keys=True), rows)
     assert runs[1] == runs[2] == runs[3]
-    text = tiny_tokenizer.decode(sum(runs[1][1], []))
+    stats = json.loads(runs[1][0])
+    c = stats["chapters"]
+    assert c["exact_duplicates"] and c["near_duplicates"] and c["empty_after_cleaning"]
+    assert stats["special_token_strings_removed"] >= 1
+    rows = sum(runs[1][1], [])
+    assert rows == serial_ingest(tmp_path / "in", tiny_tokenizer, simplify)[:len(rows)]
+    text = tiny_tokenizer.decode(rows)
     assert "<think>" in text and "𠮷" in text
     with pytest.raises(TifaError, match="--workers 0"):
         ingest([tmp_path / "in"], tmp_path / "out0", tiny_tokenizer, workers=0)

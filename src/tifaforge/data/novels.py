@@ -27,11 +27,14 @@ chapter (3 GB per million chapters, that is per ~10 GB of text; with `dedup_thre
 exact-copy digests stay, ~150 bytes each); `--dedup-on-disk` keeps it in an SQLite file instead, and
 memory stays flat whatever the corpus size. Of a file, a block of a few MB is held at a time.
 
-Speed: tokenising was the bound (the Rust tokenizer spends ~1 us per pre-token on offsets and other
-bookkeeping that packing never reads). Batches of chapters are encoded in `workers` processes (default:
-one per core; with 1, on a thread) while the main process reads, cleans and deduplicates the next
-chapters; results are taken in order, so the output is the same for any number of workers. Each process
-encodes with the C kernel (`_bpe.c`, built at install; NativeEncoder): the tokenizer's split pattern and
+Speed: the main process reads, decodes, normalises and splits into chapters; batches of raw chapters
+go to `workers` processes (default: one per core; with 1, a thread), which clean them (and convert to
+Simplified), compute their duplicate-index keys (digest, MinHash signature) and tokenise them. Results
+are taken in order and the main process decides, chapter by chapter in reading order, what is a copy
+and what is kept, so the output is the same for any number of workers (a copy was tokenised for nothing:
+about 15% more tokenising on the bench corpus, which is full of copies). Tokenising was the bound (the
+Rust tokenizer spends ~1 us per pre-token on offsets and other bookkeeping that packing never reads).
+Each process encodes with the C kernel (`_bpe.c`, built at install; NativeEncoder): the tokenizer's split pattern and
 HF's BPE merge loop in C behind a word cache, each character's class checked against the Rust
 pre-tokenizer the first time it is met, ids identical to the tokenizer's. Without a C compiler at install,
 a Python word cache (WordCacheEncoder) in front of the Rust BPE does the same job at about a third of the
@@ -57,8 +60,8 @@ import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache, partial
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -204,7 +207,8 @@ def _build(tmp: Path, run: _Run, tok, eot: tuple[str, int], block_size: int, sha
     """Shards, the dataset's state files and stats.json, all in `tmp`."""
     start = time.perf_counter()
     writer = ShardWriter(tmp, block_size, shard_blocks)
-    with Packer(tok, eot[1], block_size, writer, run.timers, workers) as packer:
+    prep = Prep(run.simplify, run.dedup.near, run.dedup.num_perm, run.dedup.k)
+    with Packer(tok, eot[1], block_size, writer, run.timers, workers, prep, decide=partial(_decide, run)) as packer:
         _ingest_files(run, packer, progress)
     if packer.blocks == 0:
         raise TifaError(f"{packer.tokens} tokens in all: fewer than one block of {block_size}; nothing written")
@@ -231,35 +235,36 @@ def _ingest_files(run: _Run, packer: Packer, progress: bool) -> None:
 
 
 def _ingest_file(index: int, path: Path, report: FileReport, run: _Run, packer: Packer, advance) -> None:
-    """All chapters of one file through clean -> dedup -> packer; the file is one document."""
+    """All chapters of one file to the packer (clean, dedup keys and tokens off the main thread, the
+    verdicts in order in _decide); the file is one document."""
     chapters = run.timers.timed_iter("decode_clean", file_chapters(path, run.encoding, report, advance))
     try:
         for chapter in chapters:
-            _ingest_chapter(index, chapter, report, run, packer)
+            report.chapters += 1
+            packer.add(chapter, index)
     except SkipFile as e:
         report.skipped = str(e)
-    if report.chapters_kept:
-        packer.end_document()
+    packer.end_document(index)
 
 
-def _ingest_chapter(index: int, chapter: str, report: FileReport, run: _Run, packer: Packer) -> None:
-    report.chapters += 1
-    with run.timers("decode_clean"):
-        chapter, removed = tx.clean_chapter(chapter, run.simplify)
-    run.removed.update(removed)
-    if not chapter.strip():
+def _decide(run: _Run, index: int, chapter: Chapter) -> bool:
+    """A prepared chapter of file `index`, in reading order: counted, and kept unless empty or a copy."""
+    run.removed.update(chapter.removed)
+    if not chapter.length:
         run.chapters["empty_after_cleaning"] += 1
-        return
+        return False
     with run.timers("dedup"):
-        verdict = run.dedup.check(chapter, index)
+        sig = None if chapter.signature is None else np.frombuffer(chapter.signature, np.uint32)
+        verdict = run.dedup.check_keys(chapter.digest, sig, index)
+    report = run.reports[index]
     if verdict:
         kind, other = verdict
         run.chapters[f"{kind}_duplicates"] += 1
         report.duplicate_of[other] += 1
-        return
+        return False
     report.chapters_kept += 1
-    report.characters += len(chapter)
-    packer.add(chapter)
+    report.characters += chapter.length
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,20 +552,27 @@ class Deduper:
             bands, self.rows = lsh_bands(threshold, num_perm)
             self.bands = [{} for _ in range(bands)]
 
+    @property
+    def near(self) -> bool:
+        """Whether near copies are looked for (else exact copies only)."""
+        return self.threshold < 1.0
+
     def check(self, text: str, owner: int) -> tuple[str, int] | None:
         """("exact" | "near", file index of the earlier copy) or None (then the text is recorded)."""
-        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        return self.check_keys(*chapter_keys(text, self.near, self.num_perm, self.k), owner)
+
+    def check_keys(self, digest: bytes, sig: np.ndarray | None, owner: int) -> tuple[str, int] | None:
+        """`check` from a text's `chapter_keys` (computed elsewhere, e.g. in a worker process)."""
         if self.disk is not None:
-            return self.disk.check(digest, text, owner)
+            return self.disk.check(digest, sig, owner)
         if digest in self.exact:
             return "exact", self.exact[digest]
-        near = self._near(text, owner) if self.bands is not None and len(text) >= MIN_NEAR_DUP_CHARS else None
+        near = self._near(sig, owner) if self.bands is not None and sig is not None else None
         self.exact[digest] = owner if near is None else near
         return None if near is None else ("near", near)
 
-    def _near(self, text: str, owner: int) -> int | None:
-        """File index of a near copy already indexed; if none, index this text and return None."""
-        sig = signature(text, self.num_perm, self.k)
+    def _near(self, sig: np.ndarray, owner: int) -> int | None:
+        """File index of a near copy already indexed; if none, index this signature and return None."""
         raw, width = sig.tobytes(), 4 * self.rows
         keys = [raw[i * width:(i + 1) * width] for i in range(len(self.bands))]
         found = set()
@@ -579,6 +591,13 @@ class Deduper:
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
+
+
+def chapter_keys(text: str, near: bool, num_perm: int = 128, k: int = 5) -> tuple[bytes, np.ndarray | None]:
+    """What the duplicate index needs of a chapter: its BLAKE2b digest, and its MinHash signature if
+    near copies are looked for and it is long enough (else None: exact copies only)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return digest, signature(text, num_perm, k) if near and len(text) >= MIN_NEAR_DUP_CHARS else None
 
 
 @lru_cache(maxsize=8)
@@ -625,17 +644,16 @@ class _DiskIndex:
         self.db.execute("BEGIN")
         self.pending = self.keys = 0
 
-    def check(self, digest: bytes, text: str, owner: int) -> tuple[str, int] | None:
+    def check(self, digest: bytes, sig: np.ndarray | None, owner: int) -> tuple[str, int] | None:
         row = self.db.execute("SELECT owner FROM exact WHERE digest = ?", (digest,)).fetchone()
         if row is not None:
             return "exact", row[0]
-        near = self._near(text, owner) if self.bands and len(text) >= MIN_NEAR_DUP_CHARS else None
+        near = self._near(sig, owner) if self.bands and sig is not None else None
         self.db.execute("INSERT INTO exact VALUES (?, ?)", (digest, owner if near is None else near))
         self._written()
         return None if near is None else ("near", near)
 
-    def _near(self, text: str, owner: int) -> int | None:
-        sig = signature(text, self.num_perm, self.k)
+    def _near(self, sig: np.ndarray, owner: int) -> int | None:
         keys = [int.from_bytes(hashlib.blake2b(i.to_bytes(4, "little") + sig[i * self.rows:(i + 1) * self.rows].tobytes(),
                                                digest_size=8).digest(), "little", signed=True)
                 for i in range(self.bands)]
@@ -761,46 +779,112 @@ def _special_pattern(tok) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
 
 
-class Packer:
-    """Chapters -> token stream (EOT after each document) -> blocks of `block_size`, written in order.
+@dataclass(frozen=True)
+class Prep:
+    """What preparing a chapter needs besides the tokenizer (sent to the worker processes)."""
 
-    Batches of about a million characters are encoded off the main thread: with `workers` > 1 in that
-    many processes (each with its own word cache), else on one thread. The first batch is encoded on
-    the thread, so a small input starts no process. Results are taken in the order the batches were
-    sent, so the output does not depend on `workers`; at most `workers` + 1 batches wait, so memory
-    stays bounded.
+    simplify: bool = False  # Traditional -> Simplified first
+    near: bool = False  # MinHash signatures for the near-copy index
+    num_perm: int = 128
+    k: int = 5
+    specials: str | None = None  # a pattern of special-token strings, removed before tokenising
+
+
+@dataclass
+class Chapter:
+    """A chapter as a worker prepared it: what cleaning removed, its length after cleaning (0: empty),
+    its duplicate-index keys, and how many special-token strings were cut before tokenising."""
+
+    removed: Counter
+    length: int
+    digest: bytes | None = None
+    signature: bytes | None = None
+    specials: int = 0
+
+
+def prepare(encoder: TextEncoder, texts: list[str | None], prep: Prep) -> tuple[list[Chapter | None], np.ndarray,
+                                                                               np.ndarray, Counter]:
+    """A batch of raw chapters (None: a document's end) -> per item a Chapter (None for an end), the
+    token ids of the non-empty chapters back to back with each one's count, and seconds per phase:
+    clean (decode_clean), digest and signature (dedup), tokenise. Runs in a worker process or thread."""
+    seconds: Counter = Counter()
+    specials = re.compile(prep.specials) if prep.specials else None
+    out: list[Chapter | None] = []
+    to_encode: list[str] = []
+    for text in texts:
+        if text is None:
+            out.append(None)
+            continue
+        start = time.perf_counter()
+        text, removed = tx.clean_chapter(text, prep.simplify)
+        mid = time.perf_counter()
+        seconds["decode_clean"] += mid - start
+        if not text.strip():
+            out.append(Chapter(removed, 0))
+            continue
+        digest, sig = chapter_keys(text, prep.near, prep.num_perm, prep.k)
+        seconds["dedup"] += time.perf_counter() - mid
+        chapter = Chapter(removed, len(text), digest, None if sig is None else sig.tobytes())
+        if specials is not None and specials.search(text):
+            text, chapter.specials = specials.subn("", text)
+        out.append(chapter)
+        to_encode.append(text)
+    start = time.perf_counter()
+    encoded = encoder.encode(to_encode)
+    counts = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    ids = np.concatenate(encoded) if encoded else np.zeros(0, np.int32)
+    seconds["tokenise"] += time.perf_counter() - start
+    return out, ids, counts, seconds
+
+
+class Packer:
+    """Raw chapters -> prepared (cleaned, duplicate keys, token ids) off the main thread -> kept ones in
+    order (`decide`) -> token stream (EOT after each document with a kept chapter) -> blocks of
+    `block_size`, written in order.
+
+    Batches of about a million characters are prepared with `workers` > 1 in that many processes (each
+    with its own tokenizer and word cache), else on one thread. The first batch is prepared on the
+    thread, so a small input starts no process. Results are taken in the order the batches were sent
+    and `decide` sees the chapters in reading order, so the output does not depend on `workers`; at
+    most `workers` + 1 batches wait, so memory stays bounded. A chapter found to be a copy was
+    tokenised for nothing (the price of deciding after the work is spread out).
     """
 
     BATCH_CHARS = 1 << 20
     WRITE_TOKENS = 1 << 20
 
     def __init__(self, tok, eot_id: int, block_size: int, writer: ShardWriter, timers: Timers,
-                 workers: int = 1) -> None:
+                 workers: int = 1, prep: Prep | None = None,
+                 decide: Callable[[int, Chapter], bool] = lambda index, chapter: True) -> None:
         self.tok, self.block_size, self.writer, self.timers = tok, block_size, writer, timers
         self.eot_id = eot_id
-        self.specials = _special_pattern(tok)
+        specials = _special_pattern(tok)
+        self.prep = replace(prep or Prep(), specials=specials.pattern if specials is not None else None)
+        self.decide = decide
         self.encoder = TextEncoder(tok)
         self.workers = workers if self.encoder.backend is not None else 1
         self.items: list[str | None] = []  # None marks the end of a document
+        self.owners: list[int] = []  # the file index of each item
         self.chars = 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.processes: Executor | None = None
-        self.in_flight: deque[Future] = deque()
+        self.in_flight: deque[tuple[Future, list[int]]] = deque()
         self.buffer: list[np.ndarray] = []
         self.buffered = self.tokens = self.blocks = self.dropped_tail = self.special_strings = 0
         self.batches = 0
+        self.document_kept = False
+        self.eot = np.array([eot_id], dtype=np.int32)
 
-    def add(self, text: str) -> None:
-        if self.specials is not None and self.specials.search(text):
-            text, n = self.specials.subn("", text)
-            self.special_strings += n
+    def add(self, text: str, owner: int = 0) -> None:
         self.items.append(text)
+        self.owners.append(owner)
         self.chars += len(text)
         if self.chars >= self.BATCH_CHARS:
             self._submit()
 
-    def end_document(self) -> None:
+    def end_document(self, owner: int = 0) -> None:
         self.items.append(None)
+        self.owners.append(owner)
 
     def __enter__(self) -> Packer:
         return self
@@ -822,19 +906,34 @@ class Packer:
             if self.workers > 1 and self.batches >= 1 and self.processes is None:
                 self.processes = _process_pool(self.workers, self.encoder.backend.to_str())
             if self.processes is not None:
-                future = self.processes.submit(_encode_in_worker, self.items, self.eot_id)
+                future = self.processes.submit(_prepare_in_worker, self.items, self.prep)
             else:
-                future = self.pool.submit(self.encoder.stream, self.items, self.eot_id)
-            self.in_flight.append(future)
-            self.items, self.chars = [], 0
+                future = self.pool.submit(prepare, self.encoder, self.items, self.prep)
+            self.in_flight.append((future, self.owners))
+            self.items, self.owners, self.chars = [], [], 0
             self.batches += 1
         while len(self.in_flight) > self.workers + 1:
             self._take()
 
     def _take(self) -> None:
-        ids, seconds = self.in_flight.popleft().result()
-        self.timers.seconds["tokenise"] += seconds
-        self._pack(ids)
+        future, owners = self.in_flight.popleft()
+        chapters, ids, counts, seconds = future.result()
+        self.timers.seconds.update(seconds)
+        ends = np.cumsum(counts)
+        at = 0  # the next non-empty chapter's place in ids
+        for owner, chapter in zip(owners, chapters):
+            if chapter is None:  # a document's end
+                if self.document_kept:
+                    self._pack(self.eot)
+                self.document_kept = False
+                continue
+            keep = self.decide(owner, chapter)
+            if chapter.length:
+                if keep:
+                    self._pack(ids[ends[at] - counts[at]:ends[at]])
+                    self.special_strings += chapter.specials
+                    self.document_kept = True
+                at += 1
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         return [ids.tolist() for ids in self.encoder.encode(texts)]
@@ -882,13 +981,6 @@ class TextEncoder:
             encoded = self.tok(texts, add_special_tokens=False)["input_ids"]
         return [np.asarray(ids, dtype=np.int32) for ids in encoded]
 
-    def stream(self, items: list[str | None], eot_id: int) -> tuple[np.ndarray, float]:
-        """The token stream of a batch (None: a document's end) and the seconds it took."""
-        start = time.perf_counter()
-        ids = iter(self.encode([t for t in items if t is not None]))
-        eot = np.array([eot_id], dtype=np.int32)
-        out = np.concatenate([eot if t is None else next(ids) for t in items])
-        return out, time.perf_counter() - start
 
 
 _WORKER: TextEncoder | None = None
@@ -911,8 +1003,8 @@ def _start_worker(tokenizer_json: str) -> None:
     _WORKER = TextEncoder(Tokenizer.from_str(tokenizer_json))
 
 
-def _encode_in_worker(items: list[str | None], eot_id: int) -> tuple[np.ndarray, float]:
-    return _WORKER.stream(items, eot_id)
+def _prepare_in_worker(items: list[str | None], prep: Prep):
+    return prepare(_WORKER, items, prep)
 
 
 def default_workers() -> int:
@@ -1354,9 +1446,10 @@ class ShardWriter:
 
 
 class Timers:
-    """Busy seconds per phase. Phases overlap: "tokenise" runs on the tokenizer thread or processes (its
-    seconds, summed over the processes, are added on the main thread as each batch is taken), the others
-    on the main thread."""
+    """Busy seconds per phase, summed over the processes. Phases overlap: reading and splitting
+    ("decode_clean") and the duplicate index ("dedup") run on the main thread; cleaning ("decode_clean"),
+    duplicate keys ("dedup") and "tokenise" in the worker processes or thread (their seconds are added
+    as each batch is taken); "pack_write" on the main thread."""
 
     def __init__(self) -> None:
         self.seconds: Counter = Counter()
