@@ -857,7 +857,6 @@ class Packer:
                  workers: int = 1, prep: Prep | None = None,
                  decide: Callable[[int, Chapter], bool] = lambda index, chapter: True) -> None:
         self.tok, self.block_size, self.writer, self.timers = tok, block_size, writer, timers
-        self.eot_id = eot_id
         specials = _special_pattern(tok)
         self.prep = replace(prep or Prep(), specials=specials.pattern if specials is not None else None)
         self.decide = decide
@@ -959,8 +958,9 @@ class Packer:
 
 
 class TextEncoder:
-    """Texts -> int32 token ids: the word cache where it reproduces the tokenizer, else the Rust
-    tokenizer's batch call (or the tokenizer's own call for a tokenizer without a Rust backend)."""
+    """Texts -> int32 token ids: the C kernel (NativeEncoder) or else the Python word cache where they
+    reproduce the tokenizer, else the Rust tokenizer's batch call (or the tokenizer's own call for a
+    tokenizer without a Rust backend)."""
 
     def __init__(self, tok) -> None:
         from tokenizers import Tokenizer
@@ -1216,7 +1216,8 @@ class WordCacheEncoder:
 # Python: each character's class (letter, number, white space, CR/LF) is taken from the `regex` module
 # the first time it is met and checked by splitting a probe string with the kernel and with the Rust
 # pre-tokenizer; a character they treat differently sends the texts holding it to the Rust tokenizer
-# whole, as do texts holding an added token. For an NFC tokenizer, a text Python's unicodedata finds in
+# whole. Added tokens are cut out first and encoded as themselves (under NFC, a text holding one goes to
+# the Rust tokenizer whole: HF matches them before or after normalising, per token). For an NFC tokenizer, a text Python's unicodedata finds in
 # NFC is used as it is (the Rust normaliser's older Unicode tables cannot change it either: combining
 # classes and decompositions, once assigned, never change), any other is normalised by the tokenizer's
 # own normaliser (Python's newer tables would reorder marks or compose pairs that Rust's leave alone).
