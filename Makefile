@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml setup.py src/tifaforge/data/_bpe.c
 demo: setup
 	$(BIN)/python -m tifaforge.demo --runs runs --name demo
 
+# GPU tests (marker gpu) are deselected, not skipped: run them on a CUDA machine, see docs/gpu.md.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-# Every CPU bench (gpu_check.py needs a CUDA machine: run it there, see README "GPU checks").
+# Every CPU bench (gpu_check.py needs a CUDA machine: run it there, see docs/gpu.md).
 bench: setup
 	@for b in bench/*.py; do case $$b in bench/gpu_check.py|bench/vllm_bundle.py) continue;; esac; echo "== $$b"; $(BIN)/python $$b || exit 1; done
 

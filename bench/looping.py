@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tifaforge.export.unroll import unrolled_config, unrolled_state_dict  # noqa: E402
-from tifaforge.models.looping import LoopConfig, apply_loop  # noqa: E402
+from tifaforge.models.looping import apply_loop  # noqa: E402
+from tifaforge.config import LoopConfig
 
 SHAPES = {  # name: (config class, config kwargs, loop, batch, seq)
     "tiny": ("Qwen2Config", dict(vocab_size=6000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,

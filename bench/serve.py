@@ -158,8 +158,8 @@ def llamacpp_main(args) -> int:
     from test_serve import live
 
     from tifaforge.engine.llamacpp import LlamaCppEngine
-    from tifaforge.export.gguf import default_threads
     from tifaforge.extras import require
+    from tifaforge.models.gguf_file import default_threads
     from tifaforge.serve.app import create_app
 
     require("llamacpp")

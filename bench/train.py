@@ -25,7 +25,6 @@ from tifaforge.config import load_config  # noqa: E402
 from tifaforge.data.novels import ingest_novels  # noqa: E402
 from tifaforge.models.load import load_model  # noqa: E402
 from tifaforge.models.presets import init_model  # noqa: E402
-from tifaforge.train.config import run_config_class  # noqa: E402
 
 NOVELS = Path(__file__).resolve().parents[1] / "data" / "demo" / "novels"
 
@@ -66,7 +65,7 @@ def ours(model_dir: Path, data: Path, out: Path, a: argparse.Namespace) -> float
     sets = [f"cpt.data={data}", f"cpt.steps={a.steps}", f"cpt.batch_size={a.batch}", f"cpt.max_length={a.length}",
             "cpt.learning_rate=0.001", f"cpt.save_every={a.steps}", f"cpt.log_every={a.log_every}",
             "cpt.samples_every=0", f"cpt.torch_compile={str(a.compile).lower()}"]
-    cpt.run_stage(load_config(None, sets, cls=run_config_class()), model_dir, out, extra_callbacks=(timer,))
+    cpt.run_stage(load_config(None, sets), model_dir, out, extra_callbacks=(timer,))
     return timer.steps * a.batch * a.length / (timer.end - timer.start)
 
 

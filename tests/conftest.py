@@ -15,7 +15,11 @@ CACHE = ROOT / ".cache" / "tests"
 
 
 def _code_key(*files: str) -> str:
-    h = hashlib.sha256()
+    """The code that makes a cached artefact, and the torch and transformers versions that ran it
+    (another version can land a trained fixture on other weights)."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(f"torch {version('torch')} transformers {version('transformers')}".encode())
     for f in files:
         h.update((ROOT / "src" / "tifaforge" / f).read_bytes())
     return h.hexdigest()[:12]

@@ -10,8 +10,9 @@ import pytest
 from test_novels import TRICKY
 
 from tifaforge.data import novels
+from tifaforge.data.novels import dedup, encode
 
-BPE = novels._native()
+BPE = novels.native_kernel()
 if BPE is None:
     if os.environ.get("CI") == "true":  # `make setup` builds it; CI must test it
         raise AssertionError("tifaforge.data._bpe was not built: run `make setup` (needs a C compiler)")
@@ -82,7 +83,8 @@ def test_native_encoder_small_cache_clears_and_stays_exact(layouts):
 def test_text_encoder_picks_the_kernel_and_falls_back_without_it(tiny_tokenizer, monkeypatch):
     backend = tiny_tokenizer.backend_tokenizer
     assert isinstance(novels.TextEncoder(tiny_tokenizer).cache, novels.NativeEncoder)
-    monkeypatch.setattr(novels, "_native", lambda: None)  # as without a C compiler
+    for module in (encode, dedup):  # the encoders' and the MinHash signature's view of it
+        monkeypatch.setattr(module, "native_kernel", lambda: None)  # as without a C compiler
     fallback = novels.TextEncoder(tiny_tokenizer)
     assert isinstance(fallback.cache, novels.WordCacheEncoder)
     assert [ids.tolist() for ids in fallback.encode(TRICKY)] == rust_ids(backend, TRICKY)
@@ -169,7 +171,7 @@ def test_characters_merged_ahead_only_where_that_is_exact():
     give other ids for 你你; the kernel must start it from bytes and still merge 好 ahead."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    b2u = novels._bytes_to_unicode()
+    b2u = encode._bytes_to_unicode()
     u = lambda data: "".join(b2u[x] for x in data)  # noqa: E731  bytes -> byte-level token string
     vocab = {b2u[x]: x for x in range(256)}
     merges = [(u(b"\xa0"), u(b"\xe4")),  # rank 0: across 你|你

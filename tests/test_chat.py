@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tifaforge.chat.session import ChatSession
+from tifaforge.rl.revise import answer_revised
+from tifaforge.serve.session import ChatSession
 from tifaforge.chat.template import ThinkStreamSplitter, split_reasoning
 from tifaforge.config import SamplingConfig
 from tifaforge.errors import TifaError
@@ -132,7 +133,8 @@ def test_revise_before_answering_shows_the_better_of_first_answer_and_rewrite(en
     """`say(text, reviser)`: the first answer is generated whole and scored; the rules' messages ask for
     a rewrite; the answer shown (one delta) and kept in the history is the better of the two."""
     from tifaforge.engine.generate import Engine
-    from tifaforge.rewards.literary import LogicReward, RewardConfig
+    from tifaforge.rewards.literary import LogicReward
+    from tifaforge.config import RewardConfig
 
     class Recording(Engine):  # the real engine, remembering what it was asked
         def generate(self, requests):
@@ -157,8 +159,8 @@ def test_revise_before_answering_shows_the_better_of_first_answer_and_rewrite(en
         assert s.history[-1] == {"role": "assistant", "content": rev.final.text.split("</think>")[-1].lstrip()}
         assert ("采用重写" if rev.revised else "保留初稿") in rev.describe()
         shown.append(rev.revised)
-        # the engine option gives the same answer for the same seed
-        assert engine.chat(s.messages()[:-1], s.sampling, revise=reward).text == rev.final.text
+        # the library call gives the same answer for the same seed
+        assert answer_revised(engine, s.messages()[:-1], reward, s.sampling).final.text == rev.final.text
     assert any(shown), "in six seeds no rewrite scored higher"
     # nothing to fix: the first answer, no second generation
     lenient = LogicReward(RewardConfig(weights={"answer_length": 1.0}, vetoes=[], answer_length_zh=(1, 10_000)))

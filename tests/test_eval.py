@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 
-from tifaforge.config import SamplingConfig
+from tifaforge.config import EvalConfig, RewardConfig, SamplingConfig
 from tifaforge.errors import TifaError
-from tifaforge.eval.metrics import EvalConfig, answer_metrics, bootstrap_ci, perplexity, summarise
+from tifaforge.eval.metrics import answer_metrics, bootstrap_ci, perplexity, summarise
 from tifaforge.eval.report import models_of, run_eval
-from tifaforge.rewards.literary import LogicReward, RewardConfig
+from tifaforge.rewards.literary import LogicReward
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,8 @@ def test_eval_scores_with_the_run_s_reward_section(trained_tiny_dir):
     think-format score."""
     from tifaforge.engine.generate import Engine
     from tifaforge.eval.metrics import evaluate
-    from tifaforge.rewards.literary import RewardConfig, reward_with_user
+    from tifaforge.rewards.literary import reward_with_user
+    from tifaforge.config import RewardConfig
 
     engine = Engine.load(trained_tiny_dir, device="cpu")
     cfg = EvalConfig(limit=3, max_new_tokens=12, bootstrap=20, user_name="小林")
@@ -224,7 +225,8 @@ def test_an_earlier_evaluation_is_reused_only_when_its_key_matches(trained_tiny_
     assert retrained["results"][label]["metrics"]["reward"]["mean"] == first["metrics"]["reward"]["mean"]
     assert run_eval(trained_tiny_dir, tmp_path / "f", cfg, SamplingConfig(), progress=False,
                     reuse=(tmp_path / "missing.json",))["results"][label]["key"] == first["key"]
-    from tifaforge.eval.metrics import ROOT, eval_key
+    from tifaforge.eval.metrics import eval_key
+    from tifaforge.utils import REPO_ROOT as ROOT
 
     prompts = tmp_path / "prompts.jsonl"  # the same path with other prompts in it: another key
     shutil.copy(ROOT / "data/demo/prompts.jsonl", prompts)

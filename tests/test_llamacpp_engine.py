@@ -198,7 +198,7 @@ def test_closed_engine_says_so(gguf_files):
 
 
 def test_chat_session_runs_on_the_llama_cpp_backend(lengine):
-    from tifaforge.chat.session import ChatSession
+    from tifaforge.serve.session import ChatSession
 
     session = ChatSession.from_card(lengine, None, "小林", sampling=dataclasses.replace(GREEDY, max_new_tokens=16))
     text = "".join(d.text for d in session.say("你好"))
@@ -272,3 +272,39 @@ def test_a_client_that_leaves_stops_its_llama_cpp_generation(gguf_files):
             assert max(made) < 3500, made[-1]  # stopped when the client left
             r = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=120)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_tokens_longer_than_32_bytes_decode_whole(lengine, tiny_tokenizer):
+    """llama-cpp-python's own detokenize has a 32-byte buffer and returns nothing for a longer token;
+    the tokenizer's decode gives every token's bytes, as transformers' tokenizer does."""
+    vocab = tiny_tokenizer.get_vocab()
+    long_ids = sorted(i for i in vocab.values() if len(tiny_tokenizer.decode([i]).encode("utf-8")) > 32)
+    assert long_ids, "the tiny vocabulary has no token over 32 bytes to check"
+    for i in long_ids[:20]:
+        assert lengine.tokenizer.decode([i]) == tiny_tokenizer.decode([i])
+    assert lengine.tokenizer.decode(long_ids[:3]) == tiny_tokenizer.decode(long_ids[:3])
+
+
+@pytest.mark.parametrize("forced, expected", [("0", False), ("1", True)])
+def test_extra_buffer_types_follow_the_setting(monkeypatch, gguf_files, forced, expected):
+    """TIFA_LLAMACPP_EXTRA_BUFFERS decides whether llama.cpp may use AMX/repacked buffers, and the
+    library's own defaults are put back after the model loads."""
+    import llama_cpp
+
+    from tifaforge.models import gguf_file
+
+    monkeypatch.setenv("TIFA_LLAMACPP_EXTRA_BUFFERS", forced)
+    seen = []
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    real_init = llama_cpp.Llama.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "__init__", spy)
+    assert gguf_file.extra_buffers() is expected
+    llm = gguf_file.llama(next(iter(gguf_files.values())), n_ctx=64)
+    llm.close()
+    assert seen == [expected]
+    assert llama_cpp.llama_cpp.llama_model_default_params is defaults

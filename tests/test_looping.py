@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from tifaforge.config import ConfigError, SamplingConfig, load_config
+from tifaforge.config import ConfigError, LoopConfig, SamplingConfig, load_config
 from tifaforge.engine.generate import Engine, Request
 from tifaforge.errors import TifaError
 from tifaforge.export import unroll
 from tifaforge.fields import opt, section
 from tifaforge.models import looping
 from tifaforge.models.load import load_model, save_model
-from tifaforge.models.looping import LoopConfig, apply_loop, clip_and_check
+from tifaforge.models.looping import apply_loop, clip_and_check
 
 TEXT = "长安城的夜晚很冷，你在屋顶上做什么？她推开窗，看见了雪。Tell me about the inn."
 
@@ -390,7 +390,8 @@ def test_load_model_restores_a_saved_loop(trained_tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tifaforge.models.load import load_model, save_model
-    from tifaforge.models.looping import LoopConfig, apply_loop, get_loop
+    from tifaforge.models.looping import apply_loop, get_loop
+    from tifaforge.config import LoopConfig
 
     model, tok = load_model(trained_tiny_dir, device="cpu")
     cfg = LoopConfig(start=1, end=3, k=3)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tifaforge.data import novels
 from tifaforge.data import text as tx
-from tifaforge.data.novels import Deduper, FileReport, file_chapters, ingest_novels
+from tifaforge.data.novels import Deduper, FileReport, file_chapters, ingest_novels, pack, read
 from tifaforge.errors import TifaError
 
 # Adapted from the bundled tokenizer corpus (written for this project). 𠮷 (U+20BB7) and 𡈽 (U+2123D)
@@ -116,7 +116,7 @@ def test_a_forced_utf16_follows_the_bom_and_defaults_to_little_endian(tmp_path):
 
 
 def test_undecodable_bytes_are_dropped_and_reported_with_offsets(tmp_path, monkeypatch):
-    monkeypatch.setattr(novels, "READ_BLOCK", 64)  # many blocks: offsets must stay file offsets
+    monkeypatch.setattr(read, "READ_BLOCK", 64)  # many blocks: offsets must stay file offsets
     monkeypatch.setattr(tx, "DETECT_SAMPLE", 200)
     good = (REF * 3).encode("utf-8")
     bad_at = [len("第一章 雨".encode()), len((REF * 3)[:-10].encode())]  # on character boundaries
@@ -209,12 +209,12 @@ def test_chapter_invariant_through_files_read_in_small_blocks(tmp_path_factory, 
         raw = traditional(raw).replace("\u200b", "")  # Big5 has no zero-width space
     path = tmp_path_factory.mktemp("inv") / "book.txt"
     path.write_bytes((b"\xff\xfe" if codec == "utf-16-le" else b"") + raw.encode(codec))
-    old = novels.READ_BLOCK, tx.DETECT_SAMPLE
-    novels.READ_BLOCK = tx.DETECT_SAMPLE = 7  # blocks of a few bytes: every cut position gets tried
+    old = read.READ_BLOCK, tx.DETECT_SAMPLE
+    read.READ_BLOCK = tx.DETECT_SAMPLE = 7  # blocks of a few bytes: every cut position gets tried
     try:
         got, _ = chapters_of(path, encoding=codec)
     finally:
-        novels.READ_BLOCK, tx.DETECT_SAMPLE = old
+        read.READ_BLOCK, tx.DETECT_SAMPLE = old
     assert got == tx.normalise(raw)
 
 
@@ -511,7 +511,7 @@ def test_word_cache_gpt2_layout_and_unsupported_layouts(tiny_tokenizer):
 def serial_ingest(folder: Path, tok, simplify: bool) -> list[int]:
     """The token stream the ingest must produce, the plain way: one chapter at a time, cleaned, checked
     for copies, fake special tokens cut, tokenised by the tokenizer's own call."""
-    dedup, eot, specials = Deduper(0.8), novels.end_of_text(tok)[1], novels._special_pattern(tok)
+    dedup, eot, specials = Deduper(0.8), novels.end_of_text(tok)[1], pack._special_pattern(tok)
     stream: list[int] = []
     for index, path in enumerate(novels.find_inputs([folder])):
         kept = False

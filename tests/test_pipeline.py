@@ -18,7 +18,6 @@ import pytest
 from tifaforge.config import load_config
 from tifaforge.errors import TifaError
 from tifaforge.train import checkpoints as ckpt
-from tifaforge.train.config import run_config_class
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "雨剑酒灯风月江山"
@@ -59,7 +58,7 @@ def small(data: dict[str, Path], *extra: str) -> list[str]:
 
 
 def cfg_of(data, *extra):
-    return load_config(None, small(data, *extra), cls=run_config_class())
+    return load_config(None, small(data, *extra))
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,8 @@ def test_render_equals_seed_jinja(tok, name, gen):
 def test_seed_template_is_the_card_verbatim():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cards = glob.glob(os.path.join(root, "..", "shared", "seed", "*.txt"))  # shared/ lies beside the checkout
+    if not cards and not os.environ.get("CI"):  # CI (.ci/run sets CI) has it; another clone may not
+        pytest.skip("the seed card ../shared/seed/*.txt is not beside this checkout (CI has it)")
     assert cards, "the seed card (../shared/seed/*.txt beside the checkout) is missing"
     lines = open(cards[0], encoding="utf-8").read().splitlines()
     assert T.SEED_TEMPLATE == lines[lines.index("官方模板参考") + 1]

@@ -15,7 +15,6 @@ import pytest
 from tifaforge.config import load_config
 from tifaforge.errors import TifaError
 from tifaforge.train import checkpoints as ckpt
-from tifaforge.train.config import run_config_class
 
 ROOT = Path(__file__).resolve().parents[1]
 NOVELS = ROOT / "data" / "demo" / "novels"
@@ -27,7 +26,7 @@ CPT_SMALL = ["cpt.steps=8", "cpt.batch_size=4", "cpt.max_length=64", "cpt.learni
 
 
 def cfg_with(*overrides: str):
-    return load_config(None, list(overrides), cls=run_config_class())
+    return load_config(None, list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,7 @@ def test_cpt_loss_falls_and_outputs_are_complete(cpt_run):
         assert (cpt_run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (cpt_run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 8] and all(s["text"] for s in samples)
-    assert load_config(cpt_run / "config.yaml", cls=run_config_class()).cpt.steps == 8
+    assert load_config(cpt_run / "config.yaml").cpt.steps == 8
 
 
 def test_cpt_model_loads_in_plain_transformers(cpt_run):
@@ -153,7 +152,7 @@ def test_resume_continues_from_latest_complete(cpt_run, tmp_path, tiny_model_dir
     shutil.copytree(cpt_run, out)
     shutil.rmtree(out / "model")
     (out / "checkpoints" / "checkpoint-8" / ckpt.MARKER).unlink()
-    cfg = load_config(out / "config.yaml", cls=run_config_class())
+    cfg = load_config(out / "config.yaml")
     with pytest.raises(TifaError, match="pass --resume"):
         cpt.run_stage(cfg, tiny_model_dir, out, resume=False)
     cpt.run_stage(cfg, tiny_model_dir, out, resume=True)
@@ -167,7 +166,7 @@ def test_resume_refuses_a_changed_config(cpt_run, tmp_path, tiny_model_dir):
 
     out = tmp_path / "01-cpt"
     shutil.copytree(cpt_run, out)
-    cfg = load_config(out / "config.yaml", ["cpt.learning_rate=0.01", "cpt.log_every=3"], cls=run_config_class())
+    cfg = load_config(out / "config.yaml", ["cpt.learning_rate=0.01", "cpt.log_every=3"])
     with pytest.raises(TifaError, match=r"config changed .*cpt\.learning_rate 0\.003 -> 0\.01"):
         cpt.run_stage(cfg, tiny_model_dir, out, resume=True)
 
@@ -279,7 +278,7 @@ def test_empty_and_out_of_range_datasets_are_refused(tmp_path, tiny_tokenizer):
 
 def test_bf16_on_a_cpu_without_support_is_refused(monkeypatch, packed, tiny_model_dir, tmp_path):
     from tifaforge.stages import cpt
-    from tifaforge.train import config as train_config
+    from tifaforge.train import device as train_config
 
     monkeypatch.setattr(train_config, "cpu_bf16_supported", lambda: False)
     cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}", "cpt.dtype=bfloat16", "cpt.device=cpu")
@@ -311,7 +310,7 @@ def write_dialogues(path: Path) -> Path:
 
 
 def test_sft_loss_mask_is_the_final_assistant_turn(tmp_path, tiny_tokenizer):
-    from tifaforge.train.config import SFTConfig
+    from tifaforge.config import SFTConfig
     from tifaforge.train.data import sft_examples
 
     ds, chats = sft_examples(write_dialogues(tmp_path / "d.jsonl"), tiny_tokenizer, SFTConfig(max_length=512))
@@ -326,7 +325,7 @@ def test_sft_loss_mask_is_the_final_assistant_turn(tmp_path, tiny_tokenizer):
 
 
 def test_sft_too_long_examples_are_dropped_or_refused(tmp_path, tiny_tokenizer):
-    from tifaforge.train.config import SFTConfig
+    from tifaforge.config import SFTConfig
     from tifaforge.train.data import sft_examples
 
     path = write_dialogues(tmp_path / "d.jsonl")
@@ -377,7 +376,7 @@ def test_lora_stage_saves_a_merged_plain_model(packed, tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("tiny-*.yaml")), ids=lambda p: p.name)
 def test_stage_configs_load(path):
-    cfg = load_config(path, cls=run_config_class())
+    cfg = load_config(path)
     assert cfg.cpt.steps > 0 or cfg.sft.steps > 0
 
 

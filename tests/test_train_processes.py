@@ -15,7 +15,6 @@ import pytest
 
 from tifaforge.config import load_config
 from tifaforge.train import checkpoints as ckpt
-from tifaforge.train.config import run_config_class
 
 ROOT = Path(__file__).resolve().parents[1]
 NOVELS = ROOT / "data" / "demo" / "novels"
@@ -52,7 +51,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, packed, tiny_model_dir):
     config = tmp_path / "c.yaml"
     config.write_text("name: kill\nseed: 7\n")
     sets = [*SMALL, f"cpt.data={packed}", "cpt.steps=12", "cpt.save_every=2", "cpt.keep_last=2"]
-    straight = cpt.run_stage(load_config(config, sets, cls=run_config_class()), tiny_model_dir, tmp_path / "straight")
+    straight = cpt.run_stage(load_config(config, sets), tiny_model_dir, tmp_path / "straight")
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(stage_cmd(config, out, tiny_model_dir, sets), stdout=subprocess.DEVNULL,

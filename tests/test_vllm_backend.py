@@ -10,11 +10,11 @@ import copy
 import pytest
 import torch
 
-from tifaforge.config import load_config
+from tifaforge.config import LoopConfig, load_config
 from tifaforge.engine.vllm_backend import VLLMEngine
 from tifaforge.errors import MissingExtraError, TifaError
 from tifaforge.models.load import load_model, save_model
-from tifaforge.models.looping import LoopConfig, apply_loop
+from tifaforge.models.looping import apply_loop
 
 
 def test_without_the_extra_the_error_names_it(trained_tiny_dir, monkeypatch):

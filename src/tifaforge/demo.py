@@ -14,32 +14,32 @@ import argparse
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-CARD = ROOT / "data/demo/cards/shen_qingya.json"
+from tifaforge.utils import REPO_ROOT
+
+CARD = REPO_ROOT / "data/demo/cards/shen_qingya.json"
 LINE = "沈大侠，外面的雨这么大，你为何独自坐在这里喝酒？"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tifaforge.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
+    p.add_argument("--config", default=str(REPO_ROOT / "configs/tiny.yaml"))
     p.add_argument("--runs", default="runs", help="folder of runs (the run goes to RUNS/NAME)")
     p.add_argument("--name", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = p.parse_args(argv)
     from rich.console import Console
 
-    from tifaforge.chat.session import ChatSession
-    from tifaforge.chat.terminal import _stream
+    from tifaforge.serve.session import ChatSession
+    from tifaforge.serve.terminal import stream
     from tifaforge.config import load_config
     from tifaforge.engine.generate import Engine
     from tifaforge.errors import TifaError
     from tifaforge.pipeline import parse_stages, run_pipeline
-    from tifaforge.train.config import run_config_class
 
     console = Console(highlight=False)
     t0 = time.time()
     try:
-        cfg = load_config(args.config, args.set, cls=run_config_class())
+        cfg = load_config(args.config, args.set)
         cfg.name = args.name
         run = Path(args.runs) / cfg.name
         console.print(f"[bold]1.[/] tifa pipeline {args.config} -> {run} (stages {', '.join(cfg.stages)})")
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[green]沈青崖>[/] {session.greeting}")
     console.print(f"[cyan]小林>[/] {LINE}")
     console.print("[green]沈青崖>[/] ", end="")
-    _stream(console, session.say(LINE), show_think=True)
-    console.print(f"done in {time.time() - t0:.0f}s. Next: tifa chat {res['model']} --card {CARD.relative_to(ROOT)}")
+    stream(console, session.say(LINE), show_think=True)
+    console.print(f"done in {time.time() - t0:.0f}s. Next: tifa chat {res['model']} --card {CARD.relative_to(REPO_ROOT)}")
     return 0
 
 

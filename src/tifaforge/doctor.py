@@ -35,7 +35,7 @@ def environment_report() -> list[str]:
     for extra, (_, purpose) in EXTRAS.items():
         state = "yes" if is_available(extra) else f"no  (pip install 'tifaforge[{extra}]')"
         lines.append(f"extra {extra:<8} {state:<40} {purpose}")
-    from tifaforge.data.novels import _native
+    from tifaforge.data.novels import native_kernel as _native
 
     kernel = "built" if _native() is not None else "not built (no C compiler at install): ~3x slower, same output"
     lines.append(f"ingest kernel {kernel:<40} tokenising and MinHash for `tifa data novels`")

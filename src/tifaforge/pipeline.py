@@ -42,24 +42,24 @@ def parse_stages(spec: str | list[str]) -> list[str]:
 def check_inputs(cfg: Any, stages: list[str], evaluate: bool) -> None:
     """Every data file the run reads exists and parses — before any training starts."""
     from tifaforge.data.conversations import check_file
-    from tifaforge.eval.metrics import _resolve
+    from tifaforge.utils import resolve_path
     from tifaforge.train.manifest import inputs_of
 
     for s in stages:
         for p in inputs_of(cfg, s):
-            if not _resolve(p).exists():
+            if not resolve_path(p).exists():
                 raise TifaError(f"{s}: {p}: no such file or folder")
         sec = getattr(cfg, s)
         if s == "sft":
-            check_file(_resolve(sec.data), "sft")
+            check_file(resolve_path(sec.data), "sft")
         elif s == "mgrpo" or (s == "dpo" and sec.mine):
-            check_file(_resolve(sec.prompts), "prompts")
+            check_file(resolve_path(sec.prompts), "prompts")
         if s == "dpo" and sec.pairs:
-            check_file(_resolve(sec.pairs), "prefs")
+            check_file(resolve_path(sec.pairs), "prefs")
     if evaluate or "dpo" in stages and cfg.dpo.report:
-        if not _resolve(cfg.eval.prompts).exists():
+        if not resolve_path(cfg.eval.prompts).exists():
             raise TifaError(f"eval.prompts: {cfg.eval.prompts}: no such file")
-        check_file(_resolve(cfg.eval.prompts), "prompts")
+        check_file(resolve_path(cfg.eval.prompts), "prompts")
 
 
 def run_module(stage: str):
@@ -269,9 +269,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tifaforge.config import load_config
-    from tifaforge.train.config import run_config_class
 
-    cfg = load_config(args.config, args.set, cls=run_config_class())
+    cfg = load_config(args.config, args.set)
     if args.name:
         cfg.name = args.name
     stages = parse_stages(args.stages or cfg.stages)

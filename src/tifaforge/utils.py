@@ -24,17 +24,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs are meant to be shared
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes owner-only files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it: there is no getter)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(p: str | Path) -> Path:
+    """A config's data path: as given when absolute or present, else under the checkout's root (the
+    bundled demo data's defaults, e.g. `data/demo/prompts.jsonl`, work from any folder)."""
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -55,9 +66,9 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~umask())
         for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~_umask())
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask())
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -1,6 +1,6 @@
 """Pure text functions of the novel ingest: decode bytes, normalise, split chapters, strip boilerplate.
 
-    tifa data novels books/ --out data/cpt --tokenizer models/tiny     # runs them (data/novels.py)
+    tifa data novels books/ --out data/cpt --tokenizer models/tiny     # runs them (data/novels/)
 
 Everything here maps bytes or str to str with no file or network access, so each function is tested
 on its own. Streaming versions take *pieces* (consecutive parts of one file's text) and give the same

@@ -59,7 +59,7 @@ class Delta:
     tokens: int | None = None
 
 
-class _Row:
+class Row:
     """Decode state of one request: its ids, text so far, what was already streamed, its RNG."""
 
     def __init__(self, req: Request, prompt_ids: list[int], tokenizer, stop_ids: set[int]):
@@ -183,16 +183,9 @@ class Engine:
 
         return render(messages, self.tokenizer, add_generation_prompt=add_generation_prompt)
 
-    def chat(self, messages: list[dict], sampling: SamplingConfig | None = None, stop: Sequence[str] = (),
-             revise=None, card: dict | None = None) -> Result:
-        """One answer to `messages`. `revise`: a `LogicReward`; the answer is then MGRPO's pass 2 run
-        once before answering (`rl.revise.answer_revised`): the first answer, scored by the rules and,
-        if they complain, rewritten once with their messages; the better of the two is returned."""
+    def chat(self, messages: list[dict], sampling: SamplingConfig | None = None, stop: Sequence[str] = ()) -> Result:
+        """One answer to `messages` (self-revision is a caller of this: `rl.revise.answer_revised`)."""
         sampling = sampling or SamplingConfig()
-        if revise is not None:
-            from tifaforge.rl.revise import answer_revised
-
-            return answer_revised(self, messages, revise, sampling, card, stop=stop).final
         return self.generate([Request(self.render(messages), sampling, stop)])[0]
 
     def generate(self, requests: Sequence[Request]) -> list[Result]:
@@ -208,13 +201,13 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _rows(self, requests: Sequence[Request]) -> list[_Row]:
+    def _rows(self, requests: Sequence[Request]) -> list[Row]:
         if not requests:
             raise TifaError("no requests to generate")
         rows = []
         for i, req in enumerate(requests):
             ids = self._prompt_ids(req, i)
-            rows.append(_Row(req, ids, self.tokenizer, self.stop_ids))
+            rows.append(Row(req, ids, self.tokenizer, self.stop_ids))
         return rows
 
     def _prompt_ids(self, req: Request, i: int) -> list[int]:
@@ -235,7 +228,7 @@ class Engine:
             raise TifaError(f"request {i}: prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
         return ids
 
-    def _decode(self, rows: list[_Row]) -> Iterator[Delta]:
+    def _decode(self, rows: list[Row]) -> Iterator[Delta]:
         batch = Batch(self)
         batch.join(rows)
         while batch:
@@ -265,8 +258,8 @@ class Batch:
     def __init__(self, engine: Engine):
         tok = engine.tokenizer
         self.engine, self.pad = engine, tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.waiting: list[tuple[int, _Row]] = []  # (index, row) joining at the next step
-        self.live: list[_Row] = []  # decoding, in cache order
+        self.waiting: list[tuple[int, Row]] = []  # (index, row) joining at the next step
+        self.live: list[Row] = []  # decoding, in cache order
         self.index: list[int] = []  # each live row's delta index
         self.cohorts: list[_Cohort] = []
         self.cache = self.mask = self.pos = self.last = None  # KV cache, (B, T) mask, (B,) next position, (B,) last token
@@ -280,7 +273,7 @@ class Batch:
         """Validate `requests` and queue them to join at the next step; returns their delta indices."""
         return self.join(self.engine._rows(requests))
 
-    def join(self, rows: list[_Row]) -> list[int]:
+    def join(self, rows: list[Row]) -> list[int]:
         """`add` for rows already built (and validated) by `Engine._rows`."""
         indices = list(range(self.added, self.added + len(rows)))
         self.added += len(rows)
@@ -434,7 +427,7 @@ class _Cohort:
     requests reaches the server's worker over a few steps; one chain per burst instead of one per
     step kept the batch's sampling cost that of a batch the engine got at once."""
 
-    def __init__(self, key: str, rows: list[_Row], prompts, tokenizer):
+    def __init__(self, key: str, rows: list[Row], prompts, tokenizer):
         import torch
 
         self.key, self.tokenizer, self.rows, self.ids = key, tokenizer, list(rows), prompts
@@ -443,7 +436,7 @@ class _Cohort:
         self.starts = torch.full_like(self.pads, width)
         self._build()
 
-    def join(self, rows: list[_Row], prompts) -> None:
+    def join(self, rows: list[Row], prompts) -> None:
         """Add rows whose prompts (left-padded together) were just prefilled."""
         import torch
 
@@ -478,13 +471,13 @@ class _Cohort:
                                              layout=Layout.fixed(self.pads, self.starts))
 
 
-def _settings_key(row: _Row) -> str:
+def _settings_key(row: Row) -> str:
     return repr(dataclasses.replace(row.req.sampling, seed=None, max_new_tokens=1))
 
 
-def _by_settings(entries: list[tuple[int, _Row]]) -> list[list[tuple[int, _Row]]]:
+def _by_settings(entries: list[tuple[int, Row]]) -> list[list[tuple[int, Row]]]:
     """(index, row) pairs split by sampling settings, in order; seeds aside (each row has its own)."""
-    groups: dict[str, list[tuple[int, _Row]]] = {}
+    groups: dict[str, list[tuple[int, Row]]] = {}
     for i, r in entries:
         groups.setdefault(_settings_key(r), []).append((i, r))
     return list(groups.values())
@@ -573,7 +566,7 @@ def _pad_left(x, width: int, dim: int):
     return F.pad(x, [0, 0] * (-dim - 1) + [width - x.shape[dim], 0])
 
 
-def _pick(rows: list[_Row], scores):
+def _pick(rows: list[Row], scores):
     """Greedy or sampled next token per row; each row draws from its own generator (its seed).
 
     Sampling is the exponential race (argmax of p / E with E ~ Exp(1)), exact for the categorical

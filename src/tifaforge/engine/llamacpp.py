@@ -33,7 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from tifaforge.chat.template import SPECIAL_TOKENS
-from tifaforge.engine.generate import Delta, Engine, _Row
+from tifaforge.engine.generate import Delta, Engine, Row
 from tifaforge.errors import TifaError
 
 
@@ -53,7 +53,24 @@ class LlamaTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         # A window ending mid-character decodes to U+FFFD, as transformers' does: the engine waits on it.
-        return self.llm.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", errors="replace")
+        ids = list(ids)
+        text = b"".join(self._piece(i, not skip_special_tokens) for i in ids)
+        if ids and ids[0] == self.llm.token_bos() and text.startswith(b" "):  # as Llama.detokenize does
+            text = text[1:]
+        return text.decode("utf-8", errors="replace")
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        """One token's bytes. Not `Llama.detokenize`: its 32-byte buffer returns nothing for a longer
+        token (llama.cpp answers a short buffer with the size it needs, negated), so we retry with that."""
+        import llama_cpp
+
+        vocab, size = llama_cpp.llama_model_get_vocab(self.llm.model), 64
+        while True:
+            buf = (ctypes.c_char * size)()
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return bytes(buf[:n])
+            size = -n
 
     def token_id(self, text: str) -> int | None:
         """The id of `text` if it is one token of the vocabulary, else None."""
@@ -87,14 +104,14 @@ class LlamaCppEngine(Engine):
     continuous_batching = False  # one sequence at a time: the server runs its requests in turn
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
-        from tifaforge.export.gguf import default_threads, read_gguf
         from tifaforge.extras import require
+        from tifaforge.models.gguf_file import default_threads, llama, read_gguf
 
         self.lc = require("llamacpp")
         info = read_gguf(path)  # validated before llama.cpp parses it
         train_ctx = int(info.metadata.get(f"{info.architecture}.context_length", 4096))
-        self.llm = self.lc.Llama(model_path=str(path), n_ctx=n_ctx or min(train_ctx, 8192), n_batch=512,
-                                 n_threads=n_threads or default_threads(path), verbose=False)
+        self.llm = llama(path, n_ctx=n_ctx or min(train_ctx, 8192), n_batch=512,
+                         n_threads=n_threads or default_threads(path))
         self.model = None  # no transformers model behind this backend
         self.tokenizer = LlamaTokenizer(self.llm, info.metadata.get("tokenizer.chat_template"))
         self.context = self.llm.n_ctx()
@@ -132,16 +149,16 @@ class LlamaCppEngine(Engine):
 
     # -- the decode loop --------------------------------------------------------------------------
 
-    def _rows(self, requests) -> list[_Row]:
+    def _rows(self, requests) -> list[Row]:
         if self.llm is None:  # its tokenizer would call into freed memory
             raise TifaError("this llama.cpp engine was closed")
         return super()._rows(requests)
 
-    def _decode(self, rows: list[_Row]) -> Iterator[Delta]:
+    def _decode(self, rows: list[Row]) -> Iterator[Delta]:
         for i, row in enumerate(rows):
             yield from self._decode_one(i, row)
 
-    def _decode_one(self, i: int, row: _Row) -> Iterator[Delta]:
+    def _decode_one(self, i: int, row: Row) -> Iterator[Delta]:
         chain = self._sampler(row)
         try:
             self._prefill(row.prompt_ids)
@@ -168,7 +185,7 @@ class LlamaCppEngine(Engine):
         self.llm.n_tokens = keep  # eval() drops the KV cache past n_tokens
         self.llm.eval(ids[keep:])
 
-    def _sampler(self, row: _Row):
+    def _sampler(self, row: Row):
         """llama.cpp's sampler chain for one request (see the module docstring for order and meaning)."""
         lc, s, prompt = self.lc, row.req.sampling, row.prompt_ids
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
@@ -206,7 +223,7 @@ class LlamaCppEngine(Engine):
                                               last_n, array, len(breakers))
 
 
-def _seed(row: _Row) -> int:
+def _seed(row: Row) -> int:
     """llama.cpp's seed from the row's generator: a request's seed (or torch.manual_seed) reproduces it."""
     import torch
 

@@ -11,7 +11,7 @@ character or leaks a stop's prefix, and the reasoning/content split are the one 
 chooses the tokens. Each request goes to vLLM's in-process `LLMEngine` as token ids with its own
 `SamplingParams` (and its own seed), all requests of a call batched by vLLM's scheduler (continuous
 batching, prefix caching, CUDA kernels); every step's new token ids are pushed through the request's
-`_Row`, and a request our stop rules end is aborted in vLLM at once.
+`Row`, and a request our stop rules end is aborted in vLLM at once.
 
 Written by hand, not vLLM's `LLM.generate`: that call returns only at the end (no streaming) and
 stops on its own detokenised text, which skips special tokens; here the stop tokens and strings
@@ -37,7 +37,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tifaforge.engine.generate import Delta, Engine, _Row
+from tifaforge.engine.generate import Delta, Engine, Row
 from tifaforge.errors import TifaError
 
 _ids = itertools.count()
@@ -138,7 +138,7 @@ class VLLMEngine(Engine):
 
     # -- the decode loop --------------------------------------------------------------------------
 
-    def _params(self, i: int, row: _Row):
+    def _params(self, i: int, row: Row):
         s = row.req.sampling
         if s.dry_multiplier > 0 or s.xtc_probability > 0:
             raise TifaError(f"request {i}: vLLM has no DRY or XTC sampler; set sampling.dry_multiplier and "
@@ -149,7 +149,7 @@ class VLLMEngine(Engine):
         except ValueError as e:  # vLLM's own range checks (e.g. top_p 0, temperature above its limit)
             raise TifaError(f"request {i}: vLLM refuses these sampling settings: {e}") from None
 
-    def _sampling_params(self, row: _Row, s, budget: int):
+    def _sampling_params(self, row: Row, s, budget: int):
         return self.sp.SamplingParams(
             n=1, max_tokens=budget, seed=_seed(row),
             temperature=s.temperature if s.do_sample else 0.0,
@@ -158,10 +158,10 @@ class VLLMEngine(Engine):
             repetition_penalty=s.repetition_penalty,
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
             stop_token_ids=sorted(self.stop_ids), ignore_eos=True,  # stop exactly on our stop ids
-            detokenize=False, skip_special_tokens=False,  # the _Row decodes (stop strings, streaming)
+            detokenize=False, skip_special_tokens=False,  # the Row decodes (stop strings, streaming)
             output_kind=self.sp.RequestOutputKind.DELTA)
 
-    def _decode(self, rows: list[_Row]) -> Iterator[Delta]:
+    def _decode(self, rows: list[Row]) -> Iterator[Delta]:
         if self.llm is None:
             raise TifaError("this vLLM engine was closed")
         if getattr(self, "_busy", False):  # vLLM's step() answers for every request: two loops would steal tokens
@@ -237,7 +237,7 @@ def _peft_merged(policy):
         yield name.removeprefix("base_model.model.").replace(".base_layer", ""), p
 
 
-def _seed(row: _Row) -> int:
+def _seed(row: Row) -> int:
     """vLLM's per-request seed from the row's generator: a request's seed (or torch.manual_seed) reproduces it."""
     import torch
 

@@ -13,33 +13,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from tifaforge.fields import opt
+from tifaforge.config import EvalConfig
+from tifaforge.utils import resolve_path
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@dataclass
-class EvalConfig:
-    """What `tifa eval` measures on, and how."""
-
-    prompts: str = opt("data/demo/prompts.jsonl", "Prompts JSONL (DESIGN §2a); the `split: eval` lines are used.")
-    split: str = opt("eval", "Which split of the prompts file to evaluate on ('' = all lines).")
-    ppl_text: str = opt("data/demo/eval/novel_heldout.txt", "Held-out novel text for perplexity ('' = skip).")
-    user_name: str = opt("小林", "The user's name in the role-play ({{user}} in cards).")
-    max_new_tokens: int = opt(1536, "Tokens per answer (the seed's 1536; the tiny demo config lowers it).", min=1)
-    seed: int = opt(0, "Sampling seed: prompt i uses seed + i, so runs are reproducible.")
-    batch_size: int = opt(8, "Prompts generated together.", min=1)
-    bootstrap: int = opt(1000, "Bootstrap resamples for the 95% intervals.", min=10)
-    limit: int = opt(0, "Evaluate at most this many prompts (0 = all).", min=0)
-    unpenalised: bool = opt(False, "Also answer every prompt with the repetition, presence and frequency "
-                                   "penalties and DRY off, and report that 4-gram repetition rate: how much "
-                                   "a model loops when no sampler stops it (what anti-repetition DPO trains away; "
-                                   "the seed's repetition_penalty 1.17 hides it). Doubles generation.")
-    samples: int = opt(1, "Answers per prompt, each with its own seed: more answers, narrower intervals "
-                          "(the bootstrap resamples prompts, so a prompt's answers count together).", min=1)
 
 
 PER_ANSWER = ("think_format", "reward", "repetition_4gram", "cross_turn_overlap", "refusal", "in_character",
@@ -131,7 +109,7 @@ def load_prompts(cfg: EvalConfig):
     from tifaforge.data.conversations import check_file
     from tifaforge.errors import TifaError
 
-    path = _resolve(cfg.prompts)
+    path = resolve_path(cfg.prompts)
     records, _ = check_file(path, "prompts")
     chosen = [r for r in records if not cfg.split or r.split == cfg.split]
     if not chosen:
@@ -156,14 +134,9 @@ def eval_key(model_dir: str | Path, cfg: EvalConfig, sampling, reward=None) -> s
     what = {"eval": dataclasses.asdict(cfg), "sampling": dataclasses.asdict(sampling),
             "reward": dataclasses.asdict(reward) if reward is not None else None, "version": __version__,
             "weights": weights,
-            "files": {name: hashlib.sha256(_resolve(f).read_bytes()).hexdigest() if f and _resolve(f).is_file() else None
+            "files": {name: hashlib.sha256(resolve_path(f).read_bytes()).hexdigest() if f and resolve_path(f).is_file() else None
                       for name, f in (("prompts", cfg.prompts), ("ppl_text", cfg.ppl_text))}}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _resolve(p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() or path.exists() else ROOT / path
 
 
 def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=None) -> dict:
@@ -209,8 +182,8 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=No
             bar.update(len(batch))
     bar.close()
     metrics = summarise(rows, contents, cfg.bootstrap, cfg.seed, groups)
-    if cfg.ppl_text and _resolve(cfg.ppl_text).exists():
-        text = _resolve(cfg.ppl_text).read_text(encoding="utf-8")
+    if cfg.ppl_text and resolve_path(cfg.ppl_text).exists():
+        text = resolve_path(cfg.ppl_text).read_text(encoding="utf-8")
         metrics["perplexity"] = {"mean": perplexity(engine.model, engine.tokenizer, text)}
     return {"n": len(records), "samples_per_prompt": cfg.samples, "max_new_tokens": cfg.max_new_tokens,
             "metrics": metrics, "samples": samples}

@@ -1,2 +1,3 @@
-"""Exports for other runtimes (DESIGN.md §8): `gguf.py` writes and checks GGUF files for llama.cpp,
-KoboldCpp, Ollama and LM Studio; `unroll.py` turns a looped model into a plain one first."""
+"""Exports for other runtimes: `gguf.py` writes GGUF files for llama.cpp, KoboldCpp, Ollama and LM
+Studio; `check.py` runs a file in llama.cpp against transformers; `unroll.py` turns a looped model
+into a plain one first. Reading and validating a GGUF file is `models.gguf_file`."""

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp, KoboldCpp, Ollama and LM Studio, and a check of any GGUF file (DESIGN.md §8).
+"""GGUF export for llama.cpp, KoboldCpp, Ollama and LM Studio (DESIGN.md §8).
 
     tifa export gguf models/tiny --out tiny-q8_0.gguf --quant q8_0 --verify
     tifa export gguf --check tiny-q8_0.gguf --reference models/tiny
@@ -17,11 +17,8 @@ package and refuses a BPE vocabulary whose hash it does not know, which is every
   file that is renamed into place, so memory stays at the model plus one tensor and a crash leaves
   no torn file.
 
-The check is a second implementation: llama.cpp runs the file and its greedy tokens are compared with
-transformers' on the reference model (the original folder, or transformers' own GGUF loader reading
-the same weights). Before anything parses the file, `read_gguf` validates the header, every length
-against the bytes actually left, and every tensor's offset and size, so a hostile file fails with one
-line and bounded memory instead of a huge allocation inside a library.
+`--check FILE` and `--verify` run `export/check.py` (llama.cpp against transformers on the file); the
+validating reader of GGUF files is `models/gguf_file.py`, which the llama.cpp engine backend shares.
 """
 
 from __future__ import annotations
@@ -30,20 +27,18 @@ import argparse
 import ctypes
 import json
 import logging
-import mmap
 import os
 import re
-import struct
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 
 from tifaforge.errors import MissingExtraError, TifaError
+from tifaforge.models.gguf_file import read_gguf
 
 log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
@@ -425,351 +420,11 @@ def _count_types_in(path: Path) -> dict[str, int]:
 
 
 def _fsync(path: Path) -> None:
-    from tifaforge.utils import _umask
+    from tifaforge.utils import umask
 
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    os.chmod(path, 0o666 & ~_umask())  # temp files are owner-only; outputs are meant to be shared
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading: validate everything against the bytes that are really there before trusting a length.
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_MIN_SIZE = {**{k: struct.calcsize(f) for k, f in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-
-
-@dataclass
-class TensorEntry:
-    name: str
-    shape: tuple[int, ...]  # numpy order (rows, …, row length), as gguf.GGUFReader reports it reversed
-    type: Q
-    offset: int  # absolute, in the file
-    nbytes: int
-
-
-@dataclass
-class GGUFFile:
-    path: Path
-    version: int
-    size: int
-    metadata: dict[str, Any] = field(default_factory=dict)
-    tensors: list[TensorEntry] = field(default_factory=list)
-
-    @property
-    def architecture(self) -> str:
-        return self.metadata.get("general.architecture", "?")
-
-
-class _Cursor:
-    """Reads little-endian values from a buffer; every length is checked against what is left."""
-
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def fail(self, msg: str):
-        raise TifaError(f"{self.path}: not a valid GGUF file: {msg}")
-
-    def take(self, n: int, what: str):
-        if n > len(self.buf) - self.pos:
-            self.fail(f"{what} at byte {self.pos} needs {n} bytes, but the file ends at byte {len(self.buf)}")
-        piece = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return piece
-
-    def unpack(self, fmt: str, what: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
-
-    def string(self, what: str) -> str:
-        raw = self.take(self.unpack("<Q", f"{what} length"), what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.fail(f"{what} at byte {self.pos - len(raw)} is not UTF-8")
-
-    def count(self, n: int, min_size: int, what: str) -> int:
-        """A claimed element count is only believed if that many of the smallest element could fit."""
-        if n * min_size > len(self.buf) - self.pos:
-            self.fail(f"{what} claims {n} entries at byte {self.pos}; they cannot fit in the "
-                      f"{len(self.buf) - self.pos} bytes left")
-        return n
-
-    def value(self, vtype: int, what: str, depth: int = 0):
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype], what)
-        if vtype == _STRING:
-            return self.string(what)
-        if vtype != _ARRAY or depth > 1:
-            self.fail(f"{what} has unknown value type {vtype}")
-        etype = self.unpack("<I", f"{what} element type")
-        if etype not in _MIN_SIZE:
-            self.fail(f"{what} has unknown element type {etype}")
-        n = self.count(self.unpack("<Q", f"{what} length"), _MIN_SIZE[etype], what)
-        if etype in _SCALARS:  # numbers: one bounded read, not n Python objects
-            return np.frombuffer(self.take(n * _MIN_SIZE[etype], what), dtype=np.dtype(_SCALARS[etype])).copy()
-        return [self.value(etype, what, depth + 1) for _ in range(n)]
-
-
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Header, metadata and tensor table of a GGUF file, validated (the tensor data is not read)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        f = path.open("rb")
-    except OSError as e:
-        raise TifaError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
-        if size < 24:
-            raise TifaError(f"{path}: not a valid GGUF file: {size} bytes is shorter than a GGUF header")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:  # pages in only what is read
-            return _parse(_Cursor(buf, path), path, size)
-
-
-def _parse(c: _Cursor, path: Path, size: int) -> GGUFFile:
-    if c.take(4, "magic") != b"GGUF":
-        c.fail("it does not start with the GGUF magic bytes")
-    info = GGUFFile(path, c.unpack("<I", "version"), size)
-    if info.version not in (2, 3):
-        c.fail(f"version {info.version} (this reader knows 2 and 3)")
-    n_tensors = c.unpack("<Q", "tensor count")
-    n_kv = c.count(c.unpack("<Q", "metadata count"), 13, "the metadata table")
-    for _ in range(n_kv):
-        _read_kv(c, info.metadata)
-    c.count(n_tensors, 24, "the tensor table")
-    entries = [_read_tensor_info(c) for _ in range(n_tensors)]
-    _place_tensors(c, info, entries)
-    return info
-
-
-def _read_kv(c: _Cursor, metadata: dict) -> None:
-    key = c.string("metadata key")
-    if key in metadata:
-        c.fail(f"metadata key {key!r} appears twice")
-    metadata[key] = c.value(c.unpack("<I", f"type of {key!r}"), repr(key))
-
-
-def _read_tensor_info(c: _Cursor) -> tuple[str, tuple[int, ...], Q, int]:
-    name = c.string("tensor name")
-    n_dims = c.unpack("<I", f"dimensions of {name!r}")
-    if not 1 <= n_dims <= _MAX_DIMS:
-        c.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
-    dims = tuple(c.unpack("<Q", f"shape of {name!r}") for _ in range(n_dims))
-    raw_type = c.unpack("<I", f"type of {name!r}")
-    try:
-        qtype = Q(raw_type)
-    except ValueError:
-        c.fail(f"tensor {name!r} has unknown type {raw_type}")
-    return name, dims, qtype, c.unpack("<Q", f"offset of {name!r}")
-
-
-def _place_tensors(c: _Cursor, info: GGUFFile, entries: list) -> None:
-    """Every tensor must lie aligned, whole and without overlap inside the data section."""
-    align = info.metadata.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0 or align & (align - 1):
-        c.fail(f"general.alignment {align!r} is not a power of two")
-    data_start = -(-c.pos // align) * align
-    end_prev, seen = data_start, set()
-    for name, dims, qtype, offset in sorted(entries, key=lambda e: e[3]):
-        nbytes = _tensor_nbytes(c, name, dims, qtype)
-        start = data_start + offset
-        if name in seen:
-            c.fail(f"tensor {name!r} appears twice")
-        if offset % align or start < end_prev or start + nbytes > info.size:
-            c.fail(f"tensor {name!r} ({nbytes} bytes at offset {offset}) is misaligned, overlaps another "
-                   f"or runs past the end of the file ({info.size} bytes)")
-        seen.add(name)
-        end_prev = start + nbytes
-        info.tensors.append(TensorEntry(name, dims[::-1], qtype, start, nbytes))
-    order = {e[0]: i for i, e in enumerate(entries)}
-    info.tensors.sort(key=lambda t: order[t.name])
-
-
-def _tensor_nbytes(c: _Cursor, name: str, dims: tuple[int, ...], qtype: Q) -> int:
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    if any(d == 0 for d in dims) or dims[0] % block:
-        c.fail(f"tensor {name!r} has shape {list(dims)}, whose rows a {qtype.name} block ({block}) does not divide")
-    return int(np.prod(dims[1:], dtype=object)) * (dims[0] // block) * type_size
-
-
-# ---------------------------------------------------------------------------------------------
-# The check: llama.cpp vs transformers on the same prompts, greedy.
-
-CHECK_CONVERSATIONS = [
-    [{"role": "system", "content": "你是沈清雅，江南书香门第的才女，说话温婉而带刺。"},
-     {"role": "user", "content": "清雅姑娘，今晚的月色真美，你愿意陪我走走吗？"}],
-    [{"role": "user", "content": "写一段雨夜客栈里两位剑客重逢的描写。"}],
-    [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and a storm."}],
-    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "<think>打个招呼。</think>你好呀！"},
-     {"role": "user", "content": "给我讲讲你自己。"}],
-]
-CHECK_TEXTS = [  # tokenization: zh, en, digits, full-width punctuation, the role tags, think tags
-    "江南的雨，下了整整三天。“你来了？”她低声问道。",
-    "The lighthouse keeper counted 1234 waves before dawn.",
-    "<|begin▁of▁sentence|>系统<|User|>你好<|Assistant|><think>想一想</think>好的。<|end▁of▁sentence|>",
-    "  spaces\tand\nnewlines\r\n 全角：「引号」…… emoji 🙂",
-]
-
-
-@dataclass
-class CheckReport:
-    path: Path
-    file_type: str
-    size: int
-    tensors: int
-    reference: str
-    prompts: int = 0
-    greedy_equal: int = 0  # prompts whose greedy continuations are identical token for token
-    top1: float = 0.0  # llama.cpp argmax == reference greedy token, teacher-forced on the reference's tokens
-    max_abs_logit: float = 0.0
-    tokenization_equal: bool | None = None  # with a reference tokenizer
-    template_equal: bool | None = None
-
-    def ok(self, min_top1: float) -> bool:
-        return self.top1 >= min_top1 and self.tokenization_equal is not False and self.template_equal is not False
-
-    def lines(self) -> list[str]:
-        yes = {True: "equal", False: "DIFFERENT", None: "not checked (no --reference)"}
-        return [
-            f"file          {self.path} ({self.file_type}, {self.size / 2**20:.1f} MiB, {self.tensors} tensors): valid",
-            f"reference     {self.reference}",
-            f"greedy        {self.greedy_equal}/{self.prompts} prompts token-for-token equal",
-            f"top-1         {self.top1:.1%} agreement (teacher-forced), max |Δlogit| {self.max_abs_logit:.4g}",
-            f"tokenization  {yes[self.tokenization_equal]}",
-            f"template      {yes[self.template_equal]}",
-        ]
-
-
-def default_threads(path: str | Path) -> int:
-    """One thread for small files: a tiny model's per-token work is too small to split, and on a
-    busy machine llama.cpp's spinning thread barriers made 2 threads 4x slower than 1 (measured)."""
-    return 1 if Path(path).stat().st_size < 64 * 2**20 else min(os.cpu_count() or 1, 8)
-
-
-def open_llama(path: str | Path, n_ctx: int = 512, logits_all: bool = False):
-    """A llama.cpp model (quiet). Callers close it (`llm.close()`): feasibility pitfall 10."""
-    from tifaforge.extras import require
-
-    llama_cpp = require("llamacpp")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                           n_threads=default_threads(path), verbose=False)
-
-
-def check_gguf(path: str | Path, reference: str | Path | None = None, n_tokens: int = 24) -> CheckReport:
-    """Validate `path`, then run it in llama.cpp and compare greedy tokens with transformers'."""
-    path = Path(path)
-    info = read_gguf(path)
-    ftype = info.metadata.get("general.file_type")
-    report = CheckReport(path, FT(ftype).name if ftype in FT._value2member_map_ else "?", info.size,
-                         len(info.tensors), str(reference) if reference else "transformers' GGUF loader, same file")
-    with tempfile.TemporaryDirectory() as work:
-        model, tok = _reference(path, reference, Path(work))
-        llm = open_llama(path, logits_all=True)
-        try:
-            prompts = [_prompt_ids(llm, info, conv) for conv in CHECK_CONVERSATIONS]
-            _compare(report, model, llm, prompts, n_tokens)
-            if tok is not None:
-                report.tokenization_equal = all(_llama_ids(llm, t) == tok(t, add_special_tokens=False).input_ids
-                                                 for t in CHECK_TEXTS)
-                report.template_equal = _template_equal(info, tok)
-        finally:
-            llm.close()
-    return report
-
-
-def _reference(path: Path, reference, workdir: Path):
-    """(transformers model, tokenizer or None) to compare with: the original folder, else the GGUF."""
-    if reference is not None:
-        model, tok, _ = load_source(reference, workdir)
-        return model.float(), tok
-    from transformers import AutoModelForCausalLM
-
-    import torch
-
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), None  # its GGUF tokenizer read-back is not faithful (pitfall 5): not compared
-
-
-def _llama_ids(llm, text: str) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-
-
-def _prompt_ids(llm, info: GGUFFile, conversation: list[dict]) -> list[int]:
-    """The conversation through the file's own chat template (llama-cpp-python's Jinja), as users run it."""
-    template = info.metadata.get("tokenizer.chat_template")
-    if not template:
-        return _llama_ids(llm, "\n".join(m["content"] for m in conversation))
-    return _llama_ids(llm, _render_file_template(info, conversation))
-
-
-def _render_file_template(info: GGUFFile, conversation: list[dict]) -> str:
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    tokens, md = info.metadata.get("tokenizer.ggml.tokens", []), info.metadata
-
-    def text(key):
-        i = md.get(key)
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
-
-    fmt = Jinja2ChatFormatter(md["tokenizer.chat_template"], eos_token=text("tokenizer.ggml.eos_token_id"),
-                              bos_token=text("tokenizer.ggml.bos_token_id"))
-    return fmt(messages=conversation).prompt
-
-
-def _template_equal(info: GGUFFile, tok) -> bool:
-    from tifaforge.chat.template import render
-
-    if not info.metadata.get("tokenizer.chat_template"):
-        return not tok.chat_template
-    return all(_render_file_template(info, conv) == render(conv, tok, add_generation_prompt=True)
-               for conv in CHECK_CONVERSATIONS)
-
-
-def _compare(report: CheckReport, model, llm, prompts: list[list[int]], n: int) -> None:
-    hits = total = 0
-    for ids in prompts:
-        ref = _greedy_hf(model, ids, n)
-        report.greedy_equal += _greedy_llama(llm, ids, n) == ref
-        hf_logits = _hf_logits(model, ids + ref)[len(ids) - 1:-1]  # (n, V): predictions of ref's tokens
-        llm.reset()
-        llm.eval(ids + ref)
-        lc_logits = np.asarray(llm.scores[len(ids) - 1:len(ids) + n - 1])
-        hits += int((lc_logits.argmax(-1) == np.asarray(ref)).sum())
-        total += n
-        report.max_abs_logit = max(report.max_abs_logit, float(np.abs(lc_logits - hf_logits).max()))
-    report.prompts, report.top1 = len(prompts), hits / total
-
-
-def _hf_logits(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-
-
-def _greedy_hf(model, ids: list[int], n: int) -> list[int]:
-    """Plain argmax decoding with the KV cache, n tokens (end tokens do not stop it: both sides run n)."""
-    import torch
-
-    out, x, past = [], torch.tensor([ids]), None
-    with torch.inference_mode():
-        for _ in range(n):
-            o = model(input_ids=x, cache=past, use_cache=True)
-            past, nxt = o.cache, int(o.logits[0, -1].argmax())
-            out.append(nxt)
-            x = torch.tensor([[nxt]])
-    return out
-
-
-def _greedy_llama(llm, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return out
+    os.chmod(path, 0o666 & ~umask())  # temp files are owner-only; outputs are meant to be shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,19 +448,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tifaforge.export.check import check_gguf, print_check  # it imports this module (load_source)
+
     if args.check:
-        return _print_check(check_gguf(args.check, args.reference, args.tokens), args.min_agreement)
+        return print_check(check_gguf(args.check, args.reference, args.tokens), args.min_agreement)
     if not args.model or not args.out:
         raise TifaError("export gguf needs MODEL and --out FILE.gguf (or --check FILE)")
     report = export_gguf(args.model, args.out, args.quant, pre=args.pre)
     print(report.summary())
     if args.verify:
-        return _print_check(check_gguf(report.path, args.model, args.tokens), args.min_agreement)
+        return print_check(check_gguf(report.path, args.model, args.tokens), args.min_agreement)
     return 0
-
-
-def _print_check(report: CheckReport, min_top1: float) -> int:
-    print("\n".join(report.lines()))
-    ok = report.ok(min_top1)
-    print("check         " + ("ok" if ok else f"FAILED (top-1 below {min_top1:.0%}, or tokenization/template differ)"))
-    return 0 if ok else 1

@@ -43,40 +43,14 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Literal
 
+from tifaforge.config import LoopConfig
 from tifaforge.errors import TifaError
-from tifaforge.fields import opt
 
 SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 LOOPED_PREFIX = "tifaforge_looped_"
-
-
-@dataclass
-class LoopConfig:
-    """Looped layers: decoder layers start..end-1 run k times per forward (DESIGN.md §5.4)."""
-
-    start: int = opt(0, "First decoder layer of the looped block (0-based).", min=0)
-    end: int = opt(0, "One past the block's last layer; end = start (the default) turns looping off.", min=0)
-    k: int = opt(2, "Iterations of the block at inference and evaluation; 1 = the base model.", min=1)
-    schedule: Literal["fixed", "uniform", "curriculum"] = opt(
-        "fixed", "Iterations in training: fixed = k; uniform = drawn per forward from [k_min, k_max]; "
-        "curriculum = drawn from [k_min, a bound rising linearly to k_max over ramp_steps optimizer steps]."
-    )
-    k_min: int = opt(1, "Fewest iterations drawn in training (uniform, curriculum).", min=1)
-    k_max: int = opt(4, "Most iterations drawn in training (uniform, curriculum).", min=1)
-    ramp_steps: int = opt(1000, "Curriculum: optimizer steps for the upper bound to reach k_max.", min=1)
-    grad_iterations: int = opt(
-        0, "Backpropagate through only the last n iterations (truncated, as Huginn); 0 = all.", min=0)
-    residual_scale: float = opt(
-        1.0, "Scale on both residual branches of every layer in iterations 2..k; 1 = plain repetition.", min=0.0)
-    seed: int = opt(0, "Seed of the per-forward draw of k (same on every rank and on resume).")
-
-    @property
-    def enabled(self) -> bool:
-        return self.end != self.start
 
 
 def loop_config(data: dict) -> LoopConfig:

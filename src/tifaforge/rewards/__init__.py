@@ -3,15 +3,8 @@
     tifa reward score data/demo/sft.jsonl     # inspect every rule's score and message per dialogue
 """
 
-from tifaforge.rewards.literary import (
-    LogicReward,
-    RewardConfig,
-    RewardResult,
-    combine,
-    score_command,
-    score_file,
-    summarize,
-)
+from tifaforge.config import RewardConfig  # the `reward:` section, re-exported beside the code it configures
+from tifaforge.rewards.literary import LogicReward, RewardResult, combine, score_command, score_file, summarize
 from tifaforge.rewards.rules import (
     RULES,
     RewardContext,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from tifaforge.extras import require
-from tifaforge.rewards.rules import RewardContext, Rule, RuleResult, _content, _q, _say
+from tifaforge.rewards.rules import RewardContext, Rule, RuleResult, answer_content, quoted, say
 
 _PROMPT_ZH = ("请评价下面这段角色扮演回答（角色：{char}）。用户说：{user}\n\n回答：{answer}\n\n"
               "按1-10分评价文学性、角色一致性和连贯性。第一行只写分数，第二行用一句话指出最大的问题。")
@@ -36,23 +36,23 @@ def make_judge(url: str, model: str = "default", timeout: float = 30.0, api_key:
 
     def judge(ctx: RewardContext, answer: str) -> RuleResult:
         user = next((m.get("content") or "" for m in reversed(ctx.messages) if m.get("role") == "user"), "")
-        prompt = _say(ctx, _PROMPT_ZH, _PROMPT_EN).format(char=ctx.character or "?", user=user,
-                                                          answer=_content(ctx, answer))
+        prompt = say(ctx, _PROMPT_ZH, _PROMPT_EN).format(char=ctx.character or "?", user=user,
+                                                          answer=answer_content(ctx, answer))
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
         try:
             r = httpx.post(endpoint, json=body, headers=headers, timeout=timeout)
             r.raise_for_status()
             reply = r.json()["choices"][0]["message"]["content"] or ""
         except httpx.TimeoutException:
-            return RuleResult(None, _say(ctx, f"评审超时（{timeout:g}秒）", f"judge timed out ({timeout:g} s)"))
+            return RuleResult(None, say(ctx, f"评审超时（{timeout:g}秒）", f"judge timed out ({timeout:g} s)"))
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
-            return RuleResult(None, _say(ctx, f"评审接口出错：{e}", f"judge endpoint failed: {e}"))
+            return RuleResult(None, say(ctx, f"评审接口出错：{e}", f"judge endpoint failed: {e}"))
         score = parse_score(reply)
         if score is None:
-            return RuleResult(None, _say(ctx, f"评审回复里没有1-10的分数：{_q(ctx, reply)}",
-                                         f"no 1-10 score in the judge's reply: {_q(ctx, reply)}"))
+            return RuleResult(None, say(ctx, f"评审回复里没有1-10的分数：{quoted(ctx, reply)}",
+                                         f"no 1-10 score in the judge's reply: {quoted(ctx, reply)}"))
         reason = re.sub(r"^\s*(?:分|/\s*10)?[\s：:。.,，]*", "", reply[_SCORE.search(reply).end():]).strip()
-        msg = _say(ctx, f"评审{score}分：{reason[:60]}", f"judge gave {score}/10: {reason[:80]}") if score < 7 else None
+        msg = say(ctx, f"评审{score}分：{reason[:60]}", f"judge gave {score}/10: {reason[:80]}") if score < 7 else None
         return RuleResult((score - 1) / 9, msg)
 
     return judge

@@ -38,38 +38,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
-from tifaforge.fields import opt
+from tifaforge.config import RewardConfig
 from tifaforge.errors import ConfigError, TifaError
 from tifaforge.rewards.rules import RULES, RewardContext, Rule, RuleResult, detect_language
 from tifaforge.utils import read_jsonl
-
-
-@dataclass
-class RewardConfig:
-    """The logic reward: which rules count, how much, which veto, and the rules' parameters."""
-
-    weights: dict[str, float] = opt(
-        {"think_format": 1.0, "think_length": 0.5, "in_character": 1.0, "user_lines": 1.0,
-         "repetition": 2.0, "language": 1.0, "answer_length": 0.5, "texture": 1.0},
-        "Weight of each rule in the weighted mean (0 = reported only). Rules: think_format, think_length, "
-        "in_character, user_lines, refusal, repetition, language, answer_length, texture, blocklist, "
-        "and judge (needs judge_url).")
-    vetoes: list[str] = opt(["blocklist", "refusal"], "Rules whose failure sets the total to 0.")
-    veto_below: float = opt(0.5, "A veto rule fails when its score is below this.", min=0.0, max=1.0)
-    caps: dict[str, float] = opt({"texture": 0.8}, "Saturation: a rule earns min(score, cap) / cap.")
-    think_length_zh: list[int] = opt([10, 1500], "Think block length band in characters (Chinese).")
-    think_length_en: list[int] = opt([5, 800], "Think block length band in words (English).")
-    answer_length_zh: list[int] = opt([50, 1500], "Answer length band in characters (Chinese).")
-    answer_length_en: list[int] = opt([30, 800], "Answer length band in words (English).")
-    language: Literal["auto", "zh", "en"] = opt("auto", "Conversation language; auto = from the user turns.")
-    user_name: str = opt("", "The user's persona name ({{user}}), to catch the answer writing their lines.")
-    blocklist: list[str] = opt([], "Words the answer must never contain (case-insensitive).")
-    judge_url: str | None = opt(None, "OpenAI-compatible base URL of an LLM judge, e.g. http://127.0.0.1:8000/v1.")
-    judge_model: str = opt("default", "Model name sent to the judge endpoint.")
-    judge_timeout: float = opt(30.0, "Seconds before a judge call counts as missing.", min=0.0)
-    judge_api_key_env: str = opt("", "Environment variable holding the judge's API key (not the key).")
 
 
 @dataclass

@@ -118,7 +118,7 @@ def _ramp(x: float, good: float, bad: float) -> float:
     return min(1.0, max(0.0, 1.0 - t))
 
 
-def _q(ctx: RewardContext, text: str, limit: int | None = None) -> str:
+def quoted(ctx: RewardContext, text: str, limit: int | None = None) -> str:
     """Quote text in the conversation's style, whitespace collapsed, truncated with …"""
     limit = limit or (20 if ctx.language == "zh" else 40)
     t = " ".join(text.split())
@@ -126,7 +126,7 @@ def _q(ctx: RewardContext, text: str, limit: int | None = None) -> str:
     return f"「{t}」" if ctx.language == "zh" else f'"{t}"'
 
 
-def _say(ctx: RewardContext, zh: str, en: str) -> str:
+def say(ctx: RewardContext, zh: str, en: str) -> str:
     return zh if ctx.language == "zh" else en
 
 
@@ -135,7 +135,7 @@ def _nth(i: int) -> str:
     return _ZH_NUM[i] if i < 10 else str(i + 1)
 
 
-def _content(ctx: RewardContext, answer: str) -> str:
+def answer_content(ctx: RewardContext, answer: str) -> str:
     return split_reasoning(answer, started_in_think=ctx.started_in_think)[1]
 
 
@@ -145,11 +145,11 @@ def _band(ctx: RewardContext, n: int, band: tuple[int, int], what_zh: str, what_
     lo, hi = band
     unit_zh, unit_en = "字", "words"
     if n < lo:
-        return RuleResult(n / lo, _say(ctx, f"{what_zh}太短（{n}{unit_zh}，至少{lo}{unit_zh}）：{_q(ctx, quote)}",
-                                       f"{what_en} too short ({n} {unit_en}, at least {lo}): {_q(ctx, quote)}"))
+        return RuleResult(n / lo, say(ctx, f"{what_zh}太短（{n}{unit_zh}，至少{lo}{unit_zh}）：{quoted(ctx, quote)}",
+                                       f"{what_en} too short ({n} {unit_en}, at least {lo}): {quoted(ctx, quote)}"))
     if n > hi:
         return RuleResult(max(0.0, 1 - (n - hi) / hi),
-                          _say(ctx, f"{what_zh}太长（{n}{unit_zh}，最多{hi}{unit_zh}）",
+                          say(ctx, f"{what_zh}太长（{n}{unit_zh}，最多{hi}{unit_zh}）",
                                f"{what_en} too long ({n} {unit_en}, at most {hi})"))
     return OK
 
@@ -221,22 +221,22 @@ def think_format(ctx: RewardContext, answer: str) -> RuleResult:
     text = (THINK_OPEN if ctx.started_in_think else "") + answer
     opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
     if opens == closes == 0:
-        return RuleResult(0.0, _say(ctx, "缺少<think>…</think>思考部分", "no <think>…</think> block"))
+        return RuleResult(0.0, say(ctx, "缺少<think>…</think>思考部分", "no <think>…</think> block"))
     if opens > 1 or closes > 1:
         k = max(opens, closes)
-        return RuleResult(0.0, _say(ctx, f"有{k}个思考块，应只有一个", f"{k} think blocks, expected exactly one"))
+        return RuleResult(0.0, say(ctx, f"有{k}个思考块，应只有一个", f"{k} think blocks, expected exactly one"))
     if closes == 0:
-        return RuleResult(0.0, _say(ctx, "思考部分没有用</think>结束", "the think block never ends with </think>"))
+        return RuleResult(0.0, say(ctx, "思考部分没有用</think>结束", "the think block never ends with </think>"))
     if opens == 0:
-        return RuleResult(0.0, _say(ctx, "思考部分缺少开头的<think>", "the think block has no opening <think>"))
+        return RuleResult(0.0, say(ctx, "思考部分缺少开头的<think>", "the think block has no opening <think>"))
     if text.index(THINK_CLOSE) < text.index(THINK_OPEN):
-        return RuleResult(0.0, _say(ctx, "</think>出现在<think>之前", "</think> comes before <think>"))
+        return RuleResult(0.0, say(ctx, "</think>出现在<think>之前", "</think> comes before <think>"))
     before = text[:text.index(THINK_OPEN)]
     if before.strip():
-        return RuleResult(0.0, _say(ctx, f"思考部分之前有正文{_q(ctx, before)}",
-                                    f"text before the think block: {_q(ctx, before)}"))
-    if not _content(ctx, answer).strip():
-        return RuleResult(0.0, _say(ctx, "</think>之后没有正文", "no answer after </think>"))
+        return RuleResult(0.0, say(ctx, f"思考部分之前有正文{quoted(ctx, before)}",
+                                    f"text before the think block: {quoted(ctx, before)}"))
+    if not answer_content(ctx, answer).strip():
+        return RuleResult(0.0, say(ctx, "</think>之后没有正文", "no answer after </think>"))
     return OK
 
 
@@ -244,7 +244,7 @@ def think_length(ctx: RewardContext, answer: str) -> RuleResult:
     """The think block's length within ctx.think_band (an absent block scores 0)."""
     reasoning, _ = split_reasoning(answer, started_in_think=ctx.started_in_think)
     if reasoning is None:
-        return RuleResult(0.0, _say(ctx, "缺少<think>…</think>思考部分", "no <think>…</think> block"))
+        return RuleResult(0.0, say(ctx, "缺少<think>…</think>思考部分", "no <think>…</think> block"))
     return _band(ctx, _length(reasoning, ctx.language), ctx.think_band, "思考", "thinking", reasoning)
 
 
@@ -262,14 +262,14 @@ _SPEAKER_TAG = re.compile(r"^\s*[<＜]([^<>＜＞/\n]{1,20})[>＞]")
 
 def in_character(ctx: RewardContext, answer: str) -> RuleResult:
     """No "作为AI…/As an AI…" break; no opening <Name> tag of someone other than the character."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     if m := _AI_BREAK.search(content):
-        return RuleResult(0.0, _say(ctx, f"跳出了角色：{_q(ctx, content[m.start():])}",
-                                    f"breaks character: {_q(ctx, content[m.start():])}"))
+        return RuleResult(0.0, say(ctx, f"跳出了角色：{quoted(ctx, content[m.start():])}",
+                                    f"breaks character: {quoted(ctx, content[m.start():])}"))
     tag = _SPEAKER_TAG.match(content)
     if ctx.character and tag and tag.group(1).strip() not in (ctx.character, "think"):
         name = tag.group(1).strip()
-        return RuleResult(0.0, _say(ctx, f"以「{name}」而不是「{ctx.character}」的身份说话",
+        return RuleResult(0.0, say(ctx, f"以「{name}」而不是「{ctx.character}」的身份说话",
                                     f'speaks as "{name}" instead of "{ctx.character}"'))
     return OK
 
@@ -286,11 +286,11 @@ def _user_line_re(names: Iterable[str]) -> re.Pattern:
 
 def user_lines(ctx: RewardContext, answer: str) -> RuleResult:
     """The answer must not write the user's lines (`{user}：…`, `<{user}>`, `你说：“…”`)."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     names = [ctx.user, "{{user}}", "用户", "user", "你", "you"]
     if m := _user_line_re(names).search(content):
         line = content[m.start():].lstrip(" \t*_>")
-        return RuleResult(0.0, _say(ctx, f"替用户说了话：{_q(ctx, line)}", f"writes the user's lines: {_q(ctx, line)}"))
+        return RuleResult(0.0, say(ctx, f"替用户说了话：{quoted(ctx, line)}", f"writes the user's lines: {quoted(ctx, line)}"))
     return OK
 
 
@@ -311,62 +311,62 @@ _REFUSAL = re.compile(
 
 def refusal(ctx: RewardContext, answer: str) -> RuleResult:
     """No assistant-style refusal (抱歉，我无法… / I can't help with that…)."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     if m := _REFUSAL.search(content):
-        return RuleResult(0.0, _say(ctx, f"拒绝了请求：{_q(ctx, content[m.start():])}",
-                                    f"refuses: {_q(ctx, content[m.start():])}"))
+        return RuleResult(0.0, say(ctx, f"拒绝了请求：{quoted(ctx, content[m.start():])}",
+                                    f"refuses: {quoted(ctx, content[m.start():])}"))
     return OK
 
 
 def repetition(ctx: RewardContext, answer: str) -> RuleResult:
     """Unit 4-gram loops, repeated sentences and copying earlier turns; the worst one scores."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     found: list[tuple[float, str | None]] = []
     rate = ngram_repetition_rate(content, 4)
     reps = repeated_sentences(content)
     if rate > 0.15:  # quoted only when no repeated sentence already shows the loop
         at, count = _most_repeated(content, 4)
-        found.append((_ramp(rate, 0.15, 0.5), None if reps else _say(
-            ctx, f"词句循环重复（重复率{rate:.0%}），{_q(ctx, at)}这样的片段出现了{count}次",
-            f"loops (repetition rate {rate:.0%}): {_q(ctx, at)} occurs {count} times")))
+        found.append((_ramp(rate, 0.15, 0.5), None if reps else say(
+            ctx, f"词句循环重复（重复率{rate:.0%}），{quoted(ctx, at)}这样的片段出现了{count}次",
+            f"loops (repetition rate {rate:.0%}): {quoted(ctx, at)} occurs {count} times")))
     if reps:
         r = reps[0]
-        found.append((max(0.0, 1 - len(reps) / 3), _say(
-            ctx, f"第{_nth(r.again)}段重复了第{_nth(r.first)}段的句子{_q(ctx, r.sentence)}"
-            if r.again != r.first else f"句子{_q(ctx, r.sentence)}重复出现",
-            f"paragraph {r.again + 1} repeats a sentence of paragraph {r.first + 1}: {_q(ctx, r.sentence)}"
-            if r.again != r.first else f"the sentence {_q(ctx, r.sentence)} is repeated")))
+        found.append((max(0.0, 1 - len(reps) / 3), say(
+            ctx, f"第{_nth(r.again)}段重复了第{_nth(r.first)}段的句子{quoted(ctx, r.sentence)}"
+            if r.again != r.first else f"句子{quoted(ctx, r.sentence)}重复出现",
+            f"paragraph {r.again + 1} repeats a sentence of paragraph {r.first + 1}: {quoted(ctx, r.sentence)}"
+            if r.again != r.first else f"the sentence {quoted(ctx, r.sentence)} is repeated")))
     overlap = cross_turn_overlap(content, ctx.previous_answers)
     if overlap > 0.2:
         old = {g for p in ctx.previous_answers for g in _ngrams(units(p), 6)}
         worst = max(sentences(content), key=lambda ps: sum(g in old for g in _ngrams(units(ps[1]), 6)))[1]
-        found.append((_ramp(overlap, 0.2, 0.6), _say(
-            ctx, f"与之前的回答重合{overlap:.0%}，如{_q(ctx, worst)}",
-            f"{overlap:.0%} copied from earlier replies, e.g. {_q(ctx, worst)}")))
+        found.append((_ramp(overlap, 0.2, 0.6), say(
+            ctx, f"与之前的回答重合{overlap:.0%}，如{quoted(ctx, worst)}",
+            f"{overlap:.0%} copied from earlier replies, e.g. {quoted(ctx, worst)}")))
     if not found:
         return OK
     found.sort(key=lambda f: f[0])
-    return RuleResult(found[0][0], _say(ctx, "；", "; ").join([m for _, m in found if m][:2]))
+    return RuleResult(found[0][0], say(ctx, "；", "; ").join([m for _, m in found if m][:2]))
 
 
 def language_match(ctx: RewardContext, answer: str) -> RuleResult:
     """The answer is written in the conversation's language (by its share of CJK characters)."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     ratio = cjk_ratio(content)
     if ctx.language == "zh":
         score = _ramp(ratio, 0.6, 0.2)
         off = re.search(r"[A-Za-z][A-Za-z ,.'’!?]{10,}", content)
-        msg = f"没有用中文回答（中文仅占{ratio:.0%}）" + (f"：{_q(ctx, off.group())}" if off else "")
+        msg = f"没有用中文回答（中文仅占{ratio:.0%}）" + (f"：{quoted(ctx, off.group())}" if off else "")
     else:
         score = _ramp(ratio, 0.05, 0.3)
         off = re.search(rf"[{_CJK}][{_CJK}，。！？、]*", content)
-        msg = f"not written in English ({ratio:.0%} Chinese)" + (f": {_q(ctx, off.group())}" if off else "")
+        msg = f"not written in English ({ratio:.0%} Chinese)" + (f": {quoted(ctx, off.group())}" if off else "")
     return OK if score >= 1 else RuleResult(score, msg)
 
 
 def answer_length(ctx: RewardContext, answer: str) -> RuleResult:
     """The answer (after the think block) within ctx.answer_band: zh characters, en words."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     return _band(ctx, _length(content, ctx.language), ctx.answer_band, "回答", "answer", content)
 
 
@@ -399,42 +399,42 @@ def texture(ctx: RewardContext, answer: str) -> RuleResult:
     the rule, so a normal answer already earns all the credit there is; more than 8 sensory words
     per 100 units is stuffing and scales the score down.
     """
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     if not units(content):  # nothing after the think block: no texture to credit, nothing to quote
-        return RuleResult(0.0, _say(ctx, "没有正文", "no answer text"))
+        return RuleResult(0.0, say(ctx, "没有正文", "no answer text"))
     n = max(1, len(units(content)))
     d2 = distinct_n(content, 2)
     at, count = _most_repeated(content, 2)
-    parts = [(_ramp(d2, 0.7, 0.4), _say(ctx, f"用词单调：{_q(ctx, at, 8)}出现了{count}次",
-                                        f"monotonous wording: {_q(ctx, at, 12)} occurs {count} times"))]
+    parts = [(_ramp(d2, 0.7, 0.4), say(ctx, f"用词单调：{quoted(ctx, at, 8)}出现了{count}次",
+                                        f"monotonous wording: {quoted(ctx, at, 12)} occurs {count} times"))]
     chars = max(1, len(re.sub(r"\s", "", content)))
     talk = sum(len(m.group()) for m in _QUOTED_RE.finditer(content)) / chars
     if talk < 0.1:
-        parts.append((0.5 + 5 * talk, _say(ctx, "几乎没有对白，全是叙述", "almost no dialogue, only narration")))
+        parts.append((0.5 + 5 * talk, say(ctx, "几乎没有对白，全是叙述", "almost no dialogue, only narration")))
     else:
-        parts.append((_ramp(talk, 0.8, 1.0) * 0.7 + 0.3, _say(ctx, "几乎全是对白，缺少叙述和描写",
+        parts.append((_ramp(talk, 0.8, 1.0) * 0.7 + 0.3, say(ctx, "几乎全是对白，缺少叙述和描写",
                                                              "almost all dialogue, no narration")))
     hits = _sensory_hits(content)
-    parts.append((min(1.0, len(hits) / max(1.0, n / 100)), _say(
+    parts.append((min(1.0, len(hits) / max(1.0, n / 100)), say(
         ctx, "缺少感官描写（光影、声音、气味、触感）", "little sensory detail (light, sound, smell, touch)")))
     score = sum(s for s, _ in parts) / len(parts)
     worst = min(parts, key=lambda p: p[0])
     density = 100 * sum(hits.values()) / n
     if density > 8:  # stuffing scales the whole rule down: below the composite's cap, it loses credit
         listed = "".join(f"「{w}」" for w in list(hits)[:4]) if ctx.language == "zh" else ", ".join(list(hits)[:4])
-        worst = (0.0, _say(ctx, f"感官词堆砌：{listed}…", f"stuffed sensory words: {listed}…"))
+        worst = (0.0, say(ctx, f"感官词堆砌：{listed}…", f"stuffed sensory words: {listed}…"))
         score *= _ramp(density, 8, 16)
     return RuleResult(score, worst[1] if worst[0] < 0.7 else None)
 
 
 def blocklist(ctx: RewardContext, answer: str) -> RuleResult:
     """None of the user's blocked words in the answer (the think block may name them: it plans)."""
-    content = _content(ctx, answer)
+    content = answer_content(ctx, answer)
     low = content.lower()
     for word in ctx.blocklist:
         if word and (i := low.find(word.lower())) >= 0:
-            return RuleResult(0.0, _say(ctx, f"出现了屏蔽词「{word}」：{_q(ctx, content[max(0, i - 8):])}",
-                                        f'blocked word "{word}": {_q(ctx, content[max(0, i - 8):])}'))
+            return RuleResult(0.0, say(ctx, f"出现了屏蔽词「{word}」：{quoted(ctx, content[max(0, i - 8):])}",
+                                        f'blocked word "{word}": {quoted(ctx, content[max(0, i - 8):])}'))
     return OK
 
 

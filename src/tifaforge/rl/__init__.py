@@ -1,11 +1,7 @@
-"""MGRPO's library half: config section, advantages and losses (pure), revision prompts and `revise`.
+"""MGRPO's library half: advantages and losses (pure), and the self-revision pass (a caller of the engine).
 
     tifa train mgrpo configs/tiny.yaml      # the stage (stages/mgrpo.py) that uses all of this
 
-Kept light: importing `tifaforge.rl` or `tifaforge.rl.config` never imports torch (config.py wires
-`MGRPOConfig` in); `rl.losses` and `rl.revise` import torch / the engine where they are used.
+The `mgrpo:` config section is `tifaforge.config.MGRPOConfig`. `rl.losses` imports torch and
+`rl.revise` the engine where they are used, so importing `tifaforge.rl` stays light.
 """
-
-from tifaforge.rl.config import MGRPOConfig
-
-__all__ = ["MGRPOConfig"]

@@ -36,7 +36,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from tifaforge.serve.scheduler import Admission, Job, Worker, _put
+from tifaforge.serve.scheduler import Admission, Job, Worker, deliver
 
 log = logging.getLogger("tifaforge.serve")
 
@@ -172,7 +172,7 @@ class EngineProcess(Admission):
                     if (job := self._jobs.get(job_id)) is not None:
                         by_loop.setdefault(job.loop, []).append((job, d))
                 for loop, items in by_loop.items():
-                    loop.call_soon_threadsafe(_put, items)
+                    loop.call_soon_threadsafe(deliver, items)
             elif msg[0] == "fail":
                 if (job := self._jobs.get(msg[1])) is not None:
                     job.fail(msg[2])

@@ -45,7 +45,7 @@ class Job:
 
     def fail(self, error: BaseException) -> None:
         """Called from the worker thread: `deltas()` raises `error`."""
-        self.loop.call_soon_threadsafe(_put, [(self, error)])
+        self.loop.call_soon_threadsafe(deliver, [(self, error)])
 
     def close(self) -> None:
         """Stop wanting output (done, or the client left) and give the slot back; idempotent."""
@@ -238,7 +238,7 @@ class Scheduler(Admission, Worker):
         for (job, i), d in deltas:
             by_loop.setdefault(job.loop, []).append((job, dataclasses.replace(d, index=i)))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put, items)
+            loop.call_soon_threadsafe(deliver, items)
 
     def _arrivals(self, wait: bool) -> list:
         """Every job queued since the last step; with `wait`, block until there is one."""
@@ -253,7 +253,7 @@ class Scheduler(Admission, Worker):
                 return out
 
 
-def _put(items: list) -> None:
+def deliver(items: list) -> None:
     """On the event loop: each (job, delta or error) to its job, unless the job was closed meanwhile."""
     for job, d in items:
         if not job.cancelled:

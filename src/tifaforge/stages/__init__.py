@@ -1,5 +1,6 @@
 """The four training stages, one file each, read top to bottom: cpt.py, sft.py (TRL's SFTTrainer),
-mgrpo.py (our trainer), dpo.py (TRL's DPOTrainer).
+mgrpo.py (our trainer), dpo.py (TRL's DPOTrainer), and mining.py beside DPO: the anti-repetition
+pairs mined from the model's own answers (also `tifa data mine-pairs`).
 
     tifa train cpt CONFIG      # or: python -m tifaforge.stages.cpt CONFIG
 

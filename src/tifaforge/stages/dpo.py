@@ -34,6 +34,22 @@ PLOT_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", 
 REPORT_KEYS = ("repetition_4gram", "repetition_4gram_unpenalised", "cross_turn_overlap", "distinct_1", "distinct_2", "think_format", "reward")
 
 
+# ---------------------------------------------------------------------------------------------
+# Command line: tifa train dpo CONFIG
+
+
+def add_arguments(p) -> None:
+    stage.stage_arguments(p)
+
+
+def run(args) -> int:
+    return stage.run_command(args, STAGE, run_stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
 def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
               extra_callbacks: tuple = ()) -> Path:
     """Train `cfg.dpo` from `base_model_dir` into `out_dir`; returns `out_dir/model`."""
@@ -93,7 +109,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
 
 def mined_pairs(cfg: Any, model_dir: str | Path, out: Path) -> list[dict]:
     """Pairs mined from `model_dir`'s own answers into OUT/pairs.jsonl (reused when already there)."""
-    from tifaforge.data.preferences import mine_pairs
+    from tifaforge.stages.mining import mine_pairs
     from tifaforge.engine.generate import Engine
     from tifaforge.utils import read_jsonl
 
@@ -193,18 +209,6 @@ def write_report(out: Path, before: dict, after: dict, n_pairs: int, n_used: int
     atomic_write_json(out / "report.json", {"before": before["metrics"], "after": after["metrics"],
                                             "distinct_2_dropped": d2a < d2b, "pairs": n_pairs, "used": n_used})
     return text
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: tifa train dpo CONFIG
-
-
-def add_arguments(p) -> None:
-    stage.stage_arguments(p)
-
-
-def run(args) -> int:
-    return stage.run_command(args, STAGE, run_stage)
 
 
 if __name__ == "__main__":  # what launchers start on every rank: python -m tifaforge.stages.dpo CONFIG ...

@@ -35,15 +35,167 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tifaforge.config import Config, SamplingConfig, load_config
+from tifaforge.config import Config, MGRPOConfig, SamplingConfig, load_config
 from tifaforge.errors import TifaError
 from tifaforge.rewards import LogicReward, RewardResult
-from tifaforge.rl.config import MGRPOConfig
 from tifaforge.utils import atomic_write_bytes, atomic_write_json
 
 STAGE = "mgrpo"
 PLOT_KEYS = ("reward/pass1", "reward/pass2", "pass2_gain", "kl", "clip_ratio/region", "entropy", "len/pass1",
              "len/pass2", "frac_zero_std", "loss", "grad_norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: tifa train mgrpo CONFIG
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="a YAML config with `mgrpo:` and `reward:` sections (e.g. configs/tiny.yaml)")
+    p.add_argument("--out", help="the stage's run directory (default: runs/NAME/03-mgrpo)")
+    p.add_argument("--model", help="start from this model folder instead of the config's model.base (a preset is built)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mgrpo.steps=30")
+
+
+def run(args) -> int:
+    """`tifa train mgrpo CONFIG`: one process (vLLM and multi-process rollouts are not wired yet)."""
+    from tifaforge.train.stage import STAGE_DIRS, resolve_base
+
+    cfg = load_config(args.config, args.set, cls=Config)
+    out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[STAGE])
+    base = resolve_base(args.model or cfg.model.base, out, cfg)
+    start = time.perf_counter()
+    model_dir = run_stage(cfg, base, out, resume=args.resume)
+    print(f"{STAGE}: wrote {model_dir} in {time.perf_counter() - start:.0f} s "
+          f"(metrics {out / 'metrics.jsonl'}, samples {out / 'samples.jsonl'}, plots {out / 'plots'})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
+              stop_after: int | None = None) -> Path:
+    """Train MGRPO from `base_model_dir` into `out_dir`, resuming from its last complete checkpoint.
+
+    `stop_after`: return after this many updates in this call (a time-boxed run; the next call
+    resumes). Returns the final model folder, or the checkpoints folder when stopped early.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from tifaforge.models.load import save_model
+    from tifaforge.train import stage
+    from tifaforge.train.metrics import plot_curves
+
+    m = cfg.mgrpo
+    # --- config, reward, prompts (checked before any model loads), run directory
+    reward = LogicReward(cfg.reward)
+    records = read_prompts(m)
+    run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
+    if (run.out / "manifest.json").exists():  # finished: nothing to redo
+        return run.model
+    # --- model, data, optimizer
+    torch.manual_seed(cfg.seed)
+    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop)
+    prompts = render_prompts(records, reward, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    opt, sched = make_optimizer(policy, m)
+    start = load_checkpoint(resume_from, policy, opt, sched)
+    engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out) if start < m.steps else None
+    # --- the loop
+    try:
+        bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
+        for step in bar:
+            row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
+            bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
+            done = step + 1
+            stopping = stop_after is not None and done - start >= stop_after and done < m.steps
+            if done % m.save_every == 0 or done == m.steps or stopping:
+                save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
+                plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
+            if stopping:
+                return run.checkpoints
+    finally:  # vLLM's GPU memory back before the next stage of a pipeline runs in this process
+        if engine is not None:
+            engine.close()
+    # --- save: a plain transformers folder (LoRA merged), then the manifest, last
+    final = policy.merge_and_unload() if m.lora_r > 0 else policy
+    save_model(final.eval(), tok, run.model)
+    atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
+                                                  "base": str(Path(base_model_dir).resolve())})
+    return run.model
+
+
+def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
+           run, rollouts=None) -> dict:
+    """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples.
+    `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine)."""
+    from tifaforge.engine.generate import Engine
+
+    t0 = time.perf_counter()
+    if rollouts is not None:
+        rollouts.load_policy(policy)
+        engine = rollouts
+    else:
+        engine = Engine(policy, tok)
+    batch_seed = (seed * 1_000_003 + step) * 100_003
+    firsts, zero1 = pass1(engine, reward, prompts_for_step(prompts, step, m.prompts_per_step, seed), m, batch_seed)
+    revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
+    t1 = time.perf_counter()
+    train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
+    for rows in (train1, train2):  # per pass, as pass_loss cuts its micro-batches
+        store_logps(policy, ref, rows, m, pad)
+    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad)
+    t2 = time.perf_counter()
+    row = {"step": step + 1, **step_metrics(firsts, zero1, revs, zero2, losses, t1 - t0, t2 - t1,
+                                            sched.get_last_lr()[0])}
+    for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
+        run.samples.write(sample_row)
+    row["time"] = time.time()  # wall clock at the end of the update (bench/mgrpo.py times step to step)
+    run.metrics.write(row)
+    return row
+
+
+def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None):
+    """None (each update samples through `Engine(policy)`), or a vLLM engine started once on the base
+    model's folder, sharing the GPU; `update` pushes the policy's weights into it before sampling. A
+    base whose vocabulary the loader grew (template tags added) is saved as loaded for vLLM to start from."""
+    if m.rollout_backend != "vllm":
+        return None
+    import torch
+
+    from tifaforge.engine.vllm_backend import VLLMEngine
+
+    if loop is not None and loop.end > loop.start:
+        raise TifaError("mgrpo.rollout_backend vllm: vLLM cannot run a looped policy; use the transformers backend")
+    if not torch.cuda.is_available():
+        raise TifaError("mgrpo.rollout_backend vllm needs a CUDA GPU (vLLM is CUDA-only); use transformers here")
+    dtype = str(next(policy.parameters()).dtype).removeprefix("torch.") if policy is not None else "auto"
+    start_dir = vllm_start_folder(base_model_dir, policy, tok, scratch) if policy is not None else base_model_dir
+    try:
+        return VLLMEngine(start_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
+    finally:
+        if start_dir != base_model_dir:  # vLLM holds the weights now
+            import shutil
+
+            shutil.rmtree(start_dir, ignore_errors=True)
+
+
+def vllm_start_folder(base_model_dir, policy, tok, scratch: Path | None):
+    """The folder vLLM starts from: the base's own, unless the loader grew the policy's vocabulary
+    (template tags added to a tagless base): then the policy as loaded (LoRA merged on a copy), saved
+    under `scratch`, since pushed weights must have the shapes vLLM was built with."""
+    from transformers import AutoConfig
+
+    from tifaforge.models.load import run_model, save_model
+
+    rows = policy.get_input_embeddings().weight.shape[0]
+    if scratch is None or rows == AutoConfig.from_pretrained(run_model(Path(base_model_dir))).vocab_size:
+        return base_model_dir
+    plain = copy.deepcopy(policy).merge_and_unload() if hasattr(policy, "peft_config") else policy
+    return save_model(plain, tok, Path(scratch) / "vllm-start")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,156 +580,3 @@ def load_checkpoint(folder: Path | None, policy, opt, sched) -> int:
     opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return int(folder.name.split("-")[1])
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
-
-
-def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
-              stop_after: int | None = None) -> Path:
-    """Train MGRPO from `base_model_dir` into `out_dir`, resuming from its last complete checkpoint.
-
-    `stop_after`: return after this many updates in this call (a time-boxed run; the next call
-    resumes). Returns the final model folder, or the checkpoints folder when stopped early.
-    """
-    import torch
-    from tqdm import tqdm
-
-    from tifaforge.models.load import save_model
-    from tifaforge.train import stage
-    from tifaforge.train.metrics import plot_curves
-
-    m = cfg.mgrpo
-    # --- config, reward, prompts (checked before any model loads), run directory
-    reward = LogicReward(cfg.reward)
-    records = read_prompts(m)
-    run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
-    if (run.out / "manifest.json").exists():  # finished: nothing to redo
-        return run.model
-    # --- model, data, optimizer
-    torch.manual_seed(cfg.seed)
-    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop)
-    prompts = render_prompts(records, reward, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    opt, sched = make_optimizer(policy, m)
-    start = load_checkpoint(resume_from, policy, opt, sched)
-    engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out) if start < m.steps else None
-    # --- the loop
-    try:
-        bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
-        for step in bar:
-            row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
-            bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
-            done = step + 1
-            stopping = stop_after is not None and done - start >= stop_after and done < m.steps
-            if done % m.save_every == 0 or done == m.steps or stopping:
-                save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
-                plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
-            if stopping:
-                return run.checkpoints
-    finally:  # vLLM's GPU memory back before the next stage of a pipeline runs in this process
-        if engine is not None:
-            engine.close()
-    # --- save: a plain transformers folder (LoRA merged), then the manifest, last
-    final = policy.merge_and_unload() if m.lora_r > 0 else policy
-    save_model(final.eval(), tok, run.model)
-    atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
-                                                  "base": str(Path(base_model_dir).resolve())})
-    return run.model
-
-
-def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None):
-    """None (each update samples through `Engine(policy)`), or a vLLM engine started once on the base
-    model's folder, sharing the GPU; `update` pushes the policy's weights into it before sampling. A
-    base whose vocabulary the loader grew (template tags added) is saved as loaded for vLLM to start from."""
-    if m.rollout_backend != "vllm":
-        return None
-    import torch
-
-    from tifaforge.engine.vllm_backend import VLLMEngine
-
-    if loop is not None and loop.end > loop.start:
-        raise TifaError("mgrpo.rollout_backend vllm: vLLM cannot run a looped policy; use the transformers backend")
-    if not torch.cuda.is_available():
-        raise TifaError("mgrpo.rollout_backend vllm needs a CUDA GPU (vLLM is CUDA-only); use transformers here")
-    dtype = str(next(policy.parameters()).dtype).removeprefix("torch.") if policy is not None else "auto"
-    start_dir = vllm_start_folder(base_model_dir, policy, tok, scratch) if policy is not None else base_model_dir
-    try:
-        return VLLMEngine(start_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
-    finally:
-        if start_dir != base_model_dir:  # vLLM holds the weights now
-            import shutil
-
-            shutil.rmtree(start_dir, ignore_errors=True)
-
-
-def vllm_start_folder(base_model_dir, policy, tok, scratch: Path | None):
-    """The folder vLLM starts from: the base's own, unless the loader grew the policy's vocabulary
-    (template tags added to a tagless base): then the policy as loaded (LoRA merged on a copy), saved
-    under `scratch`, since pushed weights must have the shapes vLLM was built with."""
-    from transformers import AutoConfig
-
-    from tifaforge.models.load import run_model, save_model
-
-    rows = policy.get_input_embeddings().weight.shape[0]
-    if scratch is None or rows == AutoConfig.from_pretrained(run_model(Path(base_model_dir))).vocab_size:
-        return base_model_dir
-    plain = copy.deepcopy(policy).merge_and_unload() if hasattr(policy, "peft_config") else policy
-    return save_model(plain, tok, Path(scratch) / "vllm-start")
-
-
-def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
-           run, rollouts=None) -> dict:
-    """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples.
-    `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine)."""
-    from tifaforge.engine.generate import Engine
-
-    t0 = time.perf_counter()
-    if rollouts is not None:
-        rollouts.load_policy(policy)
-        engine = rollouts
-    else:
-        engine = Engine(policy, tok)
-    batch_seed = (seed * 1_000_003 + step) * 100_003
-    firsts, zero1 = pass1(engine, reward, prompts_for_step(prompts, step, m.prompts_per_step, seed), m, batch_seed)
-    revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
-    t1 = time.perf_counter()
-    train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
-    for rows in (train1, train2):  # per pass, as pass_loss cuts its micro-batches
-        store_logps(policy, ref, rows, m, pad)
-    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad)
-    t2 = time.perf_counter()
-    row = {"step": step + 1, **step_metrics(firsts, zero1, revs, zero2, losses, t1 - t0, t2 - t1,
-                                            sched.get_last_lr()[0])}
-    for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
-        run.samples.write(sample_row)
-    row["time"] = time.time()  # wall clock at the end of the update (bench/mgrpo.py times step to step)
-    run.metrics.write(row)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: tifa train mgrpo CONFIG
-
-
-def add_arguments(p) -> None:
-    p.add_argument("config", help="a YAML config with `mgrpo:` and `reward:` sections (e.g. configs/tiny.yaml)")
-    p.add_argument("--out", help="the stage's run directory (default: runs/NAME/03-mgrpo)")
-    p.add_argument("--model", help="start from this model folder instead of the config's model.base (a preset is built)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mgrpo.steps=30")
-
-
-def run(args) -> int:
-    """`tifa train mgrpo CONFIG`: one process (vLLM and multi-process rollouts are not wired yet)."""
-    from tifaforge.train.stage import STAGE_DIRS, resolve_base
-
-    cfg = load_config(args.config, args.set, cls=Config)
-    out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[STAGE])
-    base = resolve_base(args.model or cfg.model.base, out, cfg)
-    start = time.perf_counter()
-    model_dir = run_stage(cfg, base, out, resume=args.resume)
-    print(f"{STAGE}: wrote {model_dir} in {time.perf_counter() - start:.0f} s "
-          f"(metrics {out / 'metrics.jsonl'}, samples {out / 'samples.jsonl'}, plots {out / 'plots'})")
-    return 0

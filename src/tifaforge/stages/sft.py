@@ -19,6 +19,14 @@ from tifaforge.train import data, stage
 STAGE = "sft"
 
 
+def add_arguments(p) -> None:
+    stage.stage_arguments(p)
+
+
+def run(args) -> int:
+    return stage.run_command(args, STAGE, run_stage)
+
+
 def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resume: bool = True,
               extra_callbacks: tuple = ()) -> Path:
     """Train `cfg.sft` from `base_model_dir` into `out_dir`; returns `out_dir/model`."""
@@ -51,14 +59,6 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     # --- train, then save model/ (atomically) and the plots ---------------------------------------
     stage.train(trainer, resume_from)
     return stage.save_final(trainer, tc, base_model_dir, run)
-
-
-def add_arguments(p) -> None:
-    stage.stage_arguments(p)
-
-
-def run(args) -> int:
-    return stage.run_command(args, STAGE, run_stage)
 
 
 if __name__ == "__main__":  # what launchers start on every rank: python -m tifaforge.stages.sft CONFIG ...

@@ -1,8 +1,8 @@
-"""The training library every stage uses: config sections, trustworthy checkpoints, metrics, guards.
+"""The training library every stage uses: device checks, trustworthy checkpoints, metrics, guards.
 
     tifa train cpt configs/tiny-cpt.yaml      # stages/cpt.py, built on these pieces
 
-- `config.py`: TrainConfig (what every stage shares), CPTConfig, SFTConfig, precision checks;
+- `device.py`: the device and precision checks (the config sections are in `tifaforge.config`);
 - `checkpoints.py`: completion marker written last, keep-last-N after the new one is complete,
   resume from the latest complete checkpoint (torn ones skipped with a message);
 - `metrics.py`: metrics.jsonl, samples.jsonl through the engine, PNG plots;

@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tifaforge.utils import atomic_write_json
+from tifaforge.utils import atomic_write_json, umask
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def mark_complete(folder: Path, step: int) -> None:
     """fsync every file, then write the marker: the checkpoint is complete from this rename on."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
-        path.chmod(0o666 & ~_umask())  # safetensors writes owner-only files; run outputs are shared
+        path.chmod(0o666 & ~umask())  # safetensors writes owner-only files; run outputs are shared
         _fsync(path)
         files[path.relative_to(folder).as_posix()] = path.stat().st_size
     atomic_write_json(folder / MARKER, {"step": step, "files": files})
@@ -102,12 +102,6 @@ def discard_after(root: Path, step: int) -> list[Path]:
         log.warning("removing %s (newer than the resume point, not complete)", p)
         shutil.rmtree(p, ignore_errors=True)
     return doomed
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -36,7 +36,7 @@ def inputs_of(cfg: Any, stage: str) -> list[str]:
 def config_of(cfg: Any, stage: str) -> dict:
     """The config keys that shape a stage's weights (logging-only keys left out)."""
     from tifaforge.config import to_dict
-    from tifaforge.train.config import cosmetic_keys
+    from tifaforge.config.training import cosmetic_keys
 
     d = to_dict(cfg)
     own = {k: v for k, v in d[stage].items() if k not in cosmetic_keys()}
@@ -83,10 +83,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def fingerprint(cfg: Any, stage: str, base_model_dir: str | Path) -> dict:
-    from tifaforge.eval.metrics import _resolve
+    from tifaforge.utils import resolve_path
 
     fp = {"config": config_of(cfg, stage),
-          "inputs": {p: path_fingerprint(_resolve(p)) for p in inputs_of(cfg, stage)},
+          "inputs": {p: path_fingerprint(resolve_path(p)) for p in inputs_of(cfg, stage)},
           "base": model_fingerprint(base_model_dir)}
     fp["digest"] = digest(fp)
     return fp

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tifaforge.config import TrainConfig
+from tifaforge.config.training import cosmetic_keys
 from tifaforge.errors import TifaError
 from tifaforge.train import checkpoints as ckpt
-from tifaforge.train.config import TrainConfig, check_precision, cosmetic_keys, resolve_device, run_config_class
+from tifaforge.train.device import check_precision, resolve_device
 from tifaforge.train.metrics import JsonlLog, metrics_callback, plot_curves, samples_callback
+from tifaforge.utils import umask
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +253,7 @@ def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir
         if tc.lora.enabled and tc.lora.merge:
             _merge_lora(base_model_dir, tmp)
         for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~ckpt._umask())  # run outputs are shared
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask())  # run outputs are shared
         if run.model.exists():
             shutil.rmtree(run.model)
         tmp.rename(run.model)
@@ -289,7 +292,7 @@ def stage_arguments(p: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
     from tifaforge.config import load_config
 
-    cfg = load_config(args.config, args.set, cls=run_config_class())
+    cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
     base = resolve_base(args.model or cfg.model.base, out, cfg)
     if args.launcher != "none":

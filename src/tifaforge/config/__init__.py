@@ -1,6 +1,6 @@
-"""Typed configuration: the dataclasses below are the ONE source of defaults and help text.
+"""Typed configuration: the dataclasses of this package are the ONE source of defaults and help text.
 
-    tifa doctor --config configs/tiny.yaml     # load, validate and print a resolved config
+    tifa config configs/tiny.yaml --keys     # load, validate and print a resolved config, or every key
 
 A YAML file overrides the defaults; `--set section.key=value` overrides the file. An unknown key,
 a value of the wrong type or out of range is a `ConfigError` naming the file, the line and the key.
@@ -23,12 +23,17 @@ import yaml
 
 from tifaforge.errors import ConfigError
 from tifaforge.fields import opt, section  # noqa: F401  (re-exported: sections elsewhere use them)
-from tifaforge.models.looping import LoopConfig
+from tifaforge.config.sections import EvalConfig, LoopConfig, MiningConfig, RewardConfig
+from tifaforge.config.training import CPTConfig, DPOConfig, LoraConfig, LossType, MGRPOConfig, SFTConfig, TrainConfig
 from tifaforge.utils import atomic_write_text
+
+__all__ = ["Config", "ModelConfig", "SamplingConfig", "EvalConfig", "LoopConfig", "MiningConfig", "RewardConfig",
+           "CPTConfig", "DPOConfig", "LoraConfig", "LossType", "MGRPOConfig", "SFTConfig", "TrainConfig",
+           "load_config", "apply_override", "to_dict", "dump_config", "save_resolved", "describe", "opt", "section"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections defined here; those that live beside the code using them are imported at the end.
+# Sections defined here; the others are in sections.py and training.py beside this file.
 
 
 @dataclass
@@ -299,14 +304,7 @@ def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole config. Sections that live beside their code import `opt` from this module, so they
-# are imported only now that it is fully defined.
-
-from tifaforge.data.preferences import MiningConfig  # noqa: E402
-from tifaforge.eval.metrics import EvalConfig  # noqa: E402
-from tifaforge.rewards.literary import RewardConfig  # noqa: E402
-from tifaforge.rl.config import MGRPOConfig  # noqa: E402
-from tifaforge.train.config import CPTConfig, DPOConfig, SFTConfig  # noqa: E402
+# The whole config
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     tifa chat models/tiny --card data/demo/cards/shen_qingya.json --user 小林
 
-The terminal chat (`chat/terminal.py`) is a thin front over this class, so the history rules are
+The terminal chat (`serve/terminal.py`) is a thin front over this class, so the history rules are
 in one place: the model sees earlier assistant turns WITHOUT their think blocks (the seed card's
 warning), the card stays first, and the oldest turns go when the prompt would not fit.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from tifaforge.chat.session import ChatSession
+from tifaforge.serve.session import ChatSession
 from tifaforge.chat.template import ThinkStreamSplitter
 from tifaforge.errors import TifaError
 
@@ -47,7 +47,7 @@ def _chat(args, cfg, console, engine) -> int:
     show = {"think": not args.hide_think}
     reviser = _reviser(args, cfg) if args.revise else None
     if args.once is not None:
-        _stream(console, _announced(console, session, session.say(args.once, reviser)), show["think"])
+        stream(console, _announced(console, session, session.say(args.once, reviser)), show["think"])
         _notices(console, session)
         return 0
     name = args.user or "你"
@@ -65,7 +65,7 @@ def _chat(args, cfg, console, engine) -> int:
                 if _command(console, session, line.strip(), show, reviser):
                     return 0
             elif line.strip():
-                _stream(console, _announced(console, session, session.say(line, reviser)), show["think"])
+                stream(console, _announced(console, session, session.say(line, reviser)), show["think"])
         except TifaError as e:
             console.print(f"[red]error:[/] {e}")
         _notices(console, session)
@@ -112,7 +112,7 @@ def _command(console, session: ChatSession, line: str, show: dict, reviser=None)
         session.reset()
         console.print("history cleared")
     elif cmd == "/regen":
-        _stream(console, _announced(console, session, session.regenerate(reviser)), show["think"])
+        stream(console, _announced(console, session, session.regenerate(reviser)), show["think"])
     elif cmd in ("/save", "/load") and arg:
         getattr(session, cmd[1:])(arg)
         console.print(f"{cmd[1:]}d {arg}" if cmd == "/save" else f"loaded {arg} ({len(session.history)} messages)")
@@ -121,7 +121,7 @@ def _command(console, session: ChatSession, line: str, show: dict, reviser=None)
     return False
 
 
-def _stream(console, deltas, show_think: bool) -> None:
+def stream(console, deltas, show_think: bool) -> None:
     """Print deltas as they come: reasoning dimmed (or hidden), then the answer."""
     splitter = ThinkStreamSplitter()
     kind_before = None

@@ -3,10 +3,10 @@ import random
 
 import pytest
 
-from tifaforge.config import SamplingConfig
-from tifaforge.data.preferences import MiningConfig, classify, inject_repetition, mine_pairs, pick_pair, pick_pairs
+from tifaforge.config import MiningConfig, RewardConfig, SamplingConfig
+from tifaforge.stages.mining import classify, inject_repetition, mine_pairs, pick_pair, pick_pairs
 from tifaforge.rewards import rules
-from tifaforge.rewards.literary import LogicReward, RewardConfig
+from tifaforge.rewards.literary import LogicReward
 
 GOOD = "<think>\n他想起了往事。\n</think>\n\n沈青崖放下酒杯，望向窗外的雨。“这雨下得正好。”他低声说，“能洗掉路上的血腥气。”"
 LOOP = "<think>\n想。\n</think>\n\n走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧"
@@ -111,7 +111,7 @@ def test_mining_a_looping_model_gives_natural_pairs(looping_model, tmp_path):
 
 def test_mining_reports_every_prompt(trained_tiny_dir, tmp_path, engine):
     cfg = MiningConfig(k=2, max_new_tokens=8, split="eval")
-    from tifaforge.eval.metrics import ROOT
+    from tifaforge.utils import REPO_ROOT as ROOT
 
     summary = mine_pairs(engine, ROOT / "data/demo/prompts.jsonl", tmp_path / "p.jsonl", cfg, SamplingConfig(), progress=False)
     assert summary["prompts"] == 25
