@@ -368,7 +368,7 @@ def test_judge_timeout_counts_missing_and_the_run_goes_on(trained_tiny_dir, shor
             "reward:\n  weights: {think_format: 1.0, answer_length: 1.0, judge: 1.0}\n  vetoes: []\n"
             f"  judge_url: http://127.0.0.1:{server.server_port}/v1\n  judge_timeout: 0.2\n", encoding="utf-8")
         out = tmp_path / "out"
-        assert run(Namespace(config=str(config), model=str(trained_tiny_dir), out=str(out), set=[], resume=False)) == 0
+        assert run(Namespace(config=str(config), model=str(trained_tiny_dir), out=str(out), set=[], resume=False, launcher="none")) == 0
     finally:
         server.shutdown()
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

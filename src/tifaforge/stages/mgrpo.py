@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tifaforge.config import Config, MGRPOConfig, SamplingConfig, load_config
+from tifaforge.config import Config, MGRPOConfig, SamplingConfig
 from tifaforge.errors import TifaError
 from tifaforge.rewards import LogicReward, RewardResult
 from tifaforge.utils import atomic_write_bytes, atomic_write_json
@@ -50,25 +50,16 @@ PLOT_KEYS = ("reward/pass1", "reward/pass2", "pass2_gain", "kl", "clip_ratio/reg
 
 
 def add_arguments(p) -> None:
-    p.add_argument("config", help="a YAML config with `mgrpo:` and `reward:` sections (e.g. configs/tiny.yaml)")
-    p.add_argument("--out", help="the stage's run directory (default: runs/NAME/03-mgrpo)")
-    p.add_argument("--model", help="start from this model folder instead of the config's model.base (a preset is built)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mgrpo.steps=30")
+    from tifaforge.train import stage
+
+    stage.stage_arguments(p)
 
 
 def run(args) -> int:
-    """`tifa train mgrpo CONFIG`: one process (vLLM and multi-process rollouts are not wired yet)."""
-    from tifaforge.train.stage import STAGE_DIRS, resolve_base
+    """`tifa train mgrpo CONFIG`: one process, or N data-parallel ones with --launcher torchrun|accelerate."""
+    from tifaforge.train import stage
 
-    cfg = load_config(args.config, args.set, cls=Config)
-    out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[STAGE])
-    base = resolve_base(args.model or cfg.model.base, out, cfg)
-    start = time.perf_counter()
-    model_dir = run_stage(cfg, base, out, resume=args.resume)
-    print(f"{STAGE}: wrote {model_dir} in {time.perf_counter() - start:.0f} s "
-          f"(metrics {out / 'metrics.jsonl'}, samples {out / 'samples.jsonl'}, plots {out / 'plots'})")
-    return 0
+    return stage.run_command(args, STAGE, run_stage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,14 +77,18 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     from tqdm import tqdm
 
     from tifaforge.models.load import save_model
+    from tifaforge.train import distributed as dist
     from tifaforge.train import stage
     from tifaforge.train.metrics import plot_curves
 
     m = cfg.mgrpo
-    # --- config, reward, prompts (checked before any model loads), run directory
+    # --- config, reward, prompts (checked before any model loads), processes, run directory
     reward = LogicReward(cfg.reward)
     records = read_prompts(m)
+    check_world(m, dist.world_size())
+    dist.start("cuda" if torch.cuda.is_available() else "cpu")
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
+    dist.barrier()  # rank 0 has set the run directory up (resume point, truncated logs)
     if (run.out / "manifest.json").exists():  # finished: nothing to redo
         return run.model
     # --- model, data, optimizer
@@ -106,26 +101,42 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out) if start < m.steps else None
     # --- the loop
     try:
-        bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update")
+        bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update",
+                   disable=not stage.is_main())
         for step in bar:
             row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
             bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
             done = step + 1
             stopping = stop_after is not None and done - start >= stop_after and done < m.steps
             if done % m.save_every == 0 or done == m.steps or stopping:
-                save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
-                plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
+                if stage.is_main():  # every rank holds the same weights and optimizer state
+                    save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
+                    plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
+                dist.barrier()  # no rank goes on (or returns) before the checkpoint is complete
             if stopping:
                 return run.checkpoints
     finally:  # vLLM's GPU memory back before the next stage of a pipeline runs in this process
         if engine is not None:
             engine.close()
     # --- save: a plain transformers folder (LoRA merged), then the manifest, last
-    final = policy.merge_and_unload() if m.lora_r > 0 else policy
-    save_model(final.eval(), tok, run.model)
-    atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
-                                                  "base": str(Path(base_model_dir).resolve())})
+    if stage.is_main():
+        final = policy.merge_and_unload() if m.lora_r > 0 else policy
+        save_model(final.eval(), tok, run.model)
+        atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
+                                                      "base": str(Path(base_model_dir).resolve())})
+    dist.barrier()
     return run.model
+
+
+def check_world(m: MGRPOConfig, world: int) -> None:
+    """Data parallelism splits each update's prompts evenly: a prompt's group and its revisions stay on
+    one rank, so advantages are exactly the one-process ones. Checked before any work."""
+    if world > 1 and m.prompts_per_step % world:
+        raise TifaError(f"mgrpo.prompts_per_step {m.prompts_per_step} does not split over {world} processes: "
+                        f"use a multiple of {world}")
+    if world > 1 and m.rollout_backend == "vllm":
+        raise TifaError("mgrpo.rollout_backend vllm runs in one process; use transformers rollouts with "
+                        f"{world} processes")
 
 
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
@@ -134,6 +145,8 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine)."""
     from tifaforge.engine.generate import Engine
 
+    from tifaforge.train import distributed as dist
+
     t0 = time.perf_counter()
     if rollouts is not None:
         rollouts.load_policy(policy)
@@ -141,7 +154,10 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     else:
         engine = Engine(policy, tok)
     batch_seed = (seed * 1_000_003 + step) * 100_003
-    firsts, zero1 = pass1(engine, reward, prompts_for_step(prompts, step, m.prompts_per_step, seed), m, batch_seed)
+    # This rank's share of the update's prompts, in global order; seeds follow the global row index.
+    share = m.prompts_per_step // dist.world_size()
+    mine = prompts_for_step(prompts, step, m.prompts_per_step, seed)[dist.rank() * share:(dist.rank() + 1) * share]
+    firsts, zero1 = pass1(engine, reward, mine, m, batch_seed + dist.rank() * share * m.group_size)
     revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
     t1 = time.perf_counter()
     train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
@@ -149,12 +165,18 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
         store_logps(policy, ref, rows, m, pad)
     losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad)
     t2 = time.perf_counter()
+    for r in firsts + revs:  # what the log needs crosses the ranks, not the log-prob tensors
+        r.old_logps = r.ref_logps = None
+    parts = dist.gather((firsts, zero1, revs, zero2))  # in rank order = the one-process order
+    firsts, zero1, revs, zero2 = ([x for part in parts for x in part[i]] for i in range(4))
     row = {"step": step + 1, **step_metrics(firsts, zero1, revs, zero2, losses, t1 - t0, t2 - t1,
-                                            sched.get_last_lr()[0])}
-    for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
-        run.samples.write(sample_row)
+                                            sched.get_last_lr()[0]),
+           "world_size": dist.world_size(), "global_batch": m.prompts_per_step}
     row["time"] = time.time()  # wall clock at the end of the update (bench/mgrpo.py times step to step)
-    run.metrics.write(row)
+    if dist.rank() == 0:
+        for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
+            run.samples.write(sample_row)
+        run.metrics.write(row)
     return row
 
 
@@ -343,8 +365,13 @@ def pass2(engine, reward: LogicReward, firsts: list[Rollout], m: MGRPOConfig, se
     from tifaforge.rl.losses import revision_advantages
     from tifaforge.rl.revise import revision_messages
 
+    from tifaforge.train import distributed as dist
+
     chosen = [r for r in firsts if m.pass2 == "all" or r.reward.total < m.revise_below]
-    if m.pass2 == "off" or not chosen:
+    if m.pass2 == "off":
+        return [], []
+    before = sum(dist.gather(len(chosen))[:dist.rank()])  # revised answers on the ranks before this one
+    if not chosen:
         return [], []
     rows, notes = [], []
     for f in chosen:
@@ -353,7 +380,7 @@ def pass2(engine, reward: LogicReward, firsts: list[Rollout], m: MGRPOConfig, se
         ids = engine.tokenizer(engine.render(msgs), add_special_tokens=False).input_ids
         rows += [(f, ids)] * m.revisions
         notes.append(msgs[-1]["content"])
-    outs = sample(engine, [ids for _, ids in rows], m, seed)
+    outs = sample(engine, [ids for _, ids in rows], m, seed + before * m.revisions)
     scores = reward.score_batch([f.prompt.ctx for f, _ in rows], [r.text for r, _ in outs])
     rolls = [Rollout(f.prompt, pids, ids, r.text, s, pass_=2, revises=f, revision_note=notes[i // m.revisions])
              for i, ((f, pids), (r, ids), s) in enumerate(zip(rows, outs, scores))]
@@ -434,15 +461,26 @@ def store_logps(policy, ref, rows: list[Rollout], m: MGRPOConfig, pad: int) -> N
                 r.ref_logps = None if refl is None else refl[i, :n]
 
 
-def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: int, acc: dict) -> None:
-    """Backward one pass's loss (× weight) micro-batch by micro-batch, normalised over the whole pass."""
+def pass_totals(rows: list[Rollout], m: MGRPOConfig) -> tuple[int, int, int]:
+    """(sequences, tokens, micro-batches) of one pass over every rank: the loss's normalisers."""
+    from tifaforge.train import distributed as dist
+
+    local = [len(rows), sum(len(r.completion_ids) for r in rows), len(chunks(rows, m.micro_batch))]
+    return tuple(int(x) for x in dist.sum_all(local))
+
+
+def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: int, acc: dict,
+              totals: tuple[int, int, int]) -> None:
+    """Backward this rank's part of one pass's loss (× weight) micro-batch by micro-batch, normalised
+    over the whole pass on every rank (`totals`), so the ranks' gradients add up to the one-process one:
+    exactly for grpo, dr_grpo and dapo; for bnpo when each rank's rows fill whole micro-batches."""
     import torch
 
     from tifaforge.rl.losses import LossSettings, aggregate, per_token_loss
 
     s = LossSettings(m.loss_type, m.epsilon_low, m.epsilon_high, m.beta, m.kl_ratio_correction, m.max_new_tokens)
     parts = chunks(rows, m.micro_batch)
-    n_tokens = sum(len(r.completion_ids) for r in rows)
+    n_seqs, n_tokens, n_micro = totals
     for chunk in parts:
         logps, ent, cmask, C = score(policy, chunk, pad, m, entropy=True)
         dev = logps.device
@@ -450,7 +488,7 @@ def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: i
         ref = pad_stack([r.ref_logps for r in chunk], C).to(dev) if m.beta > 0 else None
         adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype, device=dev)
         ptl, stats = per_token_loss(logps, old, adv, cmask, s, ref)
-        loss = aggregate(ptl, cmask, s, n_seqs=len(rows), n_tokens=n_tokens, n_micro=len(parts)) * weight
+        loss = aggregate(ptl, cmask, s, n_seqs=n_seqs, n_tokens=n_tokens, n_micro=n_micro) * weight
         loss.backward()
         acc["loss"] += float(loss.detach())
         acc["stats"].add(stats)
@@ -461,15 +499,20 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
     """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ)."""
     from tifaforge.models.looping import clip_and_check, get_loop
     from tifaforge.rl.losses import LossStats
+    from tifaforge.train import distributed as dist
 
     out: dict[str, float] = defaultdict(float)
     policy.train()
+    totals = [pass_totals(rows, m) for rows, _ in batches]
     for _ in range(m.iterations):
         acc = {"loss": 0.0, "entropy": 0.0, "stats": LossStats()}
         opt.zero_grad(set_to_none=True)
-        for rows, weight in batches:
+        for (rows, weight), total in zip(batches, totals):
             if rows:
-                pass_loss(policy, rows, weight, m, pad, acc)
+                pass_loss(policy, rows, weight, m, pad, acc, total)
+        if any(t[0] for t in totals):  # the ranks' parts of the gradient, summed (nothing to train: none)
+            dist.sum_gradients(policy.parameters())
+        reduce_accumulators(acc)
         # clip_and_check also reports the looped block's norm apart (0 when the model does not loop)
         norm, loop_norm, ok = clip_and_check(policy, m.max_grad_norm)
         if ok:
@@ -485,6 +528,18 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
             out[k] += v / m.iterations
     opt.zero_grad(set_to_none=True)
     return dict(out)
+
+
+def reduce_accumulators(acc: dict) -> None:
+    """The loss, entropy and clip/KL sums of every rank, added (each rank holds a part of the batch)."""
+    from tifaforge.train import distributed as dist
+
+    stats = acc["stats"]
+    names = list(vars(stats))
+    summed = dist.sum_all([acc["loss"], acc["entropy"], *(getattr(stats, k) for k in names)])
+    acc["loss"], acc["entropy"] = summed[0], summed[1]
+    for k, v in zip(names, summed[2:]):
+        setattr(stats, k, v)
 
 
 def make_optimizer(policy, m: MGRPOConfig):
@@ -580,3 +635,9 @@ def load_checkpoint(folder: Path | None, policy, opt, sched) -> int:
     opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return int(folder.name.split("-")[1])
+
+
+if __name__ == "__main__":  # what launchers start on every rank: python -m tifaforge.stages.mgrpo CONFIG ...
+    from tifaforge.train import stage as _stage
+
+    raise SystemExit(_stage.module_main(STAGE, run_stage))

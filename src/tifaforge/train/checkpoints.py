@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+from tifaforge.train import distributed
 from tifaforge.utils import atomic_write_json, umask
 
 log = logging.getLogger(__name__)
@@ -118,19 +119,12 @@ def checkpoint_callback(root: Path, keep_last: int):
 
     class CheckpointCallback(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            _barrier()  # every rank's files (per-rank RNG state) are written before the marker
+            distributed.barrier()  # every rank's files (per-rank RNG state) are written before the marker
             if state.is_world_process_zero:
                 folder = root / f"checkpoint-{state.global_step}"
                 mark_complete(folder, state.global_step)
                 for p in rotate(root, keep_last):
                     log.info("deleted old checkpoint %s", p.name)
-            _barrier()
+            distributed.barrier()
 
     return CheckpointCallback()
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

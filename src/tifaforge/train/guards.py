@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tifaforge.train import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -25,17 +27,6 @@ def nonfinite_grads(params) -> int:
     import torch
 
     return sum(1 for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all()))
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def nonfinite_guard(max_consecutive: int, stage: str, report=None):
@@ -52,7 +43,7 @@ def nonfinite_guard(max_consecutive: int, stage: str, report=None):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             params = [p for p in model.parameters() if p.requires_grad]
             bad = nonfinite_grads(params)
-            self._skip = _any_rank(bad > 0)
+            self._skip = distributed.any_rank(bad > 0)
             if self._skip:
                 for p in params:
                     p.grad = None  # AdamW skips parameters without a gradient: no update at all

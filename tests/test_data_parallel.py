@@ -1,0 +1,82 @@
+"""Data parallelism on real processes (torchrun, gloo on CPU): N processes train as one does.
+
+    .venv/bin/python -m pytest -q tests/test_data_parallel.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_mgrpo import BY_LENGTH, short_prompts  # noqa: F401  (fixture)
+from tifaforge.config import load_config
+from tifaforge.errors import TifaError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Both passes on, a reference (beta > 0), two optimizer steps per rollout batch (mu > 1), DAPO's
+# global token normaliser, and micro-batches that do not line up with a rank's rows.
+MGRPO = ["mgrpo.steps=2", "mgrpo.prompts_per_step=4", "mgrpo.group_size=2", "mgrpo.revisions=2",
+         "mgrpo.pass2=all", "mgrpo.beta=0.04", "mgrpo.iterations=2", "mgrpo.loss_type=dapo",
+         "mgrpo.micro_batch=3", "mgrpo.max_new_tokens=8", "mgrpo.learning_rate=0.0003", "mgrpo.save_every=1",
+         *BY_LENGTH, "reward.vetoes=[]"]
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_path):
+    import torch
+
+    from tifaforge.stages.mgrpo import run_stage
+
+    config = tmp_path / "dp.yaml"
+    config.write_text("name: dp\nseed: 5\n", encoding="utf-8")
+    sets = [*MGRPO, f"mgrpo.prompts={short_prompts}"]
+    one = run_stage(load_config(config, sets), trained_tiny_dir, tmp_path / "one")
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "tifaforge.cli", "train", "mgrpo", str(config), "--out", str(two), "--model",
+           str(trained_tiny_dir), "--launcher", "torchrun", "--num-processes", "2", *[a for s in sets for a in ("--set", s)]]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    a, b = _rows(tmp_path / "one"), _rows(two)
+    assert [r["step"] for r in b] == [1, 2] and {r["world_size"] for r in b} == {2} and b[0]["global_batch"] == 4
+    for x, y in zip(a, b):  # the same rollouts, rewards and advantages; the same loss up to float sums
+        for key in ("reward/pass1", "reward/pass2", "pass2_gain", "sequences", "revised", "frac_zero_std", "len/pass1"):
+            assert x[key] == y[key], key
+        for key in ("loss", "kl", "grad_norm", "entropy", "clip_ratio/region"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+    assert a[0]["frac_zero_std"] < 1, "every group tied: the test would not train"
+    wa, wb, w0 = _weights(one), _weights(two / "model"), _weights(trained_tiny_dir)
+    assert wa.keys() == wb.keys()
+    moved = max(float((wa[k] - w0[k]).abs().max()) for k in wa)
+    assert moved > 1e-4  # it trained
+    for k in wa:  # the same updates, up to the order of float sums (measured: 0.3% of the largest step)
+        assert float(((wa[k] - w0[k]) - (wb[k] - w0[k])).abs().max()) <= 0.01 * moved, k
+    samples = (two / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert samples == (tmp_path / "one" / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+
+
+def test_prompts_that_do_not_split_over_the_ranks_are_refused_before_work():
+    from tifaforge.config import Config
+    from tifaforge.stages.mgrpo import check_world
+
+    m = load_config(None, ["mgrpo.prompts_per_step=4"], cls=Config).mgrpo
+    check_world(m, 2)
+    with pytest.raises(TifaError, match=r"mgrpo.prompts_per_step 4 does not split over 3 processes"):
+        check_world(m, 3)
