@@ -606,3 +606,38 @@ def test_lora_resume_mid_stage_equals_an_uninterrupted_run(trained_tiny_dir, sho
     part_rows = [json.loads(ln) for ln in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in part_rows] == [1, 2]
     assert [r["kl"] for r in part_rows] == [r["kl"] for r in whole_rows]  # the resumed reference is the base
+
+
+def test_bf16_compute_keeps_fp32_master_weights_so_a_small_lr_moves_them(trained_tiny_dir, short_prompts,
+                                                                           tmp_path, monkeypatch):
+    """A bf16 checkpoint trained at lr 1e-6 with bf16 compute: the policy's weights and AdamW's states
+    are float32, so the update lands (in bf16 weights it rounds away: 1e-6 is far below bf16's spacing
+    at these magnitudes)."""
+    from tifaforge.models.load import load_model, save_model
+    from tifaforge.stages.mgrpo import run_stage
+    from tifaforge.train import device
+
+    monkeypatch.setattr(device, "cpu_bf16_supported", lambda: True)  # autocast runs on any CPU, slowly
+    model, tok = load_model(trained_tiny_dir, dtype="bfloat16", device="cpu")
+    base = save_model(model, tok, tmp_path / "bf16")
+    cfg = stage_cfg("mgrpo.steps=1", "mgrpo.learning_rate=0.000001", "mgrpo.dtype=bfloat16", "mgrpo.group_size=2",
+                    "mgrpo.max_new_tokens=8", "mgrpo.pass2=off", *BY_LENGTH, prompts=short_prompts)
+    a, b = _weights(base), _weights(run_stage(cfg, base, tmp_path / "out"))
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert a[w].dtype == torch.bfloat16 and b[w].dtype == torch.float32
+    moved = (b[w] != a[w].float()).float().mean().item()
+    assert moved > 0.5, f"only {moved:.0%} of the weights moved"
+    assert (b[w] - a[w].float()).abs().max().item() < 1e-5  # by about the learning rate, as AdamW's first step
+
+
+def test_gradient_checkpointing_gives_the_same_update(trained_tiny_dir, short_prompts, tmp_path):
+    from tifaforge.stages.mgrpo import run_stage
+
+    sets = ("mgrpo.steps=1", "mgrpo.group_size=2", "mgrpo.max_new_tokens=8", "mgrpo.beta=0.04", *BY_LENGTH)
+    plain = run_stage(stage_cfg(*sets, prompts=short_prompts), trained_tiny_dir, tmp_path / "plain")
+    ckpt = run_stage(stage_cfg(*sets, "mgrpo.gradient_checkpointing=true", prompts=short_prompts), trained_tiny_dir,
+                     tmp_path / "ckpt")
+    rows = [json.loads((d.parent / "metrics.jsonl").read_text().splitlines()[0]) for d in (plain, ckpt)]
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4, abs=1e-6)
+    a, b = _weights(plain), _weights(ckpt)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

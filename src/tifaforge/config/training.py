@@ -155,6 +155,10 @@ class MGRPOConfig:
         "transformers", "Who samples the rollouts: our transformers engine, or vLLM on the same GPU (the vllm "
         "extra; the policy's weights are pushed into it after every update).")
     vllm_memory: float = opt(0.3, "With rollout_backend vllm: the share of GPU memory vLLM may take.", min=0.05, max=0.95)
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Compute precision: auto = bf16 on CUDA, float32 on CPU. The policy's weights and AdamW's states "
+        "stay float32 either way (a bf16 weight would round a 1e-6 update away).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less memory, slower.")
 
 
 def cosmetic_keys() -> set[str]:

@@ -33,6 +33,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tifaforge.config import Config, MGRPOConfig, SamplingConfig
@@ -79,6 +80,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     from tifaforge.models.load import save_model
     from tifaforge.train import distributed as dist
     from tifaforge.train import stage
+    from tifaforge.train.device import check_precision
     from tifaforge.train.metrics import plot_curves
 
     m = cfg.mgrpo
@@ -86,6 +88,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     reward = LogicReward(cfg.reward)
     records = read_prompts(m)
     check_world(m, dist.world_size())
+    precision = check_precision(SimpleNamespace(device="auto", dtype=m.dtype), STAGE)
     dist.start("cuda" if torch.cuda.is_available() else "cpu")
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
     dist.barrier()  # rank 0 has set the run directory up (resume point, truncated logs)
@@ -93,18 +96,20 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
         return run.model
     # --- model, data, optimizer
     torch.manual_seed(cfg.seed)
-    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop)
+    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop, precision)
     prompts = render_prompts(records, reward, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)
     start = load_checkpoint(resume_from, policy, opt, sched)
-    engine = rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out) if start < m.steps else None
+    engine = (rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out, precision)
+              if start < m.steps else None)
     # --- the loop
     try:
         bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update",
                    disable=not stage.is_main())
         for step in bar:
-            row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
+            with autocast(precision, policy):
+                row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
             bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
             done = step + 1
             stopping = stop_after is not None and done - start >= stop_after and done < m.steps
@@ -180,7 +185,8 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     return row
 
 
-def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None):
+def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None,
+                   precision: str = "fp32"):
     """None (each update samples through `Engine(policy)`), or a vLLM engine started once on the base
     model's folder, sharing the GPU; `update` pushes the policy's weights into it before sampling. A
     base whose vocabulary the loader grew (template tags added) is saved as loaded for vLLM to start from."""
@@ -194,7 +200,7 @@ def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None,
         raise TifaError("mgrpo.rollout_backend vllm: vLLM cannot run a looped policy; use the transformers backend")
     if not torch.cuda.is_available():
         raise TifaError("mgrpo.rollout_backend vllm needs a CUDA GPU (vLLM is CUDA-only); use transformers here")
-    dtype = str(next(policy.parameters()).dtype).removeprefix("torch.") if policy is not None else "auto"
+    dtype = "bfloat16" if precision == "bf16" else "float32" if policy is not None else "auto"
     start_dir = vllm_start_folder(base_model_dir, policy, tok, scratch) if policy is not None else base_model_dir
     try:
         return VLLMEngine(start_dir, gpu_memory_utilization=m.vllm_memory, seed=seed, dtype=dtype)
@@ -276,17 +282,23 @@ def prompts_for_step(prompts: list[Prompt], step: int, per_step: int, seed: int)
 # Model: policy (+ LoRA), frozen reference when beta > 0
 
 
-def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None):
+def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str = "fp32"):
     """(policy, tokenizer, reference or None). With LoRA the reference is the base, adapters off.
     `loop` (the config's `model.loop`) loops the block; use a fixed k here: rollouts and old
-    log-probs run without autograd, where a sampled k is not drawn."""
+    log-probs run without autograd, where a sampled k is not drawn.
+
+    The policy is float32 whatever the checkpoint's dtype: master weights and AdamW's states in fp32,
+    compute in bf16 under autocast when `precision` is bf16 (mixed precision, as TRL's stages run);
+    the frozen reference is kept in the compute dtype."""
     import torch
 
     from tifaforge.models.load import load_model
     from tifaforge.train.stage import apply_configured_loop
 
-    policy, tok = load_model(base_dir, device="cpu" if not torch.cuda.is_available() else "cuda")
+    policy, tok = load_model(base_dir, dtype="float32", device="cpu" if not torch.cuda.is_available() else "cuda")
     apply_configured_loop(policy, loop)
+    if m.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if m.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -295,7 +307,17 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None):
                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
     elif m.beta > 0:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        if precision == "bf16":
+            ref = ref.to(torch.bfloat16)
     return policy, tok, ref
+
+
+def autocast(precision: str, policy):
+    """bf16 compute over fp32 weights for rollouts, scoring and the loss; a no-op in fp32."""
+    import torch
+
+    device = next(policy.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def reference_logps(policy, ref, chunk, pad: int, m: MGRPOConfig):
