@@ -103,3 +103,6 @@ def test_two_process_ddp_equals_one_process(tmp_path, packed, tiny_model_dir):
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
     assert (tmp_path / "two" / "model" / "model.safetensors").exists()
+    for out, world in (("one", 1), ("two", 2)):
+        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        assert {(r["world_size"], r["global_batch"]) for r in rows} == {(world, 4)}

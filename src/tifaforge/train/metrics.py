@@ -62,13 +62,17 @@ def _finite(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def metrics_callback(metrics: JsonlLog):
-    """Every Trainer log (loss, grad_norm, learning_rate, ...) becomes a metrics.jsonl row."""
+    """Every Trainer log (loss, grad_norm, learning_rate, ...) becomes a metrics.jsonl row, with the
+    processes and the sequences per optimizer step over all of them (what a row's loss averages)."""
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                metrics.write({"step": state.global_step, "time": round(time.time(), 3), **logs})
+                world = args.world_size
+                batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+                metrics.write({"step": state.global_step, "time": round(time.time(), 3), "world_size": world,
+                               "global_batch": batch, **logs})
 
     return MetricsCallback()
 
