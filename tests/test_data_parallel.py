@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,8 +41,6 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_path):
-    import torch
-
     from tifaforge.stages.mgrpo import run_stage
 
     config = tmp_path / "dp.yaml"
@@ -74,9 +74,73 @@ def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_
 
 def test_prompts_that_do_not_split_over_the_ranks_are_refused_before_work():
     from tifaforge.config import Config
-    from tifaforge.stages.mgrpo import check_world
+    from tifaforge.train.stage import check_launch
 
-    m = load_config(None, ["mgrpo.prompts_per_step=4"], cls=Config).mgrpo
-    check_world(m, 2)
+    cfg = load_config(None, ["mgrpo.prompts_per_step=4"], cls=Config)
+    assert check_launch(cfg, ["cpt", "mgrpo"], "torchrun", 2, "") == 2
     with pytest.raises(TifaError, match=r"mgrpo.prompts_per_step 4 does not split over 3 processes"):
-        check_world(m, 3)
+        check_launch(cfg, ["mgrpo"], "torchrun", 3, "")
+
+
+def test_a_sharded_accelerate_config_for_mgrpo_is_refused_before_work():
+    from tifaforge.config import Config
+    from tifaforge.train.stage import check_launch
+
+    cfg = load_config(None, ["mgrpo.prompts_per_step=8"], cls=Config)
+    fsdp = str(ROOT / "configs/accelerate/fsdp-1x8.yaml")
+    assert check_launch(cfg, ["cpt", "sft"], "accelerate", 0, fsdp) == 8  # its num_processes (no GPU here)
+    with pytest.raises(TifaError, match=r"launch.accelerate_config .*fsdp-1x8.yaml: FSDP shards the model, but MGRPO"):
+        check_launch(cfg, ["cpt", "mgrpo"], "accelerate", 0, fsdp)
+    with pytest.raises(TifaError, match=r"--accelerate-config .*only read with --launcher accelerate"):
+        check_launch(cfg, ["cpt"], "torchrun", 2, fsdp, "--")
+
+
+@pytest.mark.slow
+def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted_result(tmp_path):
+    """`tifa pipeline --launcher torchrun --num-processes 2`, all four stages; one MGRPO rank is
+    SIGKILLed after a checkpoint: the launcher stops the other, the command fails with a line saying
+    to rerun, and the rerun resumes MGRPO and ends on the weights of an uninterrupted 2-process run."""
+    import psutil
+    import torch
+    import yaml
+
+    from test_pipeline import small, weights, write_data
+
+    from tifaforge.train import checkpoints as ckpt
+
+    data = write_data(tmp_path / "data")
+    sets = small(data, "mgrpo.prompts_per_step=2", "mgrpo.steps=3", "mgrpo.save_every=1", "mgrpo.max_new_tokens=4")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"name": "pipe"}))
+    cmd = [sys.executable, "-m", "tifaforge.cli", "pipeline", str(config), "--no-eval", "--launcher", "torchrun",
+           "--num-processes", "2", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([*cmd, "--runs", str(tmp_path / "straight")], capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+    runs = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--runs", str(runs)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    ckdir = runs / "pipe" / "03-mgrpo" / "checkpoints"
+    deadline, killed = time.monotonic() + 600, None
+    while time.monotonic() < deadline and proc.poll() is None and killed is None:
+        if (ckdir / "checkpoint-1" / ckpt.MARKER).exists():
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "tifaforge.stages.mgrpo" in " ".join(p.cmdline()) and "torch.distributed.run" not in p.cmdline()]
+            if ranks:
+                killed = ranks[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    err = proc.communicate(timeout=300)[1]
+    assert killed is not None, "MGRPO finished before a rank could be killed: " + err[-2000:]
+    assert proc.returncode == 2 and "stage mgrpo" in err and "rerun the same command to resume" in err, err[-3000:]
+    assert not (runs / "pipe" / "03-mgrpo" / "manifest.json").exists()
+
+    again = subprocess.run([*cmd, "--runs", str(runs)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "sft: finished earlier" in again.stdout and "mgrpo: resuming" in again.stdout
+    for stage in ("03-mgrpo", "04-dpo"):
+        a, b = weights(tmp_path / "straight" / "pipe" / stage / "model"), weights(runs / "pipe" / stage / "model")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    rows = [json.loads(x) for x in (runs / "pipe" / "03-mgrpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and {r["world_size"] for r in rows} == {2}

@@ -3,6 +3,7 @@
     tifa pipeline configs/tiny.yaml                        # runs/tiny/: base/ 01-cpt/ 02-sft/ 03-mgrpo/ 04-dpo/ report.md
     tifa pipeline configs/tiny.yaml --stages sft,dpo       # a subset (numbered by stage kind all the same)
     tifa pipeline configs/tiny.yaml --restart-from mgrpo   # retrain mgrpo and every later stage
+    tifa pipeline configs/tiny.yaml --launcher torchrun --num-processes 2   # each stage on 2 ranks
 
 Each stage starts from the previous stage's `model/` and writes `manifest.json` last. Re-running the
 same command resumes: a finished stage whose fingerprint (config keys, input contents, starting
@@ -11,6 +12,11 @@ changed config or input is reported and refused — never silently mixed — unt
 names where to retrain. Everything a run needs (stage names, data files, prompts) is checked before
 any training starts. At the end `tifa eval` compares the base and every stage (report.md, eval.json,
 plots) and each stage's model folder gets a model card README.
+
+Under a launcher (`--launcher torchrun|accelerate`, or the config's `launch:` section) this process
+stays the driver: it checks, fingerprints and skips as above, and starts each stage that has work
+left as N processes (`tifa train STAGE --launcher ...` with the run's resolved config); a rank that
+dies fails the stage, and rerunning the command resumes it from its last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -123,8 +129,14 @@ def run_pipeline(cfg: Any, stages: list[str], run_dir: str | Path, *, restart_fr
     from tifaforge.train import manifest
     from tifaforge.train.stage import STAGE_DIRS, resolve_base
 
+    from tifaforge.train.stage import check_launch
+
     run_dir = Path(run_dir)
     check_inputs(cfg, stages, evaluate)
+    launch = cfg.launch
+    if launch.launcher != "none":
+        launch.num_processes = check_launch(cfg, stages, launch.launcher, launch.num_processes,
+                                            launch.accelerate_config)
     plan(run_dir, cfg, stages, restart_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
@@ -150,7 +162,8 @@ def run_pipeline(cfg: Any, stages: list[str], run_dir: str | Path, *, restart_fr
             manifest.mark_started(d, fp)
             start = time.perf_counter()
             try:
-                out = run_module(s)(cfg, model, d, resume=True)
+                out = (run_module(s)(cfg, model, d, resume=True) if launch.launcher == "none"
+                       else launched(s, run_dir / "config.yaml", model, d, launch))
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 - re-raised as one line naming the stage and step
@@ -176,6 +189,19 @@ def run_pipeline(cfg: Any, stages: list[str], run_dir: str | Path, *, restart_fr
         for s in stages:
             write_model_card(run_dir / STAGE_DIRS[s], s, cfg, result["eval"]["results"].get(STAGE_DIRS[s]))
     return result
+
+
+def launched(stage: str, config: Path, model: Path, out: Path, launch) -> Path:
+    """Run one stage as `launch.num_processes` processes under the launcher, from the run's resolved
+    config; returns its model folder, or raises when a rank failed (the launcher stops the others)."""
+    from tifaforge.train.stage import launch as start
+
+    args = argparse.Namespace(config=str(config), resume=True, set=[], launcher=launch.launcher,
+                              num_processes=launch.num_processes, accelerate_config=launch.accelerate_config or None)
+    code = start(args, stage, out, model)
+    if code != 0:
+        raise TifaError(f"the {launch.launcher} launch of {launch.num_processes} processes exited with status {code}")
+    return out / "model"
 
 
 def _last_step(stage_dir: Path) -> int:
@@ -265,6 +291,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart-from", choices=ORDER, help="retrain this stage and every later one")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sft.steps=40")
+    p.add_argument("--launcher", choices=["none", "torchrun", "accelerate"],
+                   help="run each stage as --num-processes ranks (default: the config's launch.launcher)")
+    p.add_argument("--num-processes", type=int, help="processes per stage under the launcher (launch.num_processes)")
+    p.add_argument("--accelerate-config", help="accelerate config file with --launcher accelerate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -273,6 +303,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.name:
         cfg.name = args.name
+    for key in ("launcher", "num_processes", "accelerate_config"):  # the command line wins over the config
+        if getattr(args, key, None) is not None:
+            setattr(cfg.launch, key, getattr(args, key))
     stages = parse_stages(args.stages or cfg.stages)
     run_dir = Path(args.runs) / cfg.name
     start = time.perf_counter()

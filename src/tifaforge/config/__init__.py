@@ -23,12 +23,12 @@ import yaml
 
 from tifaforge.errors import ConfigError
 from tifaforge.fields import opt, section  # noqa: F401  (re-exported: sections elsewhere use them)
-from tifaforge.config.sections import EvalConfig, LoopConfig, MiningConfig, RewardConfig
+from tifaforge.config.sections import EvalConfig, LaunchConfig, LoopConfig, MiningConfig, RewardConfig
 from tifaforge.config.training import CPTConfig, DPOConfig, LoraConfig, LossType, MGRPOConfig, SFTConfig, TrainConfig
 from tifaforge.utils import atomic_write_text
 
-__all__ = ["Config", "ModelConfig", "SamplingConfig", "EvalConfig", "LoopConfig", "MiningConfig", "RewardConfig",
-           "CPTConfig", "DPOConfig", "LoraConfig", "LossType", "MGRPOConfig", "SFTConfig", "TrainConfig",
+__all__ = ["Config", "ModelConfig", "SamplingConfig", "EvalConfig", "LaunchConfig", "LoopConfig", "MiningConfig",
+           "RewardConfig", "CPTConfig", "DPOConfig", "LoraConfig", "LossType", "MGRPOConfig", "SFTConfig", "TrainConfig",
            "load_config", "apply_override", "to_dict", "dump_config", "save_resolved", "describe", "opt", "section"]
 
 
@@ -324,3 +324,4 @@ class Config:
     mgrpo: MGRPOConfig = section(MGRPOConfig, "MGRPO: groups, revisions, loss, optimiser (tifa train mgrpo).")
     mining: MiningConfig = section(MiningConfig, "Anti-repetition pair mining (tifa data mine-pairs, the DPO stage).")
     dpo: DPOConfig = section(DPOConfig, "Stage 4: anti-repetition DPO (tifa train dpo).")
+    launch: LaunchConfig = section(LaunchConfig, "Processes per stage in tifa pipeline (launcher, count).")

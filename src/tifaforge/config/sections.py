@@ -110,3 +110,15 @@ class MiningConfig:
     split: str = opt("train", "Which split of the prompts file to mine ('' = all).")
     user_name: str = opt("小林", "The user's name in the role-play ({{user}} in cards).")
     seed: int = opt(0, "Sampling seed (prompt i, answer j uses seed + i * k + j) and injection seed.")
+
+
+@dataclass
+class LaunchConfig:
+    """How `tifa pipeline` starts each training stage: in its own process, or N data-parallel ones."""
+
+    launcher: Literal["none", "torchrun", "accelerate"] = opt(
+        "none", "none = the stages run in the pipeline's process; torchrun / accelerate = each stage on "
+        "num_processes ranks (one per GPU; gloo processes on CPU).")
+    num_processes: int = opt(1, "Processes per stage under a launcher (with accelerate: 0 = its config's).", min=0)
+    accelerate_config: str = opt("", "An accelerate config file (configs/accelerate/*.yaml) for launcher accelerate.")
+

@@ -87,7 +87,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     # --- config, reward, prompts (checked before any model loads), processes, run directory
     reward = LogicReward(cfg.reward)
     records = read_prompts(m)
-    check_world(m, dist.world_size())
+    stage.check_world(cfg, STAGE, dist.world_size())
     precision = check_precision(SimpleNamespace(device="auto", dtype=m.dtype), STAGE)
     dist.start("cuda" if torch.cuda.is_available() else "cpu")
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
@@ -131,17 +131,6 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
                                                       "base": str(Path(base_model_dir).resolve())})
     dist.barrier()
     return run.model
-
-
-def check_world(m: MGRPOConfig, world: int) -> None:
-    """Data parallelism splits each update's prompts evenly: a prompt's group and its revisions stay on
-    one rank, so advantages are exactly the one-process ones. Checked before any work."""
-    if world > 1 and m.prompts_per_step % world:
-        raise TifaError(f"mgrpo.prompts_per_step {m.prompts_per_step} does not split over {world} processes: "
-                        f"use a multiple of {world}")
-    if world > 1 and m.rollout_backend == "vllm":
-        raise TifaError("mgrpo.rollout_backend vllm runs in one process; use transformers rollouts with "
-                        f"{world} processes")
 
 
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,

@@ -294,6 +294,9 @@ def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
+    if args.launcher != "none":
+        args.num_processes = check_launch(cfg, [stage], args.launcher, args.num_processes or 0,
+                                          args.accelerate_config or "", "--")
     base = resolve_base(args.model or cfg.model.base, out, cfg)
     if args.launcher != "none":
         return launch(args, stage, out, base)
@@ -338,6 +341,60 @@ def _wait_for(path: Path, seconds: float = 600) -> None:
         if time.monotonic() > deadline:
             raise TifaError(f"{path}: not written by rank 0 within {seconds:.0f} s")
         time.sleep(0.5)
+
+
+def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_config: str,
+                 prefix: str = "launch.") -> int:
+    """Refuse, before any work, a launch that cannot run: a launcher that is not installed, more
+    processes than GPUs, an accelerate config that is unreadable or shards a stage that trains
+    data-parallel only (MGRPO), a batch that does not split over the ranks. Returns the process count."""
+    import importlib.util
+
+    import torch
+
+    names = {"launcher": f"{prefix}launcher", "n": f"{prefix}num{'-' if prefix == '--' else '_'}processes",
+             "acc": f"{prefix}accelerate{'-' if prefix == '--' else '_'}config"}
+    module = {"torchrun": "torch.distributed.run", "accelerate": "accelerate.commands.launch"}[launcher]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        raise TifaError(f"{names['launcher']} {launcher}: {module} is not installed (pip install "
+                        f"{'accelerate' if launcher == 'accelerate' else 'torch'})")
+    sharding = "MULTI_CPU"
+    if accelerate_config:
+        if launcher != "accelerate":
+            raise TifaError(f"{names['acc']} {accelerate_config}: only read with {names['launcher']} accelerate")
+        import yaml
+
+        try:
+            acc = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise TifaError(f"{names['acc']} {accelerate_config}: cannot read it: {e}") from None
+        sharding = str(acc.get("distributed_type", "NO"))
+        n = n or int(acc.get("num_processes", 1))
+        if sharding == "DEEPSPEED" and not torch.cuda.is_available():
+            raise TifaError(f"{names['acc']} {accelerate_config}: DeepSpeed needs CUDA GPUs; none here")
+    n = n or 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and n > gpus:
+        raise TifaError(f"{names['n']} {n}: more processes than this machine's {gpus} GPU(s)")
+    for stage in stages:
+        if stage == "mgrpo" and sharding in ("FSDP", "DEEPSPEED"):
+            raise TifaError(f"{names['acc']} {accelerate_config}: {sharding} shards the model, but MGRPO trains "
+                            "data-parallel (a whole copy per rank): use torchrun or a MULTI_GPU config for it")
+        check_world(cfg, stage, n)
+    return n
+
+
+def check_world(cfg: Any, stage: str, world: int) -> None:
+    """What a stage needs of its process count, checked before any work (and again by the stage)."""
+    if stage != "mgrpo" or world == 1:
+        return
+    m = cfg.mgrpo
+    if m.prompts_per_step % world:  # a prompt's group and its revisions stay on one rank
+        raise TifaError(f"mgrpo.prompts_per_step {m.prompts_per_step} does not split over {world} processes: "
+                        f"use a multiple of {world}")
+    if m.rollout_backend == "vllm":
+        raise TifaError(f"mgrpo.rollout_backend vllm runs in one process; use transformers rollouts with {world} "
+                        "processes")
 
 
 def launch(args: argparse.Namespace, stage: str, out: Path, base: Path) -> int:
