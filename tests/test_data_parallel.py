@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MGRPO = ["mgrpo.steps=2", "mgrpo.prompts_per_step=4", "mgrpo.group_size=2", "mgrpo.revisions=2",
          "mgrpo.pass2=all", "mgrpo.beta=0.04", "mgrpo.iterations=2", "mgrpo.loss_type=dapo",
          "mgrpo.micro_batch=3", "mgrpo.max_new_tokens=8", "mgrpo.learning_rate=0.0003", "mgrpo.save_every=1",
+         "mgrpo.resample_zero_spread=2",
          *BY_LENGTH, "reward.vetoes=[]"]
 
 
@@ -88,9 +89,10 @@ def test_a_sharded_accelerate_config_for_mgrpo_is_refused_before_work():
 
     cfg = load_config(None, ["mgrpo.prompts_per_step=8"], cls=Config)
     fsdp = str(ROOT / "configs/accelerate/fsdp-1x8.yaml")
-    assert check_launch(cfg, ["cpt", "sft"], "accelerate", 0, fsdp) == 8  # its num_processes (no GPU here)
     with pytest.raises(TifaError, match=r"launch.accelerate_config .*fsdp-1x8.yaml: FSDP shards the model, but MGRPO"):
         check_launch(cfg, ["cpt", "mgrpo"], "accelerate", 0, fsdp)
+    with pytest.raises(TifaError, match=r"fsdp-1x8.yaml: FSDP through accelerate needs CUDA GPUs"):
+        check_launch(cfg, ["cpt", "sft"], "accelerate", 0, fsdp)
     with pytest.raises(TifaError, match=r"--accelerate-config .*only read with --launcher accelerate"):
         check_launch(cfg, ["cpt"], "torchrun", 2, fsdp, "--")
 

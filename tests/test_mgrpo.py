@@ -641,3 +641,25 @@ def test_gradient_checkpointing_gives_the_same_update(trained_tiny_dir, short_pr
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4, abs=1e-6)
     a, b = _weights(plain), _weights(ckpt)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resampling_replaces_tied_groups_with_fresh_prompts(trained_tiny_dir, short_prompts, tmp_path):
+    """Two-token answers often tie on length: with resampling on, tied groups are redrawn on fresh
+    prompts (the same first draw as without, then fewer ties), counted in `resampled`; a rule that
+    every answer fails alike ties every group, and after its rounds the update goes on with them."""
+    from tifaforge.stages.mgrpo import run_stage
+
+    sets = ("mgrpo.steps=1", "mgrpo.prompts_per_step=4", "mgrpo.group_size=2", "mgrpo.max_new_tokens=2",
+            "mgrpo.pass2=off", *BY_LENGTH)
+
+    def first_row(*extra, name):
+        out = run_stage(stage_cfg(*sets, *extra, prompts=short_prompts), trained_tiny_dir, tmp_path / name)
+        return json.loads((out.parent / "metrics.jsonl").read_text().splitlines()[0])
+
+    plain, again = first_row(name="plain"), first_row("mgrpo.resample_zero_spread=3", name="resampled")
+    assert plain["frac_zero_std"] > 0, "no group tied: nothing to resample"
+    assert again["resampled"] >= plain["frac_zero_std"] * 4  # every tied group was redrawn at least once
+    assert again["frac_zero_std"] < plain["frac_zero_std"]
+    tied = first_row("mgrpo.resample_zero_spread=2", "reward.weights={blocklist: 1.0}", "reward.blocklist=[]",
+                     name="tied")
+    assert tied["frac_zero_std"] == 1 and tied["resampled"] == 2 * 4

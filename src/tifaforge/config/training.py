@@ -129,6 +129,10 @@ class MGRPOConfig:
     revision_bonus: float = opt(0.0, "alpha: add alpha * (r2 - r1) to a revision's advantage (SCoRe shaping).", min=0.0)
     scale_rewards: bool = opt(True, "Divide group advantages by the group's std (GRPO); false = Dr. GRPO.")
     drop_zero_std: bool = opt(True, "Leave groups whose rewards are all equal out of the loss (counted as frac_zero_std).")
+    resample_zero_spread: int = opt(
+        0, "Rounds of fresh prompts drawn in place of pass-1 groups whose rewards all tie, until every group of "
+        "the update carries signal (0 = off); after the last round the update trains on what it has "
+        "(the card's pre-vector confirmation, DESIGN §5.1).", min=0)
     loss_type: LossType = opt(
         "dapo", "Aggregation, as TRL 1.16: grpo (per-sequence mean), dr_grpo (/ max_new_tokens), "
         "dapo (/ tokens in the batch), bnpo (/ tokens in the micro-batch).")

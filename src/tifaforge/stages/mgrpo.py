@@ -152,6 +152,7 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     share = m.prompts_per_step // dist.world_size()
     mine = prompts_for_step(prompts, step, m.prompts_per_step, seed)[dist.rank() * share:(dist.rank() + 1) * share]
     firsts, zero1 = pass1(engine, reward, mine, m, batch_seed + dist.rank() * share * m.group_size)
+    drawn = resample(engine, reward, prompts, firsts, zero1, m, seed, step, batch_seed, dist.rank() * share)
     revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
     t1 = time.perf_counter()
     train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
@@ -161,11 +162,13 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     t2 = time.perf_counter()
     for r in firsts + revs:  # what the log needs crosses the ranks, not the log-prob tensors
         r.old_logps = r.ref_logps = None
-    parts = dist.gather((firsts, zero1, revs, zero2))  # in rank order = the one-process order
-    firsts, zero1, revs, zero2 = ([x for part in parts for x in part[i]] for i in range(4))
+    parts = dist.gather((firsts, zero1, revs, zero2, [drawn]))  # in rank order = the one-process order
+    firsts, zero1, revs, zero2, drawn = ([x for part in parts for x in part[i]] for i in range(5))
     row = {"step": step + 1, **step_metrics(firsts, zero1, revs, zero2, losses, t1 - t0, t2 - t1,
                                             sched.get_last_lr()[0]),
            "world_size": dist.world_size(), "global_batch": m.prompts_per_step}
+    if m.resample_zero_spread:
+        row["resampled"] = sum(drawn)  # groups drawn in place of tied ones (frac_zero_std: after them)
     row["time"] = time.time()  # wall clock at the end of the update (bench/mgrpo.py times step to step)
     if dist.rank() == 0:
         for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
@@ -343,30 +346,52 @@ def rollout_sampling(m: MGRPOConfig, seed: int) -> SamplingConfig:
                           do_sample=True, seed=seed)
 
 
-def sample(engine, prompt_ids: list[list[int]], m: MGRPOConfig, seed: int):
-    """One batched Engine call; every row has its own seed derived from (seed, row)."""
+def sample(engine, prompt_ids: list[list[int]], m: MGRPOConfig, seed: int, seeds: list[int] | None = None):
+    """One batched Engine call; every row has its own seed derived from (seed, row), or `seeds`."""
     from tifaforge.engine.generate import Request
 
-    reqs = [Request(ids, rollout_sampling(m, seed + i)) for i, ids in enumerate(prompt_ids)]
+    seeds = seeds or [seed + i for i in range(len(prompt_ids))]
+    reqs = [Request(ids, rollout_sampling(m, s)) for ids, s in zip(prompt_ids, seeds)]
     results = engine.generate(reqs)
     eos = engine.tokenizer.eos_token_id
     return [(r, r.token_ids + ([eos] if r.finish_reason == "stop" and eos is not None else [])) for r in results]
 
 
-def pass1(engine, reward: LogicReward, prompts: list[Prompt], m: MGRPOConfig, seed: int):
+def pass1(engine, reward: LogicReward, prompts: list[Prompt], m: MGRPOConfig, seed: int,
+          seeds: list[int] | None = None):
     """G answers per prompt, scored, group advantages. Returns (rollouts, zero_spread per prompt)."""
     import torch
 
     from tifaforge.rl.losses import group_advantages
 
     rows = [p for p in prompts for _ in range(m.group_size)]
-    outs = sample(engine, [p.ids for p in rows], m, seed)
+    outs = sample(engine, [p.ids for p in rows], m, seed, seeds)
     scores = reward.score_batch([p.ctx for p in rows], [r.text for r, _ in outs])
     rolls = [Rollout(p, p.ids, ids, r.text, s) for p, (r, ids), s in zip(rows, outs, scores)]
     adv, zero = group_advantages(torch.tensor([s.total for s in scores]), m.group_size, m.scale_rewards)
     for r, a in zip(rolls, adv.tolist()):
         r.advantage = a
     return rolls, zero.tolist()
+
+
+def resample(engine, reward: LogicReward, prompts: list[Prompt], firsts: list[Rollout], zero: list[bool],
+             m: MGRPOConfig, seed: int, step: int, batch_seed: int, slot0: int) -> int:
+    """Replace, in place, each pass-1 group whose rewards all tie with a group on a fresh prompt, for
+    up to `resample_zero_spread` rounds; returns how many groups were drawn. A slot's fresh prompt and
+    seeds depend on (seed, step, round, global slot) alone, so a resumed run or another process count
+    draws the same ones."""
+    drawn, G = 0, m.group_size
+    for k in range(1, m.resample_zero_spread + 1):
+        slots = [j for j, z in enumerate(zero) if z]
+        if not slots:
+            break
+        fresh = prompts_for_step(prompts, step, m.prompts_per_step, seed + 7919 * k)
+        seeds = [batch_seed + 10_000_000 * k + (slot0 + j) * G + i for j in slots for i in range(G)]
+        rolls, flags = pass1(engine, reward, [fresh[slot0 + j] for j in slots], m, 0, seeds)
+        for n, j in enumerate(slots):
+            firsts[j * G:(j + 1) * G], zero[j] = rolls[n * G:(n + 1) * G], flags[n]
+        drawn += len(slots)
+    return drawn
 
 
 def pass2(engine, reward: LogicReward, firsts: list[Rollout], m: MGRPOConfig, seed: int):

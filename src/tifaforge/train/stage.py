@@ -370,17 +370,18 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
             raise TifaError(f"{names['acc']} {accelerate_config}: cannot read it: {e}") from None
         sharding = str(acc.get("distributed_type", "NO"))
         n = n or int(acc.get("num_processes", 1))
-        if sharding == "DEEPSPEED" and not torch.cuda.is_available():
-            raise TifaError(f"{names['acc']} {accelerate_config}: DeepSpeed needs CUDA GPUs; none here")
     n = n or 1
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus and n > gpus:
-        raise TifaError(f"{names['n']} {n}: more processes than this machine's {gpus} GPU(s)")
     for stage in stages:
         if stage == "mgrpo" and sharding in ("FSDP", "DEEPSPEED"):
             raise TifaError(f"{names['acc']} {accelerate_config}: {sharding} shards the model, but MGRPO trains "
                             "data-parallel (a whole copy per rank): use torchrun or a MULTI_GPU config for it")
         check_world(cfg, stage, n)
+    if sharding in ("FSDP", "DEEPSPEED") and not torch.cuda.is_available():  # seen: FSDP on CPU trained DDP
+        raise TifaError(f"{names['acc']} {accelerate_config}: {sharding} through accelerate needs CUDA GPUs (on CPU "
+                        "accelerate falls back to plain data parallelism); none here")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and n > gpus:
+        raise TifaError(f"{names['n']} {n}: more processes than this machine's {gpus} GPU(s)")
     return n
 
 
