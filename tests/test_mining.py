@@ -7,6 +7,7 @@ from tifaforge.config import MiningConfig, RewardConfig, SamplingConfig
 from tifaforge.stages.mining import classify, inject_repetition, mine_pairs, pick_pair, pick_pairs
 from tifaforge.rewards import rules
 from tifaforge.rewards.literary import LogicReward
+from tifaforge.utils import REPO_ROOT as ROOT
 
 GOOD = "<think>\n他想起了往事。\n</think>\n\n沈青崖放下酒杯，望向窗外的雨。“这雨下得正好。”他低声说，“能洗掉路上的血腥气。”"
 LOOP = "<think>\n想。\n</think>\n\n走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧走吧"
@@ -111,8 +112,6 @@ def test_mining_a_looping_model_gives_natural_pairs(looping_model, tmp_path):
 
 def test_mining_reports_every_prompt(trained_tiny_dir, tmp_path, engine):
     cfg = MiningConfig(k=2, max_new_tokens=8, split="eval")
-    from tifaforge.utils import REPO_ROOT as ROOT
-
     summary = mine_pairs(engine, ROOT / "data/demo/prompts.jsonl", tmp_path / "p.jsonl", cfg, SamplingConfig(), progress=False)
     assert summary["prompts"] == 25
     assert summary["natural"] + summary["synthetic"] + summary["impossible"] == 25
@@ -238,3 +237,24 @@ def test_dpo_with_lora_saves_a_merged_plain_model(trained_tiny_dir, tmp_path):
     assert not (model / "adapter_config.json").exists()
     a, b = load_file(trained_tiny_dir / "model.safetensors"), load_file(model / "model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_mining_split_over_ranks_equals_mining_whole(looping_model, tmp_path):
+    """Each rank mines every N-th prompt; merged in prompt order they are the one-process pairs and
+    summary (a prompt's seeds and synthetic draws depend on its index alone)."""
+    from tifaforge.engine.generate import Engine
+    from tifaforge.stages.mining import mine_shard, write_pairs
+
+    engine = Engine.load(looping_model, device="cpu")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"说说{w}。"}]},
+                                          ensure_ascii=False) + "\n" for i, w in enumerate("雨剑酒灯风月江")),
+                       encoding="utf-8")
+    cfg = MiningConfig(k=4, max_new_tokens=24, temperature=1.0, top_p=1.0, split="")
+    whole = mine_pairs(engine, prompts, tmp_path / "whole.jsonl", cfg, SamplingConfig(), progress=False)
+    shards = [mine_shard(engine, prompts, cfg, SamplingConfig(), False, None, rank, 3) for rank in range(3)]
+    assert {n for _, _, n in shards} == {whole["prompts"]} and [len(s[0]) > 0 for s in shards] == [True] * 3
+    split = write_pairs(tmp_path / "split.jsonl", [s[0] for s in shards], [s[1] for s in shards], whole["prompts"])
+    assert split == whole and whole["natural"] > 0 and whole["synthetic"] > 0
+    assert (tmp_path / "split.jsonl").read_text(encoding="utf-8") == (tmp_path / "whole.jsonl").read_text(encoding="utf-8")

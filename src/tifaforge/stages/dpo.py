@@ -65,6 +65,11 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
                                loss_type=loss_type, loss_weights=weights, precompute_ref_log_probs=tc.precompute_ref)
 
     # --- pairs (mined from the starting model's own answers, and/or the user's) and "before" ------
+    import torch
+
+    from tifaforge.train import distributed as dist
+
+    dist.start("cuda" if torch.cuda.is_available() else "cpu")  # mining gathers across the ranks (TRL reuses it)
     pairs = []
     if tc.mine:
         pairs += mined_pairs(cfg, base_model_dir, run.out)
@@ -108,20 +113,28 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
 
 
 def mined_pairs(cfg: Any, model_dir: str | Path, out: Path) -> list[dict]:
-    """Pairs mined from `model_dir`'s own answers into OUT/pairs.jsonl (reused when already there)."""
-    from tifaforge.stages.mining import mine_pairs
+    """Pairs mined from `model_dir`'s own answers into OUT/pairs.jsonl (reused when already there). On N
+    processes each rank mines every N-th prompt and rank 0 writes them all in prompt order: no rank waits
+    on another's mining with a timeout, only at the gather."""
     from tifaforge.engine.generate import Engine
+    from tifaforge.stages.mining import mine_shard, write_pairs
+    from tifaforge.train import distributed as dist
     from tifaforge.utils import read_jsonl
 
     path, summary_path = out / "pairs.jsonl", out / "pairs.summary.json"
-    if stage.is_main() and not summary_path.exists():  # the summary is written after the pairs: marks them complete
+    if not summary_path.exists():  # the summary is written after the pairs: marks them complete
         engine = Engine.load(model_dir)
-        summary = mine_pairs(engine, cfg.dpo.prompts, path, cfg.mining, cfg.sampling, reward=cfg.reward)
-        atomic_write_json(summary_path, summary)
-        log.info("dpo: mined %d pairs from %d prompts (%d natural, %d synthetic, %d impossible)", summary["pairs"],
-                 summary["prompts"], summary["natural"], summary["synthetic"], summary["impossible"])
+        lines, outcomes, n = mine_shard(engine, cfg.dpo.prompts, cfg.mining, cfg.sampling, stage.is_main(), cfg.reward,
+                                        dist.rank(), dist.world_size())
         del engine
-    stage._wait_for(summary_path)
+        shards = dist.gather((lines, outcomes))
+        if stage.is_main():
+            summary = write_pairs(path, [s[0] for s in shards], [s[1] for s in shards], n)
+            atomic_write_json(summary_path, summary)
+            log.info("dpo: mined %d pairs from %d prompts (%d natural, %d synthetic, %d impossible)",
+                     summary["pairs"], summary["prompts"], summary["natural"], summary["synthetic"],
+                     summary["impossible"])
+    dist.barrier()
     return [{**obj, "source": f"{path}:{n}"} for n, obj in read_jsonl(path)]
 
 

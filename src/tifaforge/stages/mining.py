@@ -53,13 +53,30 @@ def run(args) -> int:
 def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningConfig, sampling, progress: bool = True,
                reward=None) -> dict:
     """Mine pairs for every prompt of the split; write JSONL (DESIGN §2a) atomically; return the summary."""
+    lines, outcomes, n = mine_shard(engine, prompts_path, cfg, sampling, progress, reward)
+    return write_pairs(out, [lines], [outcomes], n)
+
+
+def write_pairs(out: str | Path, lines: list[list], outcomes: list[Counter], n: int) -> dict:
+    """The shards' pairs in prompt order (one shard, or one per rank), written atomically; the summary."""
+    from tifaforge.utils import atomic_write_text
+
+    rows = sorted((row for shard in lines for row in shard), key=lambda row: row[0])  # stable within a prompt
+    atomic_write_text(out, "".join(line + "\n" for _, line in rows))
+    return summary(sum(outcomes, Counter()), n)
+
+
+def mine_shard(engine, prompts_path: str | Path, cfg: MiningConfig, sampling, progress: bool = True, reward=None,
+               rank: int = 0, world: int = 1) -> tuple[list[tuple[int, str]], Counter, int]:
+    """Mine the prompts i of the split with i % world == rank: ((prompt index, JSON line) per pair,
+    outcome counts, prompts in the split). A prompt's answers, seeds and injection draws depend on its
+    index alone, so N ranks together mine what one process mines."""
     from tqdm import tqdm
 
     from tifaforge.data.conversations import check_file, to_chat
     from tifaforge.engine.generate import Request
     from tifaforge.errors import TifaError
     from tifaforge.rewards.literary import LogicReward, reward_with_user
-    from tifaforge.utils import atomic_write_text
 
     records, _ = check_file(prompts_path, "prompts")
     records = [r for r in records if not cfg.split or r.split == cfg.split]
@@ -68,26 +85,26 @@ def mine_pairs(engine, prompts_path: str | Path, out: str | Path, cfg: MiningCon
     reward = LogicReward(reward_with_user(reward, cfg.user_name))  # the run's `reward` section
     mine = dataclasses.replace(sampling, temperature=cfg.temperature, top_p=cfg.top_p,
                                repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
-    rng = random.Random(cfg.seed)
     lines, outcomes = [], Counter()
     per_call = max(1, ROWS_PER_CALL // cfg.k)  # several prompts' K answers decode together
-    bar = tqdm(total=len(records), desc="mining", unit="prompt", disable=not progress)
-    for start in range(0, len(records), per_call):
-        chats = [to_chat(rec, cfg.user_name) for rec in records[start:start + per_call]]
+    mine_idx = list(range(rank, len(records), world))
+    bar = tqdm(total=len(mine_idx), desc="mining", unit="prompt", disable=not progress)
+    for start in range(0, len(mine_idx), per_call):
+        batch = mine_idx[start:start + per_call]
+        chats = [to_chat(records[i], cfg.user_name) for i in batch]
         reqs = [Request(engine.render(chat), dataclasses.replace(mine, seed=cfg.seed + i * cfg.k + j))
-                for i, chat in enumerate(chats, start=start) for j in range(cfg.k)]
+                for i, chat in zip(batch, chats) for j in range(cfg.k)]
         texts = [r.text for r in engine.generate(reqs)]
-        for at, (rec, chat) in enumerate(zip(records[start:start + per_call], chats)):
-            answers = texts[at * cfg.k:(at + 1) * cfg.k]
+        for at, (i, chat) in enumerate(zip(batch, chats)):
+            rec, answers = records[i], texts[at * cfg.k:(at + 1) * cfg.k]
             ctx = reward.context(chat, rec.card.to_dict() if rec.card is not None else None)
-            pairs, outcome = pick_pairs(reward, ctx, answers, cfg, rng)
+            pairs, outcome = pick_pairs(reward, ctx, answers, cfg, random.Random(cfg.seed * 1_000_003 + i))
             outcomes[outcome] += 1
             outcomes["pairs"] += len(pairs)
-            lines += [json.dumps({"id": rec.id, "messages": chat, **pair}, ensure_ascii=False) for pair in pairs]
+            lines += [(i, json.dumps({"id": rec.id, "messages": chat, **pair}, ensure_ascii=False)) for pair in pairs]
         bar.update(len(chats))
     bar.close()
-    atomic_write_text(out, "".join(line + "\n" for line in lines))
-    return summary(outcomes, len(records))
+    return lines, outcomes, len(records)
 
 
 def summary(outcomes: Counter, n: int) -> dict:
