@@ -146,3 +146,38 @@ def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     rows = [json.loads(x) for x in (runs / "pipe" / "03-mgrpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and {r["world_size"] for r in rows} == {2}
+
+
+SHARDED_EVAL = """
+import json, sys
+from tifaforge.config import EvalConfig, SamplingConfig
+from tifaforge.engine.generate import Engine
+from tifaforge.eval.metrics import evaluate
+from tifaforge.train import distributed as dist
+
+dist.start("cpu")
+cfg = EvalConfig(limit=5, samples=2, max_new_tokens=8, bootstrap=50, unpenalised=True, ppl_text="")
+res = evaluate(Engine.load(sys.argv[1], device="cpu"), cfg, SamplingConfig(), progress=False,
+               shard=(dist.rank(), dist.world_size()))
+json.dump(res, open(sys.argv[2] + f".{dist.rank()}", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_split_over_two_processes_equals_one(trained_tiny_dir, tmp_path):
+    """The DPO stage's before/after evaluation on N ranks: each answers every N-th slot, every rank
+    gets the whole result, equal to one process's (answers, metrics and intervals)."""
+    script, out = tmp_path / "eval.py", tmp_path / "res.json"
+    script.write_text(SHARDED_EVAL, encoding="utf-8")
+    one = subprocess.run([sys.executable, str(script), str(trained_tiny_dir), str(tmp_path / "one.json")],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          str(trained_tiny_dir), str(out)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one.json.0").read_text())
+    b0, b1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1))
+    assert b0 == b1 and len(a["samples"]) == 10
+    assert [s["answer"] for s in b0["samples"]] == [s["answer"] for s in a["samples"]]
+    assert b0["metrics"] == a["metrics"]

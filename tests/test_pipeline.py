@@ -196,7 +196,7 @@ def test_sigkill_in_stage_two_then_rerun_matches_an_uninterrupted_run(tmp_path):
     import yaml
 
     data = write_data(tmp_path / "data")
-    sets = small(data, "sft.steps=8", "sft.save_every=2")
+    sets = small(data, "sft.steps=24", "sft.save_every=2")  # killed at its first checkpoint, 22 steps to go
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"name": "pipe"}))
     cmd = [sys.executable, "-m", "tifaforge.cli", "pipeline", str(config), "--stages", "cpt,sft", "--no-eval",
@@ -208,7 +208,7 @@ def test_sigkill_in_stage_two_then_rerun_matches_an_uninterrupted_run(tmp_path):
     deadline = time.monotonic() + 600
     ckdir = runs / "pipe" / "02-sft" / "checkpoints"
     while time.monotonic() < deadline and proc.poll() is None:
-        if (ckdir / "checkpoint-4" / ckpt.MARKER).exists():
+        if (ckdir / "checkpoint-2" / ckpt.MARKER).exists():
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.05)

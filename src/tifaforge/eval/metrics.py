@@ -139,8 +139,12 @@ def eval_key(model_dir: str | Path, cfg: EvalConfig, sampling, reward=None) -> s
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=None) -> dict:
-    """Generate on the eval prompts and measure; returns {"metrics", "samples", "n", ...}."""
+def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=None,
+             shard: tuple[int, int] = (0, 1)) -> dict:
+    """Generate on the eval prompts and measure; returns {"metrics", "samples", "n", ...}.
+
+    `shard` (rank, world): on N processes each rank answers every N-th (prompt, sample) slot, the
+    answers are gathered in slot order and every rank measures them all (seeds follow the slot)."""
     import dataclasses
 
     from tqdm import tqdm
@@ -153,7 +157,10 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=No
     records, _ = load_prompts(cfg)
     reward = LogicReward(reward_with_user(reward, cfg.user_name))  # the run's `reward` section, as MGRPO trains on
     # Answer j of prompt i has seed `seed + i + j * prompts`: with one answer each, prompt i's seed is seed + i.
-    jobs = [(i, j) for j in range(cfg.samples) for i in range(len(records))]
+    rank, world = shard
+    slots = [(i, j) for j in range(cfg.samples) for i in range(len(records))]
+    mine = list(range(rank, len(slots), world))
+    jobs = [slots[k] for k in mine]
     rows, contents, samples, groups = [], [], [], []
     passes = [("", sampling)]
     if cfg.unpenalised:
@@ -181,6 +188,11 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=No
                 samples.append({"id": rec.id, "sample": j, "answer": res.text, "finish_reason": res.finish_reason, **m})
             bar.update(len(batch))
     bar.close()
+    if world > 1:  # every rank's answers, back in slot order
+        from tifaforge.train import distributed as dist
+
+        parts = [x for part in dist.gather(list(zip(mine, rows, contents, samples, groups))) for x in part]
+        _, rows, contents, samples, groups = (list(c) for c in zip(*sorted(parts, key=lambda x: x[0])))
     metrics = summarise(rows, contents, cfg.bootstrap, cfg.seed, groups)
     if cfg.ppl_text and resolve_path(cfg.ppl_text).exists():
         text = resolve_path(cfg.ppl_text).read_text(encoding="utf-8")

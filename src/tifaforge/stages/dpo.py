@@ -75,7 +75,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
         pairs += mined_pairs(cfg, base_model_dir, run.out)
     if tc.pairs:
         pairs += user_pairs(tc.pairs, cfg.mining.user_name)
-    before = evaluate_once(cfg, base_model_dir, run.out / "report_before.json") if stage.is_main() and tc.report else None
+    before = evaluate_once(cfg, base_model_dir, run.out / "report_before.json") if tc.report else None
 
     # --- models: the policy, and a frozen reference unless LoRA (adapters off) or precomputed -------
     model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop)
@@ -104,7 +104,8 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     model_dir = stage.save_final(trainer, tc, base_model_dir, run, PLOT_KEYS)
     if before is not None:
         after = evaluate_once(cfg, model_dir, run.out / "report_after.json", fresh=True)
-        write_report(run.out, before, after, len(pairs), len(dataset))
+        if stage.is_main():
+            write_report(run.out, before, after, len(pairs), len(dataset))
     return model_dir
 
 
@@ -183,6 +184,7 @@ def evaluate_once(cfg: Any, model_dir: str | Path, path: Path, fresh: bool = Fal
     and the pipeline's final evaluation reuses both files instead of generating again."""
     from tifaforge.engine.generate import Engine
     from tifaforge.eval.metrics import eval_key, evaluate
+    from tifaforge.train import distributed as dist
 
     ecfg = dataclasses.replace(cfg.eval, limit=cfg.dpo.report_limit or cfg.eval.limit)
     key = eval_key(model_dir, ecfg, cfg.sampling, cfg.reward)
@@ -190,9 +192,13 @@ def evaluate_once(cfg: Any, model_dir: str | Path, path: Path, fresh: bool = Fal
         res = json.loads(path.read_text(encoding="utf-8"))
         if res.get("key") == key:
             return res
-    res = evaluate(Engine.load(model_dir), ecfg, cfg.sampling, reward=cfg.reward)
+    # On N processes every rank answers its share (all ranks agree on reusing: rank 0 writes only after
+    # the gather, which every rank reaches after this check).
+    res = evaluate(Engine.load(model_dir), ecfg, cfg.sampling, progress=stage.is_main(), reward=cfg.reward,
+                   shard=(dist.rank(), dist.world_size()))
     res["key"] = key
-    atomic_write_json(path, res)
+    if stage.is_main():
+        atomic_write_json(path, res)
     return res
 
 
