@@ -663,3 +663,18 @@ def test_resampling_replaces_tied_groups_with_fresh_prompts(trained_tiny_dir, sh
     tied = first_row("mgrpo.resample_zero_spread=2", "reward.weights={blocklist: 1.0}", "reward.blocklist=[]",
                      name="tied")
     assert tied["frac_zero_std"] == 1 and tied["resampled"] == 2 * 4
+
+
+def test_bf16_compute_scores_the_second_iteration_with_the_updated_weights(trained_tiny_dir, short_prompts,
+                                                                           tmp_path, monkeypatch):
+    """mu = 2 in bf16: the second optimizer step's ratios come from the weights the first step moved,
+    so they leave the clip region (with one step per batch they are exactly 1)."""
+    from tifaforge.stages.mgrpo import run_stage
+    from tifaforge.train import device
+
+    monkeypatch.setattr(device, "cpu_bf16_supported", lambda: True)
+    cfg = stage_cfg("mgrpo.steps=1", "mgrpo.iterations=2", "mgrpo.learning_rate=0.01", "mgrpo.dtype=bfloat16",
+                    "mgrpo.group_size=3", "mgrpo.max_new_tokens=8", "mgrpo.pass2=off", *BY_LENGTH, prompts=short_prompts)
+    out = run_stage(cfg, trained_tiny_dir, tmp_path / "out")
+    row = json.loads((out.parent / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["frac_zero_std"] < 1 and row["clip_ratio/region"] > 0, row

@@ -134,9 +134,8 @@ def run_pipeline(cfg: Any, stages: list[str], run_dir: str | Path, *, restart_fr
     run_dir = Path(run_dir)
     check_inputs(cfg, stages, evaluate)
     launch = cfg.launch
-    if launch.launcher != "none":
-        launch.num_processes = check_launch(cfg, stages, launch.launcher, launch.num_processes,
-                                            launch.accelerate_config)
+    if launch.launcher != "none":  # refused before any work; the launcher gets the count as given
+        check_launch(cfg, stages, launch.launcher, launch.num_processes, launch.accelerate_config)
     plan(run_dir, cfg, stages, restart_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
@@ -197,10 +196,14 @@ def launched(stage: str, config: Path, model: Path, out: Path, launch) -> Path:
     from tifaforge.train.stage import launch as start
 
     args = argparse.Namespace(config=str(config), resume=True, set=[], launcher=launch.launcher,
-                              num_processes=launch.num_processes, accelerate_config=launch.accelerate_config or None)
+                              num_processes=launch.num_processes or None,
+                              accelerate_config=launch.accelerate_config or None)
     code = start(args, stage, out, model)
     if code != 0:
-        raise TifaError(f"the {launch.launcher} launch of {launch.num_processes} processes exited with status {code}")
+        raise TifaError(f"the {launch.launcher} launch of {launch.num_processes or 'its'} processes exited with "
+                        f"status {code}")
+    if not (out / "model" / "config.json").exists():
+        raise TifaError(f"the {launch.launcher} launch exited with status 0 but wrote no {out / 'model'}")
     return out / "model"
 
 

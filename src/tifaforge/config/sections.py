@@ -119,6 +119,7 @@ class LaunchConfig:
     launcher: Literal["none", "torchrun", "accelerate"] = opt(
         "none", "none = the stages run in the pipeline's process; torchrun / accelerate = each stage on "
         "num_processes ranks (one per GPU; gloo processes on CPU).")
-    num_processes: int = opt(1, "Processes per stage under a launcher (with accelerate: 0 = its config's).", min=0)
+    num_processes: int = opt(0, "Processes per stage under a launcher; 0 = the accelerate config's count "
+                                "(torchrun: 1).", min=0)
     accelerate_config: str = opt("", "An accelerate config file (configs/accelerate/*.yaml) for launcher accelerate.")
 

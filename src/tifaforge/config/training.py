@@ -168,4 +168,4 @@ class MGRPOConfig:
 def cosmetic_keys() -> set[str]:
     """Keys that may change between a run and its resume: they change what is logged, not the math."""
     return {"log_every", "samples_every", "sample_prompts", "sample_max_new_tokens", "keep_last", "report_to",
-            "max_nonfinite_steps"}
+            "max_nonfinite_steps", "gradient_checkpointing"}  # the last: memory, not the math (tested equal)

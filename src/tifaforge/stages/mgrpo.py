@@ -26,6 +26,7 @@ Departures from the paper (arXiv 2506.04746) and from TRL, and why:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import random
@@ -108,8 +109,8 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
         bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update",
                    disable=not stage.is_main())
         for step in bar:
-            with autocast(precision, policy):
-                row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine)
+            row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine,
+                         lambda: autocast(precision, policy))
             bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
             done = step + 1
             stopping = stop_after is not None and done - start >= stop_after and done < m.steps
@@ -134,11 +135,12 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
 
 
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
-           run, rollouts=None) -> dict:
+           run, rollouts=None, amp=contextlib.nullcontext) -> dict:
     """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples.
-    `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine)."""
+    `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine).
+    `amp()`: the compute precision's context, entered around forward passes only (autocast keeps its
+    bf16 weight copies until the context exits: around an optimizer step they would go stale)."""
     from tifaforge.engine.generate import Engine
-
     from tifaforge.train import distributed as dist
 
     t0 = time.perf_counter()
@@ -151,14 +153,16 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     # This rank's share of the update's prompts, in global order; seeds follow the global row index.
     share = m.prompts_per_step // dist.world_size()
     mine = prompts_for_step(prompts, step, m.prompts_per_step, seed)[dist.rank() * share:(dist.rank() + 1) * share]
-    firsts, zero1 = pass1(engine, reward, mine, m, batch_seed + dist.rank() * share * m.group_size)
-    drawn = resample(engine, reward, prompts, firsts, zero1, m, seed, step, batch_seed, dist.rank() * share)
-    revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
+    with amp():
+        firsts, zero1 = pass1(engine, reward, mine, m, batch_seed + dist.rank() * share * m.group_size)
+        drawn = resample(engine, reward, prompts, firsts, zero1, m, seed, step, batch_seed, dist.rank() * share)
+        revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
     t1 = time.perf_counter()
     train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
     for rows in (train1, train2):  # per pass, as pass_loss cuts its micro-batches
-        store_logps(policy, ref, rows, m, pad)
-    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad)
+        with amp():
+            store_logps(policy, ref, rows, m, pad)
+    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad, amp)
     t2 = time.perf_counter()
     for r in firsts + revs:  # what the log needs crosses the ranks, not the log-prob tensors
         r.old_logps = r.ref_logps = None
@@ -506,7 +510,7 @@ def pass_totals(rows: list[Rollout], m: MGRPOConfig) -> tuple[int, int, int]:
 
 
 def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: int, acc: dict,
-              totals: tuple[int, int, int]) -> None:
+              totals: tuple[int, int, int], amp=contextlib.nullcontext) -> None:
     """Backward this rank's part of one pass's loss (× weight) micro-batch by micro-batch, normalised
     over the whole pass on every rank (`totals`), so the ranks' gradients add up to the one-process one:
     exactly for grpo, dr_grpo and dapo; for bnpo when each rank's rows fill whole micro-batches."""
@@ -518,20 +522,22 @@ def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: i
     parts = chunks(rows, m.micro_batch)
     n_seqs, n_tokens, n_micro = totals
     for chunk in parts:
-        logps, ent, cmask, C = score(policy, chunk, pad, m, entropy=True)
-        dev = logps.device
-        old = pad_stack([r.old_logps for r in chunk], C).to(dev) if m.iterations > 1 else logps.detach()
-        ref = pad_stack([r.ref_logps for r in chunk], C).to(dev) if m.beta > 0 else None
-        adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype, device=dev)
-        ptl, stats = per_token_loss(logps, old, adv, cmask, s, ref)
-        loss = aggregate(ptl, cmask, s, n_seqs=n_seqs, n_tokens=n_tokens, n_micro=n_micro) * weight
+        with amp():  # the forward and the loss in the compute precision; the backward outside, as autocast wants
+            logps, ent, cmask, C = score(policy, chunk, pad, m, entropy=True)
+            dev = logps.device
+            old = pad_stack([r.old_logps for r in chunk], C).to(dev) if m.iterations > 1 else logps.detach()
+            ref = pad_stack([r.ref_logps for r in chunk], C).to(dev) if m.beta > 0 else None
+            adv = torch.tensor([r.advantage for r in chunk], dtype=logps.dtype, device=dev)
+            ptl, stats = per_token_loss(logps, old, adv, cmask, s, ref)
+            loss = aggregate(ptl, cmask, s, n_seqs=n_seqs, n_tokens=n_tokens, n_micro=n_micro) * weight
         loss.backward()
         acc["loss"] += float(loss.detach())
         acc["stats"].add(stats)
         acc["entropy"] += float(ent.sum())
 
 
-def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: MGRPOConfig, pad: int) -> dict:
+def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: MGRPOConfig, pad: int,
+             amp=contextlib.nullcontext) -> dict:
     """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ)."""
     from tifaforge.models.looping import clip_and_check, get_loop
     from tifaforge.rl.losses import LossStats
@@ -545,7 +551,7 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
         opt.zero_grad(set_to_none=True)
         for (rows, weight), total in zip(batches, totals):
             if rows:
-                pass_loss(policy, rows, weight, m, pad, acc, total)
+                pass_loss(policy, rows, weight, m, pad, acc, total, amp)
         if any(t[0] for t in totals):  # the ranks' parts of the gradient, summed (nothing to train: none)
             dist.sum_gradients(policy.parameters())
         reduce_accumulators(acc)

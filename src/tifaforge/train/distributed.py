@@ -88,23 +88,37 @@ def gather(obj) -> list:
     return out
 
 
-def sum_gradients(params) -> None:
-    """Sum the gradients over the ranks, in place, with one all-reduce of a flat buffer.
+def sum_gradients(params, bucket: int = 2**25) -> None:
+    """Sum the gradients over the ranks, in place, one all-reduce per bucket of about `bucket` numbers.
 
     Why not DistributedDataParallel: its reducer needs every rank to run the same number of backward
     passes, and MGRPO's ranks hold different numbers of rows once zero-spread groups are dropped. Each
     rank's loss is already normalised by the global counts, so the sum over ranks is the one-process
-    gradient; a missing gradient (no rows on this rank) counts as zeros."""
+    gradient. A parameter with a gradient on some rank gets zeros where it has none; one with none on
+    any rank keeps None (AdamW skips it, as in one process)."""
     import torch
     import torch.distributed as dist
 
     if not active():
         return
     params = [p for p in params if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_device())
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    params = [p for p, h in zip(params, has.tolist()) if h]
     for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    start = 0
+    while start < len(params):
+        end, size = start, 0
+        while end < len(params) and (size == 0 or size + params[end].numel() <= bucket):
+            size += params[end].numel()
+            end += 1
+        group = params[start:end]
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        start = end

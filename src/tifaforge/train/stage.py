@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -294,9 +295,8 @@ def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
-    if args.launcher != "none":
-        args.num_processes = check_launch(cfg, [stage], args.launcher, args.num_processes or 0,
-                                          args.accelerate_config or "", "--")
+    if args.launcher != "none":  # refused before any work; the launcher gets the count as given
+        check_launch(cfg, [stage], args.launcher, args.num_processes or 0, args.accelerate_config or "", "--")
     base = resolve_base(args.model or cfg.model.base, out, cfg)
     if args.launcher != "none":
         return launch(args, stage, out, base)
@@ -358,10 +358,14 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
     if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
         raise TifaError(f"{names['launcher']} {launcher}: {module} is not installed (pip install "
                         f"{'accelerate' if launcher == 'accelerate' else 'torch'})")
-    sharding = "MULTI_CPU"
+    sharding, machines = "MULTI_CPU", 1
+    if accelerate_config and launcher != "accelerate":
+        raise TifaError(f"{names['acc']} {accelerate_config}: only read with {names['launcher']} accelerate")
+    if launcher == "accelerate" and not accelerate_config:  # accelerate then reads its default config, if any
+        from accelerate.commands.config import default_config_file
+
+        accelerate_config = default_config_file if Path(default_config_file).exists() else ""
     if accelerate_config:
-        if launcher != "accelerate":
-            raise TifaError(f"{names['acc']} {accelerate_config}: only read with {names['launcher']} accelerate")
         import yaml
 
         try:
@@ -369,6 +373,7 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
         except (OSError, yaml.YAMLError) as e:
             raise TifaError(f"{names['acc']} {accelerate_config}: cannot read it: {e}") from None
         sharding = str(acc.get("distributed_type", "NO"))
+        machines = int(acc.get("num_machines", 1) or 1)
         n = n or int(acc.get("num_processes", 1))
     n = n or 1
     for stage in stages:
@@ -380,8 +385,8 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
         raise TifaError(f"{names['acc']} {accelerate_config}: {sharding} through accelerate needs CUDA GPUs (on CPU "
                         "accelerate falls back to plain data parallelism); none here")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus and n > gpus:
-        raise TifaError(f"{names['n']} {n}: more processes than this machine's {gpus} GPU(s)")
+    if gpus and -(-n // machines) > gpus:  # num_processes counts every machine's
+        raise TifaError(f"{names['n']} {n}: more processes per machine than this machine's {gpus} GPU(s)")
     return n
 
 
@@ -411,7 +416,16 @@ def launch(args: argparse.Namespace, stage: str, out: Path, base: Path) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.num_processes or 1),
                "-m", module, *child]
     log.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except BaseException:  # Ctrl-C or a kill of this process: the launcher stops its ranks, then we go
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
 
 
 def module_main(stage: str, run_stage, argv: list[str] | None = None) -> int:
