@@ -656,8 +656,12 @@ def test_resampling_replaces_tied_groups_with_fresh_prompts(trained_tiny_dir, sh
         out = run_stage(stage_cfg(*sets, *extra, prompts=short_prompts), trained_tiny_dir, tmp_path / name)
         return json.loads((out.parent / "metrics.jsonl").read_text().splitlines()[0])
 
-    plain, again = first_row(name="plain"), first_row("mgrpo.resample_zero_spread=3", name="resampled")
-    assert plain["frac_zero_std"] > 0, "no group tied: nothing to resample"
+    for seed in range(6):  # which draws tie depends on the fixture's weights: the first seed with a tie
+        plain = first_row(f"seed={seed}", name=f"plain-{seed}")
+        if plain["frac_zero_std"] > 0:
+            break
+    assert plain["frac_zero_std"] > 0, "no group tied in 6 seeds: nothing to resample"
+    again = first_row(f"seed={seed}", "mgrpo.resample_zero_spread=3", name="resampled")
     assert again["resampled"] >= plain["frac_zero_std"] * 4  # every tied group was redrawn at least once
     assert again["frac_zero_std"] < plain["frac_zero_std"]
     tied = first_row("mgrpo.resample_zero_spread=2", "reward.weights={blocklist: 1.0}", "reward.blocklist=[]",

@@ -407,19 +407,16 @@ def test_base_model_is_a_folder_or_a_preset_built_once(tmp_path):
     assert resolve_base(str(built), tmp_path / "other", cfg) == built
 
 
-def test_launcher_reruns_the_stage_under_accelerate(monkeypatch, tmp_path):
+def test_launcher_reruns_the_stage_under_accelerate(tmp_path):
     import argparse
 
     from tifaforge.train import stage
 
-    calls = []
-    monkeypatch.setattr(stage.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     p = argparse.ArgumentParser()
     stage.stage_arguments(p)
     args = p.parse_args(["c.yaml", "--launcher", "accelerate", "--accelerate-config", "configs/accelerate/zero3-1x8.yaml",
                          "--resume", "--set", "sft.steps=5"])
-    assert stage.launch(args, "sft", tmp_path / "out", tmp_path / "base") == 0
-    cmd = calls[0]
+    cmd = stage.launch_command(args, "sft", tmp_path / "out", tmp_path / "base")
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     i = cmd.index("tifaforge.stages.sft")
     assert cmd[i + 1:] == ["c.yaml", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "base"), "--resume",

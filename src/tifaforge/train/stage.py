@@ -405,16 +405,7 @@ def check_world(cfg: Any, stage: str, world: int) -> None:
 
 def launch(args: argparse.Namespace, stage: str, out: Path, base: Path) -> int:
     """Re-run this command under a launcher: one process per device, all with the same arguments."""
-    child = [args.config, "--out", str(out), "--model", str(base), *(["--resume"] if args.resume else []),
-             *[a for s in args.set for a in ("--set", s)]]
-    module = f"tifaforge.stages.{stage}"
-    if args.launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch",
-               *(["--config_file", args.accelerate_config] if args.accelerate_config else []),
-               *(["--num_processes", str(args.num_processes)] if args.num_processes else []), "-m", module, *child]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.num_processes or 1),
-               "-m", module, *child]
+    cmd = launch_command(args, stage, out, base)
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd)
     try:
@@ -426,6 +417,21 @@ def launch(args: argparse.Namespace, stage: str, out: Path, base: Path) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+
+
+def launch_command(args: argparse.Namespace, stage: str, out: Path, base: Path) -> list[str]:
+    """The launcher's command line: `python -m tifaforge.stages.STAGE` on every rank."""
+    child = [args.config, "--out", str(out), "--model", str(base), *(["--resume"] if args.resume else []),
+             *[a for s in args.set for a in ("--set", s)]]
+    module = f"tifaforge.stages.{stage}"
+    if args.launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch",
+               *(["--config_file", args.accelerate_config] if args.accelerate_config else []),
+               *(["--num_processes", str(args.num_processes)] if args.num_processes else []), "-m", module, *child]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.num_processes or 1),
+               "-m", module, *child]
+    return cmd
 
 
 def module_main(stage: str, run_stage, argv: list[str] | None = None) -> int:
