@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tifaforge.errors import TifaError
+from tifaforge.train import distributed as dist
 from tifaforge.train import stage
 from tifaforge.utils import atomic_write_json, atomic_write_text
 
@@ -66,8 +67,6 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
 
     # --- pairs (mined from the starting model's own answers, and/or the user's) and "before" ------
     import torch
-
-    from tifaforge.train import distributed as dist
 
     dist.start("cuda" if torch.cuda.is_available() else "cpu")  # mining gathers across the ranks (TRL reuses it)
     pairs = []
@@ -119,7 +118,6 @@ def mined_pairs(cfg: Any, model_dir: str | Path, out: Path) -> list[dict]:
     on another's mining with a timeout, only at the gather."""
     from tifaforge.engine.generate import Engine
     from tifaforge.stages.mining import mine_shard, write_pairs
-    from tifaforge.train import distributed as dist
     from tifaforge.utils import read_jsonl
 
     path, summary_path = out / "pairs.jsonl", out / "pairs.summary.json"
@@ -184,8 +182,6 @@ def evaluate_once(cfg: Any, model_dir: str | Path, path: Path, fresh: bool = Fal
     and the pipeline's final evaluation reuses both files instead of generating again."""
     from tifaforge.engine.generate import Engine
     from tifaforge.eval.metrics import eval_key, evaluate
-    from tifaforge.train import distributed as dist
-
     ecfg = dataclasses.replace(cfg.eval, limit=cfg.dpo.report_limit or cfg.eval.limit)
     key = eval_key(model_dir, ecfg, cfg.sampling, cfg.reward)
     if path.exists() and not fresh:

@@ -40,6 +40,7 @@ from typing import Any
 from tifaforge.config import Config, MGRPOConfig, SamplingConfig
 from tifaforge.errors import TifaError
 from tifaforge.rewards import LogicReward, RewardResult
+from tifaforge.train import distributed as dist
 from tifaforge.utils import atomic_write_bytes, atomic_write_json
 
 STAGE = "mgrpo"
@@ -79,7 +80,6 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     from tqdm import tqdm
 
     from tifaforge.models.load import save_model
-    from tifaforge.train import distributed as dist
     from tifaforge.train import stage
     from tifaforge.train.device import check_precision
     from tifaforge.train.metrics import plot_curves
@@ -141,7 +141,6 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     `amp()`: the compute precision's context, entered around forward passes only (autocast keeps its
     bf16 weight copies until the context exits: around an optimizer step they would go stale)."""
     from tifaforge.engine.generate import Engine
-    from tifaforge.train import distributed as dist
 
     t0 = time.perf_counter()
     if rollouts is not None:
@@ -405,8 +404,6 @@ def pass2(engine, reward: LogicReward, firsts: list[Rollout], m: MGRPOConfig, se
     from tifaforge.rl.losses import revision_advantages
     from tifaforge.rl.revise import revision_messages
 
-    from tifaforge.train import distributed as dist
-
     chosen = [r for r in firsts if m.pass2 == "all" or r.reward.total < m.revise_below]
     if m.pass2 == "off":
         return [], []
@@ -503,8 +500,6 @@ def store_logps(policy, ref, rows: list[Rollout], m: MGRPOConfig, pad: int) -> N
 
 def pass_totals(rows: list[Rollout], m: MGRPOConfig) -> tuple[int, int, int]:
     """(sequences, tokens, micro-batches) of one pass over every rank: the loss's normalisers."""
-    from tifaforge.train import distributed as dist
-
     local = [len(rows), sum(len(r.completion_ids) for r in rows), len(chunks(rows, m.micro_batch))]
     return tuple(int(x) for x in dist.sum_all(local))
 
@@ -541,8 +536,6 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
     """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ)."""
     from tifaforge.models.looping import clip_and_check, get_loop
     from tifaforge.rl.losses import LossStats
-    from tifaforge.train import distributed as dist
-
     out: dict[str, float] = defaultdict(float)
     policy.train()
     totals = [pass_totals(rows, m) for rows, _ in batches]
@@ -574,8 +567,6 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
 
 def reduce_accumulators(acc: dict) -> None:
     """The loss, entropy and clip/KL sums of every rank, added (each rank holds a part of the batch)."""
-    from tifaforge.train import distributed as dist
-
     stats = acc["stats"]
     names = list(vars(stats))
     summed = dist.sum_all([acc["loss"], acc["entropy"], *(getattr(stats, k) for k in names)])
