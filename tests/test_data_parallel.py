@@ -41,7 +41,10 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_path, sharding):
+    """DDP: a whole policy per rank, gradients summed; FSDP2: each rank holds half of every weight and
+    of AdamW's state (DCP checkpoints), gathered for the rollouts."""
     from tifaforge.stages.mgrpo import run_stage
 
     config = tmp_path / "dp.yaml"
@@ -50,7 +53,8 @@ def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_
     one = run_stage(load_config(config, sets), trained_tiny_dir, tmp_path / "one")
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "tifaforge.cli", "train", "mgrpo", str(config), "--out", str(two), "--model",
-           str(trained_tiny_dir), "--launcher", "torchrun", "--num-processes", "2", *[a for s in sets for a in ("--set", s)]]
+           str(trained_tiny_dir), "--launcher", "torchrun", "--num-processes", "2", "--sharding", sharding,
+           *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -71,6 +75,8 @@ def test_mgrpo_on_two_processes_equals_one(trained_tiny_dir, short_prompts, tmp_
         assert float(((wa[k] - w0[k]) - (wb[k] - w0[k])).abs().max()) <= 0.01 * moved, k
     samples = (two / "samples.jsonl").read_text(encoding="utf-8").splitlines()
     assert samples == (tmp_path / "one" / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    shards = list((two / "checkpoints").rglob("*.distcp"))
+    assert bool(shards) == (sharding == "fsdp2")
 
 
 def test_prompts_that_do_not_split_over_the_ranks_are_refused_before_work():
@@ -83,25 +89,62 @@ def test_prompts_that_do_not_split_over_the_ranks_are_refused_before_work():
         check_launch(cfg, ["mgrpo"], "torchrun", 3, "")
 
 
-def test_a_sharded_accelerate_config_for_mgrpo_is_refused_before_work():
+def test_launches_that_cannot_shard_are_refused_before_work(tmp_path):
+    """What FSDP2 or DeepSpeed cannot run is refused by check_launch, naming the setting, before any
+    process starts; an FSDP2 accelerate config is accepted for every stage (on CPU too)."""
+    import yaml
+
     from tifaforge.config import Config
     from tifaforge.train.stage import check_launch
 
     cfg = load_config(None, ["mgrpo.prompts_per_step=8"], cls=Config)
     fsdp = str(ROOT / "configs/accelerate/fsdp-1x8.yaml")
-    with pytest.raises(TifaError, match=r"launch.accelerate_config .*fsdp-1x8.yaml: FSDP shards the model, but MGRPO"):
-        check_launch(cfg, ["cpt", "mgrpo"], "accelerate", 0, fsdp)
-    with pytest.raises(TifaError, match=r"fsdp-1x8.yaml: FSDP through accelerate needs CUDA GPUs"):
-        check_launch(cfg, ["cpt", "sft"], "accelerate", 0, fsdp)
+    assert check_launch(cfg, ["cpt", "sft", "mgrpo", "dpo"], "accelerate", 2, fsdp) == 2
+    zero3 = str(ROOT / "configs/accelerate/zero3-1x8.yaml")
+    with pytest.raises(TifaError, match=r"launch.accelerate_config .*zero3-1x8.yaml: DeepSpeed cannot run MGRPO"):
+        check_launch(cfg, ["cpt", "mgrpo"], "accelerate", 0, zero3)
+    with pytest.raises(TifaError, match=r"zero3-1x8.yaml: DeepSpeed needs CUDA GPUs"):
+        check_launch(cfg, ["cpt", "sft"], "accelerate", 0, zero3)
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    acc = yaml.safe_load(Path(fsdp).read_text())
+    acc["fsdp_config"]["fsdp_version"] = 1
+    fsdp1.write_text(yaml.safe_dump(acc))
+    with pytest.raises(TifaError, match=r"fsdp1.yaml: fsdp_version 1 needs CUDA GPUs; set fsdp_version: 2"):
+        check_launch(cfg, ["sft"], "accelerate", 2, str(fsdp1))
+    looped = load_config(None, ["model.loop.start=1", "model.loop.end=2", "launch.sharding=fsdp2"], cls=Config)
+    with pytest.raises(TifaError, match=r"launch.sharding fsdp2: model.loop \(layers 1..1\) is not supported"):
+        check_launch(looped, ["cpt"], "torchrun", 2, "")
+    assert check_launch(looped, ["cpt"], "torchrun", 1, "") == 1  # one process: nothing to shard
     with pytest.raises(TifaError, match=r"--accelerate-config .*only read with --launcher accelerate"):
         check_launch(cfg, ["cpt"], "torchrun", 2, fsdp, "--")
 
 
+def test_resuming_with_another_sharding_is_refused(tmp_path, monkeypatch):
+    """A checkpoint of sharded DCP files cannot be resumed as DDP (and the reverse): one line says how."""
+    from tifaforge.config import Config
+    from tifaforge.train import checkpoints as ckpt
+    from tifaforge.train.stage import prepare_out
+
+    cfg = load_config(None, [], cls=Config)
+    out = tmp_path / "run"
+    folder = out / "checkpoints" / "checkpoint-2"
+    (folder / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+    ckpt.mark_complete(folder, 2)
+    from tifaforge.config import save_resolved
+
+    save_resolved(cfg, out)
+    with pytest.raises(TifaError, match=r"checkpoint-2: written by a fsdp2 run, this one is ddp: resume it with "
+                                        r"launch.sharding fsdp2 and more than one process"):
+        prepare_out(out, cfg, "sft", resume=True)
+
+
 @pytest.mark.slow
 def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted_result(tmp_path):
-    """`tifa pipeline --launcher torchrun --num-processes 2`, all four stages; one MGRPO rank is
-    SIGKILLed after a checkpoint: the launcher stops the other, the command fails with a line saying
-    to rerun, and the rerun resumes MGRPO and ends on the weights of an uninterrupted 2-process run."""
+    """`tifa pipeline --launcher torchrun --num-processes 2 --sharding fsdp2`, all four stages sharded;
+    one MGRPO rank is SIGKILLed after a checkpoint (DCP shards): the launcher stops the other, the
+    command fails with a line saying to rerun, and the rerun resumes MGRPO from the shards and ends on
+    the weights of an uninterrupted 2-process run."""
     import psutil
     import torch
     import yaml
@@ -115,7 +158,7 @@ def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"name": "pipe"}))
     cmd = [sys.executable, "-m", "tifaforge.cli", "pipeline", str(config), "--no-eval", "--launcher", "torchrun",
-           "--num-processes", "2", *[a for s in sets for a in ("--set", s)]]
+           "--num-processes", "2", "--sharding", "fsdp2", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run([*cmd, "--runs", str(tmp_path / "straight")], capture_output=True, text=True, env=env)
     assert straight.returncode == 0, straight.stderr[-4000:]
@@ -146,6 +189,8 @@ def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     rows = [json.loads(x) for x in (runs / "pipe" / "03-mgrpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and {r["world_size"] for r in rows} == {2}
+    for stage in ("01-cpt", "02-sft", "03-mgrpo", "04-dpo"):  # every stage kept sharded checkpoints
+        assert list((runs / "pipe" / stage / "checkpoints").rglob("*.distcp")), stage
 
 
 SHARDED_EVAL = """

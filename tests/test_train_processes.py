@@ -88,21 +88,28 @@ def losses(out: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tmp_path, packed, tiny_model_dir):
-    """2 ranks x 2 sequences vs 1 rank x 4 sequences (every block has 64 tokens: equal tokens per rank)."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process(tmp_path, packed, tiny_model_dir, sharding):
+    """2 ranks x 2 sequences vs 1 rank x 4 sequences (every block has 64 tokens: equal tokens per rank),
+    as DDP and as FSDP2 (each rank holds half of every weight, written as DCP shards)."""
     config = tmp_path / "c.yaml"
     config.write_text("name: ddp\nseed: 7\n")
-    sets = [*SMALL, f"cpt.data={packed}", "cpt.steps=4", "cpt.save_every=4", "cpt.samples_every=0"]
+    sets = [*SMALL, f"cpt.data={packed}", "cpt.steps=4", "cpt.save_every=2", "cpt.samples_every=0"]
     one = subprocess.run(stage_cmd(config, tmp_path / "one", tiny_model_dir, sets), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(stage_cmd(config, tmp_path / "two", tiny_model_dir, [*sets, "cpt.batch_size=2"],
-                                   "--launcher", "torchrun", "--num-processes", "2"),
+                                   "--launcher", "torchrun", "--num-processes", "2", "--sharding", sharding),
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
-    assert (tmp_path / "two" / "model" / "model.safetensors").exists()
+    wa, wb = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert float((wa[k] - wb[k]).abs().max()) < 1e-5, k
+    shards = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "checkpoint-4").rglob("*.distcp"))
+    assert (shards == ["__0_0.distcp", "__0_0.distcp", "__1_0.distcp", "__1_0.distcp"]) == (sharding == "fsdp2")
     for out, world in (("one", 1), ("two", 2)):
         rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
         assert {(r["world_size"], r["global_batch"]) for r in rows} == {(world, 4)}

@@ -298,6 +298,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each stage as --num-processes ranks (default: the config's launch.launcher)")
     p.add_argument("--num-processes", type=int, help="processes per stage under the launcher (launch.num_processes)")
     p.add_argument("--accelerate-config", help="accelerate config file with --launcher accelerate")
+    p.add_argument("--sharding", choices=["ddp", "fsdp2"],
+                   help="fsdp2: split weights, gradients and optimizer states over the ranks (launch.sharding)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -306,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.name:
         cfg.name = args.name
-    for key in ("launcher", "num_processes", "accelerate_config"):  # the command line wins over the config
+    for key in ("launcher", "num_processes", "accelerate_config", "sharding"):  # the command line wins over the config
         if getattr(args, key, None) is not None:
             setattr(cfg.launch, key, getattr(args, key))
     stages = parse_stages(args.stages or cfg.stages)

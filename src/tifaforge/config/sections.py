@@ -122,4 +122,7 @@ class LaunchConfig:
     num_processes: int = opt(0, "Processes per stage under a launcher; 0 = the accelerate config's count "
                                 "(torchrun: 1).", min=0)
     accelerate_config: str = opt("", "An accelerate config file (configs/accelerate/*.yaml) for launcher accelerate.")
+    sharding: Literal["ddp", "fsdp2"] = opt(
+        "ddp", "ddp = a whole copy of the model per rank; fsdp2 = weights, gradients and optimizer states split "
+        "over the ranks (torch FSDP2, every stage; on GPUs also through an accelerate FSDP config).")
 

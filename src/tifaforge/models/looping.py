@@ -389,6 +389,8 @@ def clip_and_check(model, max_norm: float = 1.0) -> tuple[float, float, bool]:
     loop_grads = [p.grad for p in params if id(p) in block]
     loop_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in loop_grads])) if loop_grads else 0.0
     total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")) if params else 0.0
+    if hasattr(total, "full_tensor"):  # FSDP2: the norm over every rank's shard
+        total = total.full_tensor()
     ok = bool(torch.isfinite(torch.as_tensor(total)))
     if not ok:
         for p in params:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tifaforge.train import data, stage
+from tifaforge.train import data, sharding, stage
 
 STAGE = "cpt"
 
@@ -33,8 +33,9 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
 
     # --- config: run directory, resume point, trainer arguments --------------------------------
     tc = cfg.cpt
+    mode = stage.sharding_mode(cfg, STAGE)  # ddp, or fsdp2: weights split over the ranks
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
-    args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE)
+    args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, mode=mode)
 
     # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
     model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop)
@@ -44,7 +45,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     prompts = data.cpt_sample_prompts(dataset, tokenizer, tc.sample_prompts)
 
     # --- trainer ---------------------------------------------------------------------------------
-    trainer = SFTTrainer(
+    trainer = sharding.trainer_class(SFTTrainer, mode)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=stage.lora_config(tc),
         callbacks=[*stage.loop_callbacks(model), *stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling),

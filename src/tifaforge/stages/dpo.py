@@ -23,7 +23,7 @@ from typing import Any
 
 from tifaforge.errors import TifaError
 from tifaforge.train import distributed as dist
-from tifaforge.train import stage
+from tifaforge.train import sharding, stage
 from tifaforge.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     tc = cfg.dpo
     if not tc.mine and not tc.pairs:
         raise TifaError("dpo: no pairs to train on: set dpo.mine: true and/or dpo.pairs to a preference file")
+    mode = stage.sharding_mode(cfg, STAGE)  # ddp, or fsdp2: weights split over the ranks
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
     loss_type, weights = ([tc.loss_type, "sft"], [1.0, tc.sft_weight]) if tc.sft_weight > 0 else ([tc.loss_type], None)
-    args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, trl_config=DPOConfig, beta=tc.beta,
+    args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, trl_config=DPOConfig, mode=mode, beta=tc.beta,
                                loss_type=loss_type, loss_weights=weights, precompute_ref_log_probs=tc.precompute_ref)
 
     # --- pairs (mined from the starting model's own answers, and/or the user's) and "before" ------
@@ -90,7 +91,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
                                                          "dropped": dropped})
 
     # --- trainer ---------------------------------------------------------------------------------
-    trainer = DPOTrainer(
+    trainer = sharding.trainer_class(DPOTrainer, mode)(
         model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=stage.lora_config(tc),
         callbacks=[*stage.loop_callbacks(model),

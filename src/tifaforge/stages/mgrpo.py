@@ -33,6 +33,7 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +42,7 @@ from tifaforge.config import Config, MGRPOConfig, SamplingConfig
 from tifaforge.errors import TifaError
 from tifaforge.rewards import LogicReward, RewardResult
 from tifaforge.train import distributed as dist
+from tifaforge.train import sharding
 from tifaforge.utils import atomic_write_bytes, atomic_write_json
 
 STAGE = "mgrpo"
@@ -89,6 +91,8 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     reward = LogicReward(cfg.reward)
     records = read_prompts(m)
     stage.check_world(cfg, STAGE, dist.world_size())
+    mode = sharding.sharding(cfg)
+    sharding.check(cfg, STAGE, mode)
     precision = check_precision(SimpleNamespace(device="auto", dtype=m.dtype), STAGE)
     dist.start("cuda" if torch.cuda.is_available() else "cpu")
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
@@ -98,6 +102,10 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     # --- model, data, optimizer
     torch.manual_seed(cfg.seed)
     policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop, precision)
+    if mode == "fsdp2":  # each rank keeps 1/N of the weights, gradients and AdamW states
+        for model in (policy, ref):
+            if model is not None:
+                sharding.shard(model, mixed_bf16=precision == "bf16")
     prompts = render_prompts(records, reward, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)
@@ -115,8 +123,8 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
             done = step + 1
             stopping = stop_after is not None and done - start >= stop_after and done < m.steps
             if done % m.save_every == 0 or done == m.steps or stopping:
-                if stage.is_main():  # every rank holds the same weights and optimizer state
-                    save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
+                save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
+                if stage.is_main():
                     plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
                 dist.barrier()  # no rank goes on (or returns) before the checkpoint is complete
             if stopping:
@@ -125,8 +133,9 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
         if engine is not None:
             engine.close()
     # --- save: a plain transformers folder (LoRA merged), then the manifest, last
+    final = unsharded(policy, base_model_dir, m, cfg.model.loop) if sharding.is_sharded(policy) else policy
     if stage.is_main():
-        final = policy.merge_and_unload() if m.lora_r > 0 else policy
+        final = final.merge_and_unload() if m.lora_r > 0 else final
         save_model(final.eval(), tok, run.model)
         atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
                                                       "base": str(Path(base_model_dir).resolve())})
@@ -143,25 +152,23 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
     from tifaforge.engine.generate import Engine
 
     t0 = time.perf_counter()
-    if rollouts is not None:
-        rollouts.load_policy(policy)
-        engine = rollouts
-    else:
-        engine = Engine(policy, tok)
     batch_seed = (seed * 1_000_003 + step) * 100_003
     # This rank's share of the update's prompts, in global order; seeds follow the global row index.
     share = m.prompts_per_step // dist.world_size()
     mine = prompts_for_step(prompts, step, m.prompts_per_step, seed)[dist.rank() * share:(dist.rank() + 1) * share]
-    with amp():
+    with amp(), sharding.whole(policy):  # FSDP2: weights gathered once, sampling runs without collectives
+        if rollouts is not None:
+            rollouts.load_policy(policy)
+        engine = rollouts if rollouts is not None else Engine(policy, tok)
         firsts, zero1 = pass1(engine, reward, mine, m, batch_seed + dist.rank() * share * m.group_size)
         drawn = resample(engine, reward, prompts, firsts, zero1, m, seed, step, batch_seed, dist.rank() * share)
         revs, zero2 = pass2(engine, reward, firsts, m, batch_seed + 50_000)
     t1 = time.perf_counter()
     train1, train2 = kept(firsts, zero1, m.group_size, m), kept(revs, zero2, m.revisions, m)
     for rows in (train1, train2):  # per pass, as pass_loss cuts its micro-batches
-        with amp():
+        with amp(), sharding.whole(policy), sharding.whole(ref):
             store_logps(policy, ref, rows, m, pad)
-    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad, amp)
+    losses = optimize(policy, opt, sched, [(train1, 1.0), (train2, m.pass2_weight)], m, pad, amp, firsts[0])
     t2 = time.perf_counter()
     for r in firsts + revs:  # what the log needs crosses the ranks, not the log-prob tensors
         r.old_logps = r.ref_logps = None
@@ -305,6 +312,19 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str
         if precision == "bf16":
             ref = ref.to(torch.bfloat16)
     return policy, tok, ref
+
+
+def unsharded(policy, base_dir, m: MGRPOConfig, loop):
+    """The sharded policy's weights gathered into a whole copy on rank 0 (None elsewhere); every rank calls it."""
+    state = sharding.full_state_dict(policy)
+    if dist.rank() != 0:
+        return None
+    whole, _, _ = build_models(base_dir, dataclasses_replace(m, beta=0.0, gradient_checkpointing=False), loop)
+    missing, unexpected = whole.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k}  # tied to the embeddings: restored with them
+    if unexpected or set(missing) - tied:
+        raise TifaError(f"mgrpo: gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return whole
 
 
 def autocast(precision: str, policy):
@@ -463,7 +483,8 @@ def score(policy, chunk: list[Rollout], pad: int, m: MGRPOConfig, entropy: bool 
     """(log-probs (B, C), entropies or None, completion mask (B, C), C) of a micro-batch's completions.
     Rows sharing a prompt opening of >= SHARED_MIN tokens (a pass-1 group, the revisions of one
     conversation) compute it once (`grouped_completion_logps`); a looped policy (its KV cache has a
-    slot per iteration) or one with gradient checkpointing (it keeps no cache) scores the plain batch."""
+    slot per iteration), one with gradient checkpointing (it keeps no cache) or a sharded one scores
+    the plain batch."""
     import torch
 
     from tifaforge.engine.generate import SHARED_MIN
@@ -471,7 +492,10 @@ def score(policy, chunk: list[Rollout], pad: int, m: MGRPOConfig, entropy: bool 
     from tifaforge.rl.losses import completion_logps, grouped_completion_logps
 
     C = max(len(r.completion_ids) for r in chunk)
-    if get_loop(policy) is None and not getattr(policy, "is_gradient_checkpointing", False):  # both drop the cache
+    # A looped policy, one with gradient checkpointing (both drop the cache) or a sharded one (FSDP2 frees a
+    # layer's gathered weights after each forward, which the cached prefix's backward still needs): one pass.
+    if get_loop(policy) is None and not getattr(policy, "is_gradient_checkpointing", False) \
+            and not sharding.is_sharded(policy):
         logps, ent = grouped_completion_logps(policy, [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
                                               C, pad, m.temperature, entropy, SHARED_MIN)
         cmask = torch.tensor([[1.0] * len(r.completion_ids) + [0.0] * (C - len(r.completion_ids)) for r in chunk],
@@ -505,7 +529,7 @@ def pass_totals(rows: list[Rollout], m: MGRPOConfig) -> tuple[int, int, int]:
 
 
 def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: int, acc: dict,
-              totals: tuple[int, int, int], amp=contextlib.nullcontext) -> None:
+              totals: tuple[int, int, int], amp=contextlib.nullcontext, fill: int = 0, filler=None) -> None:
     """Backward this rank's part of one pass's loss (× weight) micro-batch by micro-batch, normalised
     over the whole pass on every rank (`totals`), so the ranks' gradients add up to the one-process one:
     exactly for grpo, dr_grpo and dapo; for bnpo when each rank's rows fill whole micro-batches."""
@@ -529,23 +553,33 @@ def pass_loss(policy, rows: list[Rollout], weight: float, m: MGRPOConfig, pad: i
         acc["loss"] += float(loss.detach())
         acc["stats"].add(stats)
         acc["entropy"] += float(ent.sum())
+    for _ in range(fill):  # FSDP2: a zero-weight pass, so this rank joins the busiest rank's collectives
+        with amp():
+            loss = score(policy, [filler], pad, m)[0].sum() * 0.0
+        loss.backward()
 
 
 def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: MGRPOConfig, pad: int,
-             amp=contextlib.nullcontext) -> dict:
-    """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ)."""
+             amp=contextlib.nullcontext, filler: Rollout | None = None) -> dict:
+    """μ optimizer steps on one rollout batch; returns the step's loss metrics (means over the μ).
+    Sharded (FSDP2), each forward and backward gathers and reduce-scatters with the other ranks, so every
+    rank runs as many micro-batches as the busiest one (`filler` pads with zero-weight passes) and the
+    gradients arrive summed; unsharded, they are summed once after the backward passes."""
     from tifaforge.models.looping import clip_and_check, get_loop
     from tifaforge.rl.losses import LossStats
     out: dict[str, float] = defaultdict(float)
     policy.train()
     totals = [pass_totals(rows, m) for rows, _ in batches]
+    sharded = sharding.is_sharded(policy)
+    mine = [len(chunks(rows, m.micro_batch)) for rows, _ in batches]
+    fills = [max(n) - k for n, k in zip(zip(*dist.gather(mine)), mine)] if sharded else [0] * len(batches)
     for _ in range(m.iterations):
         acc = {"loss": 0.0, "entropy": 0.0, "stats": LossStats()}
         opt.zero_grad(set_to_none=True)
-        for (rows, weight), total in zip(batches, totals):
-            if rows:
-                pass_loss(policy, rows, weight, m, pad, acc, total, amp)
-        if any(t[0] for t in totals):  # the ranks' parts of the gradient, summed (nothing to train: none)
+        for (rows, weight), total, fill in zip(batches, totals, fills):
+            if rows or fill:
+                pass_loss(policy, rows, weight, m, pad, acc, total, amp, fill, filler)
+        if any(t[0] for t in totals) and not sharded:  # the ranks' parts, summed (nothing to train: none)
             dist.sum_gradients(policy.parameters())
         reduce_accumulators(acc)
         # clip_and_check also reports the looped block's norm apart (0 when the model does not loop)
@@ -640,14 +674,24 @@ def sample_rows(step: int, firsts: list[Rollout], revs: list[Rollout], n: int) -
 
 
 def save_checkpoint(run, step: int, policy, opt, sched, keep: int) -> None:
+    """Every rank calls it. Unsharded, rank 0 writes the trainable weights and AdamW state (every rank
+    holds the same); sharded, each rank writes its shard (DCP), and rank 0 marks the checkpoint
+    complete only after all have."""
     import torch
 
     from tifaforge.train import checkpoints as ckpt
 
     folder = run.checkpoints / f"checkpoint-{step}"
-    trainable = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}
-    for name, obj in (("trainable.pt", trainable), ("optimizer.pt", opt.state_dict()),
-                      ("scheduler.pt", sched.state_dict())):
+    objs = [("scheduler.pt", sched.state_dict())]
+    if sharding.is_sharded(policy):
+        sharding.save_dcp(folder, policy, opt)
+        dist.barrier()
+    else:
+        trainable = {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}
+        objs = [("trainable.pt", trainable), ("optimizer.pt", opt.state_dict()), *objs]
+    if dist.rank() != 0:
+        return
+    for name, obj in objs:
         buf = io.BytesIO()
         torch.save(obj, buf)
         atomic_write_bytes(folder / name, buf.getvalue())
@@ -661,12 +705,19 @@ def load_checkpoint(folder: Path | None, policy, opt, sched) -> int:
 
     if folder is None:
         return 0
+    kind = sharding.checkpoint_kind(folder)
+    if kind != ("fsdp2" if sharding.is_sharded(policy) else "ddp"):
+        raise TifaError(f"{folder}: a checkpoint of a {kind} run; resume it with launch.sharding "
+                        f"{'fsdp2' if kind == 'fsdp2' else 'ddp'} (or train into another --out)")
+    sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if kind == "fsdp2":
+        sharding.load_dcp(folder, policy, opt)
+        return int(folder.name.split("-")[1])
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for n, t in torch.load(folder / "trainable.pt", weights_only=True).items():
             params[n].copy_(t)
     opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return int(folder.name.split("-")[1])
 
 

@@ -26,6 +26,7 @@ from tifaforge.config import TrainConfig
 from tifaforge.config.training import cosmetic_keys
 from tifaforge.errors import TifaError
 from tifaforge.train import checkpoints as ckpt
+from tifaforge.train import sharding
 from tifaforge.train.device import check_precision, resolve_device
 from tifaforge.train.metrics import JsonlLog, metrics_callback, plot_curves, samples_callback
 from tifaforge.utils import umask
@@ -85,6 +86,11 @@ def prepare_out(out_dir: str | Path, cfg: Any, stage: str, resume: bool) -> tupl
                         f"{latest.name if latest else 'none'}); pass --resume to continue it, or choose another --out")
     if latest is not None:
         check_same_config(run.out / "config.yaml", cfg, stage)
+        kind, mode = sharding.checkpoint_kind(latest), sharding.sharding(cfg)
+        if kind != mode:
+            raise TifaError(f"{latest}: written by a {kind} run, this one is {mode}: resume it with launch.sharding "
+                            f"{kind}{' and more than one process' if kind == 'fsdp2' else ''}, or train into "
+                            "another --out")
     if is_main():
         run.out.mkdir(parents=True, exist_ok=True)
         step = int(latest.name.split("-")[1]) if latest else 0
@@ -125,11 +131,11 @@ def seed_of(cfg: Any, tc: TrainConfig) -> int:
     return tc.seed if tc.seed is not None else cfg.seed
 
 
-def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_config=None, **extra):
+def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_config=None, mode: str = "ddp", **extra):
     """TRL's config for a stage section (SFTConfig unless `trl_config` names another, e.g. DPOConfig).
     Made before the model: under ZeRO-3 it shards weights as they load. CPU needs bf16 off and
     gradient checkpointing off explicitly (TRL defaults both on: 10x slower here, feasibility.md
-    pitfall 2)."""
+    pitfall 2). `mode` fsdp2 adds accelerate's FSDP2 plugin (train/sharding.py)."""
     from trl import SFTConfig
 
     precision = check_precision(tc, stage)
@@ -143,6 +149,7 @@ def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_confi
         bf16=precision == "bf16", fp16=False, use_cpu=resolve_device(tc) == "cpu",
         logging_steps=tc.log_every, save_strategy="steps", save_steps=tc.save_every, save_total_limit=None,
         report_to=tc.report_to, dataloader_num_workers=0, disable_tqdm=False,
+        **sharding.training_args(mode, tc.gradient_checkpointing),
     )
     if trl_config is None:
         return SFTConfig(**common, packing=False, dataset_kwargs={"skip_prepare_dataset": True}, **extra)
@@ -230,7 +237,17 @@ def callbacks(tc: TrainConfig, run: RunDir, stage: str, tokenizer, prompts: list
 
 
 def _sharded() -> bool:
-    return any(os.environ.get(v, "").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return any(os.environ.get(v, "").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")) \
+        or os.environ.get("TIFA_SHARDING") == "fsdp2"
+
+
+def sharding_mode(cfg: Any, stage: str) -> str:
+    """This process's sharding ("ddp" or "fsdp2"), checked against the stage's settings before any work."""
+    mode = sharding.sharding(cfg)
+    sharding.check(cfg, stage, mode)
+    if mode == "fsdp2":
+        os.environ["TIFA_SHARDING"] = mode  # read where no config reaches (the samples callback)
+    return mode
 
 
 def train(trainer, resume_from: Path | None) -> None:
@@ -248,7 +265,13 @@ def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.config.use_cache = True  # off while training; generation wants it
-    trainer.save_model(str(tmp))  # every rank: gathers sharded weights; rank 0 writes, tokenizer included
+    if getattr(trainer, "is_fsdp_enabled", False) and "FULL" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        state = trainer.accelerator.get_state_dict(trainer.model)  # every rank: gathers the shards onto rank 0
+        if is_main():
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), state_dict=state)
+            trainer.processing_class.save_pretrained(str(tmp))
+    else:
+        trainer.save_model(str(tmp))  # every rank: gathers sharded weights; rank 0 writes, tokenizer included
     if is_main():
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config says it all
         if tc.lora.enabled and tc.lora.merge:
@@ -288,11 +311,16 @@ def stage_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the processes with `accelerate launch` (configs/accelerate/*.yaml) or torchrun")
     p.add_argument("--accelerate-config", help="accelerate config file (with --launcher accelerate)")
     p.add_argument("--num-processes", type=int, help="processes to start (with a launcher)")
+    p.add_argument("--sharding", choices=["ddp", "fsdp2"],
+                   help="ddp: a whole model per rank; fsdp2: weights, gradients, optimizer split over the ranks "
+                        "(the config's launch.sharding)")
 
 
 def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
     from tifaforge.config import load_config
 
+    if getattr(args, "sharding", None):  # into the config, so the launched ranks get it with --set
+        args.set = [*args.set, f"launch.sharding={args.sharding}"]
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
     if args.launcher != "none":  # refused before any work; the launcher gets the count as given
@@ -346,8 +374,9 @@ def _wait_for(path: Path, seconds: float = 600) -> None:
 def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_config: str,
                  prefix: str = "launch.") -> int:
     """Refuse, before any work, a launch that cannot run: a launcher that is not installed, more
-    processes than GPUs, an accelerate config that is unreadable or shards a stage that trains
-    data-parallel only (MGRPO), a batch that does not split over the ranks. Returns the process count."""
+    processes than GPUs, an accelerate config that is unreadable or asks what a stage cannot do
+    (DeepSpeed for MGRPO's own loop, DeepSpeed or FSDP1 without GPUs), FSDP2 with a looped model or vLLM
+    rollouts, a batch that does not split over the ranks. Returns the process count."""
     import importlib.util
 
     import torch
@@ -358,7 +387,7 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
     if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
         raise TifaError(f"{names['launcher']} {launcher}: {module} is not installed (pip install "
                         f"{'accelerate' if launcher == 'accelerate' else 'torch'})")
-    sharding, machines = "MULTI_CPU", 1
+    kind, machines, fsdp_version = "MULTI_CPU", 1, 2
     if accelerate_config and launcher != "accelerate":
         raise TifaError(f"{names['acc']} {accelerate_config}: only read with {names['launcher']} accelerate")
     if launcher == "accelerate" and not accelerate_config:  # accelerate then reads its default config, if any
@@ -372,18 +401,25 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
             acc = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as e:
             raise TifaError(f"{names['acc']} {accelerate_config}: cannot read it: {e}") from None
-        sharding = str(acc.get("distributed_type", "NO"))
+        kind = str(acc.get("distributed_type", "NO"))
         machines = int(acc.get("num_machines", 1) or 1)
+        fsdp_version = int((acc.get("fsdp_config") or {}).get("fsdp_version", 1))
         n = n or int(acc.get("num_processes", 1))
     n = n or 1
+    mode = "fsdp2" if kind == "FSDP" or cfg.launch.sharding == "fsdp2" else "ddp"
     for stage in stages:
-        if stage == "mgrpo" and sharding in ("FSDP", "DEEPSPEED"):
-            raise TifaError(f"{names['acc']} {accelerate_config}: {sharding} shards the model, but MGRPO trains "
-                            "data-parallel (a whole copy per rank): use torchrun or a MULTI_GPU config for it")
+        if stage == "mgrpo" and kind == "DEEPSPEED":
+            raise TifaError(f"{names['acc']} {accelerate_config}: DeepSpeed cannot run MGRPO's own training loop: "
+                            "use an FSDP (fsdp_version 2) or MULTI_GPU config, or torchrun")
         check_world(cfg, stage, n)
-    if sharding in ("FSDP", "DEEPSPEED") and not torch.cuda.is_available():  # seen: FSDP on CPU trained DDP
-        raise TifaError(f"{names['acc']} {accelerate_config}: {sharding} through accelerate needs CUDA GPUs (on CPU "
-                        "accelerate falls back to plain data parallelism); none here")
+        if n > 1:
+            sharding.check(cfg, stage, mode)
+    if kind == "DEEPSPEED" and not torch.cuda.is_available():
+        raise TifaError(f"{names['acc']} {accelerate_config}: DeepSpeed needs CUDA GPUs; none here (use "
+                        "launch.sharding fsdp2 to shard on CPU)")
+    if kind == "FSDP" and fsdp_version != 2 and not torch.cuda.is_available():  # seen: FSDP1 on CPU trained DDP
+        raise TifaError(f"{names['acc']} {accelerate_config}: fsdp_version {fsdp_version} needs CUDA GPUs; "
+                        "set fsdp_version: 2 (FSDP2 runs on CPU too)")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and -(-n // machines) > gpus:  # num_processes counts every machine's
         raise TifaError(f"{names['n']} {n}: more processes per machine than this machine's {gpus} GPU(s)")
