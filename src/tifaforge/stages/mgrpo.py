@@ -492,8 +492,9 @@ def score(policy, chunk: list[Rollout], pad: int, m: MGRPOConfig, entropy: bool 
     from tifaforge.rl.losses import completion_logps, grouped_completion_logps
 
     C = max(len(r.completion_ids) for r in chunk)
-    # A looped policy, one with gradient checkpointing (both drop the cache) or a sharded one (FSDP2 frees a
-    # layer's gathered weights after each forward, which the cached prefix's backward still needs): one pass.
+    # A looped policy, one with gradient checkpointing (both drop the cache) or a sharded one: one forward.
+    # (FSDP2 reduce-scatters once per layer call; a prefix computed once for some groups and not others
+    # would call layers a data-dependent number of times and the ranks' collectives would not match.)
     if get_loop(policy) is None and not getattr(policy, "is_gradient_checkpointing", False) \
             and not sharding.is_sharded(policy):
         logps, ent = grouped_completion_logps(policy, [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
@@ -576,9 +577,10 @@ def optimize(policy, opt, sched, batches: list[tuple[list[Rollout], float]], m: 
     for _ in range(m.iterations):
         acc = {"loss": 0.0, "entropy": 0.0, "stats": LossStats()}
         opt.zero_grad(set_to_none=True)
-        for (rows, weight), total, fill in zip(batches, totals, fills):
-            if rows or fill:
-                pass_loss(policy, rows, weight, m, pad, acc, total, amp, fill, filler)
+        with sharding.whole(policy):  # FSDP2: gathered for the passes, resharded before the step
+            for (rows, weight), total, fill in zip(batches, totals, fills):
+                if rows or fill:
+                    pass_loss(policy, rows, weight, m, pad, acc, total, amp, fill, filler)
         if any(t[0] for t in totals) and not sharded:  # the ranks' parts, summed (nothing to train: none)
             dist.sum_gradients(policy.parameters())
         reduce_accumulators(acc)

@@ -160,9 +160,12 @@ def is_sharded(model) -> bool:
 
 @contextlib.contextmanager
 def whole(model):
-    """Every layer's weights gathered for the block, and kept gathered across forwards: generation and
-    no-grad scoring run without collectives, so ranks that sample different lengths never wait on each
-    other. A no-op for an unsharded model."""
+    """Every layer's weights gathered for the block, and kept gathered across forwards and backwards:
+    generation and no-grad scoring run without collectives, so ranks that sample different lengths
+    never wait on each other; a backward only reduce-scatters its gradients (each rank keeps its
+    shard of them), and a prompt's shared prefix can be computed once for its group. Exit before the
+    optimizer step: it updates the shards, and the gathered copies would go stale. A no-op for an
+    unsharded model. Peak memory: the whole weights, as vLLM's colocated copy would hold."""
     if model is None or not is_sharded(model):
         yield
         return
@@ -171,6 +174,7 @@ def whole(model):
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
         m.unshard()
     try:
         yield
@@ -178,6 +182,7 @@ def whole(model):
         for m in units:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # fully_shard's defaults: the root keeps
+            m.set_reshard_after_backward(True, recurse=False)
 
 
 def save_dcp(folder: Path, model, optimizer) -> None:
