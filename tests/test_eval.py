@@ -120,14 +120,37 @@ def test_eval_writes_a_reproducible_report(trained_tiny_dir, tmp_path):
     assert (tmp_path / "a" / "plots" / "eval_metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_eval_split_missing_is_an_error(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "你好"}], "split": "train"}) + "\n",
-                 encoding="utf-8")
+def test_split_means_the_same_in_mgrpo_mining_and_eval(tmp_path, tiny_model_dir):
+    """A line without `split` is in "train" for MGRPO, DPO mining and eval alike; "" and "all" take
+    every line; an empty split is an error naming the file and the config key."""
+    from tifaforge.config import MiningConfig, MGRPOConfig, SamplingConfig
+    from tifaforge.engine.generate import Engine
     from tifaforge.eval.metrics import load_prompts
+    from tifaforge.stages.mgrpo import read_prompts
+    from tifaforge.stages.mining import mine_shard
 
-    with pytest.raises(TifaError, match="no prompts with split 'eval'"):
-        load_prompts(EvalConfig(prompts=str(p)))
+    p = tmp_path / "p.jsonl"
+    lines = [{"id": "a", "messages": [{"role": "user", "content": "你好"}]},
+             {"id": "b", "messages": [{"role": "user", "content": "说说雨。"}]},
+             {"id": "c", "messages": [{"role": "user", "content": "说说风。"}], "split": "eval"}]
+    p.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    assert [r.id for r in read_prompts(MGRPOConfig(prompts=str(p), split="train"))] == ["a", "b"]
+    assert [r.id for r in load_prompts(EvalConfig(prompts=str(p), split="train"))[0]] == ["a", "b"]
+    assert [r.id for r in load_prompts(EvalConfig(prompts=str(p), split="eval"))[0]] == ["c"]
+    for every in ("", "all"):
+        assert len(read_prompts(MGRPOConfig(prompts=str(p), split="all"))) == 3
+        assert len(load_prompts(EvalConfig(prompts=str(p), split=every))[0]) == 3
+    engine = Engine.load(tiny_model_dir, device="cpu")
+    mining = MiningConfig(k=2, max_new_tokens=2, split="train")
+    assert mine_shard(engine, p, mining, SamplingConfig(), progress=False)[2] == 2  # prompts in the split
+    only_train = tmp_path / "train.jsonl"
+    only_train.write_text(json.dumps(lines[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(TifaError, match=r"train.jsonl: no prompts in split 'eval' \(eval.split; a line without"):
+        load_prompts(EvalConfig(prompts=str(only_train)))
+    with pytest.raises(TifaError, match=r"no prompts in split 'eval' \(mining.split"):
+        mine_shard(engine, only_train, MiningConfig(split="eval"), SamplingConfig(), progress=False)
+    with pytest.raises(TifaError, match=r"no prompts in split 'eval' \(mgrpo.split"):
+        read_prompts(MGRPOConfig(prompts=str(only_train), split="eval"))
 
 
 def test_unpenalised_repetition_is_measured_on_answers_made_without_penalties(trained_tiny_dir):

@@ -41,8 +41,11 @@ def test_missing_path():
         load_model("/nonexistent/model", device="cpu")
 
 
-def test_base_without_template_tokens_gets_them(tmp_path):
-    """A plain base (like Qwen2.5 base): the tags are added as special tokens, rows = mean of old."""
+@pytest.mark.parametrize("spare", [0, 20])
+def test_base_without_template_tokens_gets_them(tmp_path, spare):
+    """A plain base: the tags are added as special tokens, their rows = the mean of the trained rows,
+    whether the matrix grows (spare 0) or has spare rows (Qwen2.5 pads its vocabulary): those hold a
+    recognisable value here, which no tag may keep and the mean must not include."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -53,19 +56,26 @@ def test_base_without_template_tokens_gets_them(tmp_path):
                                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
-    old_in = base.get_input_embeddings().weight.detach().clone()
-    old_out = base.get_output_embeddings().weight.detach().clone()
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + spare, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        tie_word_embeddings=False))
+    with torch.no_grad():
+        base.get_input_embeddings().weight[len(tok):] = 7.0
+        base.get_output_embeddings().weight[len(tok):] = 7.0
+    old_in = base.get_input_embeddings().weight.detach().clone()[: len(tok)]
+    old_out = base.get_output_embeddings().weight.detach().clone()[: len(tok)]
     save_model(base, tok, tmp_path / "base")
 
     model, tok2 = load_model(tmp_path / "base", device="cpu")
     added = model.config.tifaforge["added_tokens"]
     assert "<|User|>" in added and "<think>" in added and len(tok2) == len(tok) + len(added)
-    emb = model.get_input_embeddings().weight
-    assert emb.shape[0] == len(tok2)
-    assert torch.equal(emb[: len(tok)], old_in) and torch.allclose(emb[len(tok):], old_in.mean(0).expand(len(added), -1))
-    assert torch.allclose(model.get_output_embeddings().weight[len(tok):], old_out.mean(0).expand(len(added), -1))
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape[0] == max(len(tok2), len(tok) + spare)  # grown only when the spare rows do not suffice
+    assert model.config.tifaforge["added_rows"] == [len(tok), len(tok2)]
+    assert torch.equal(emb[: len(tok)], old_in)
+    assert torch.allclose(emb[len(tok):len(tok2)], old_in.mean(0).expand(len(added), -1))
+    assert torch.allclose(head[len(tok):len(tok2)], old_out.mean(0).expand(len(added), -1))
+    assert bool((emb[len(tok2):] == 7.0).all()) and bool((head[len(tok2):] == 7.0).all())  # padding left alone
     assert len(tok2("<|User|>", add_special_tokens=False).input_ids) == 1
     # saved with the model, and a reload does not add them twice
     save_model(model, tok2, tmp_path / "grown")

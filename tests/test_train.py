@@ -529,3 +529,32 @@ def test_sft_stage_primes_a_tagless_base_once(tmp_path):
     off = cfg_with(*sets, "sft.prime_new_tokens=false")
     sft.run_stage(off, base, tmp_path / "plain")
     assert "primed_tokens" not in _json.loads((tmp_path / "plain" / "model" / "config.json").read_text())["tifaforge"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_sft_keeps_the_primed_and_trained_tag_rows_in_the_merged_model(tmp_path, tied):
+    """LoRA on all linear layers never trains the embeddings, and the merge reloads the base (the tags
+    back at the loader's mean rows): the tags' rows are trained as peft trainable tokens, so model/
+    holds them primed and trained; every other embedding and head row is the base's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tifaforge.models.load import load_model
+    from tifaforge.stages import sft
+
+    base = _tagless_base(tmp_path / "base", tied=tied)
+    sets = ["sft.data=" + str(ROOT / "data" / "demo" / "en" / "sft.jsonl"), "sft.steps=2", "sft.batch_size=2",
+            "sft.max_length=1024", "sft.save_every=2", "sft.samples_every=0", "sft.user_name=Sam",
+            "sft.lora.enabled=true", "sft.lora.r=4", "sft.lora.alpha=8", "sft.learning_rate=0.01"]
+    out = sft.run_stage(cfg_with(*sets), base, tmp_path / "02-sft")
+    loaded, tok = load_model(base, device="cpu")  # what the merge starts from: the tags at the mean rows
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    added = loaded.config.tifaforge["added_tokens"]
+    ids = tok.convert_tokens_to_ids(added)
+    primed = tok.convert_tokens_to_ids(["<think>", "</think>", tok.eos_token])
+    for layer in ("get_input_embeddings", "get_output_embeddings"):
+        new, old = getattr(merged, layer)().weight, getattr(loaded, layer)().weight
+        moved = (new != old).any(-1).nonzero().flatten().tolist()
+        assert set(moved) <= set(ids), layer  # only tag rows differ from the base
+        assert set(primed) <= set(moved), layer  # the tags the data asks for were primed / trained
+    assert merged.get_output_embeddings().weight[primed].sub(loaded.get_output_embeddings().weight[primed]).norm() > 0

@@ -71,7 +71,8 @@ class EvalConfig:
     """What `tifa eval` measures on, and how."""
 
     prompts: str = opt("data/demo/prompts.jsonl", "Prompts JSONL (DESIGN §2a); the `split: eval` lines are used.")
-    split: str = opt("eval", "Which split of the prompts file to evaluate on ('' = all lines).")
+    split: str = opt("eval", "Which split of the prompts file to evaluate on ('' or all = every line; a line "
+                             "without `split` is in train).")
     ppl_text: str = opt("data/demo/eval/novel_heldout.txt", "Held-out novel text for perplexity ('' = skip).")
     user_name: str = opt("小林", "The user's name in the role-play ({{user}} in cards).")
     max_new_tokens: int = opt(1536, "Tokens per answer (the seed's 1536; the tiny demo config lowers it).", min=1)
@@ -107,7 +108,8 @@ class MiningConfig:
     pairs_per_prompt: int = opt(1, "Pairs kept per prompt at most: the most repetitive answers, each with its own "
                                    "chosen one (the least repetitive good answers), while both last.", min=1)
     synthesize: bool = opt(True, "Inject repetition into a good answer when no natural rejected answer exists.")
-    split: str = opt("train", "Which split of the prompts file to mine ('' = all).")
+    split: str = opt("train", "Which split of the prompts file to mine ('' or all = every line; a line without "
+                              "`split` is in train).")
     user_name: str = opt("小林", "The user's name in the role-play ({{user}} in cards).")
     seed: int = opt(0, "Sampling seed (prompt i, answer j uses seed + i * k + j) and injection seed.")
 

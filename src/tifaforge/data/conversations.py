@@ -375,3 +375,17 @@ def check_command(path: str | Path, kind: Kind, skip_bad: bool = False) -> int:
         print(f"  {turns} training examples (one per assistant turn); "
               f"{thinking}/{len(records)} final answers have a think block")
     return 1 if report.problems else 0
+
+
+def select_split(records: list, split: str | None, path, key: str) -> list:
+    """The records of `split` ("" or "all": every record), the same in every stage: a line without a
+    `split` field is in "train". None selected is an error naming the file and the config key."""
+    from tifaforge.errors import TifaError
+
+    if not split or split == "all":
+        chosen = list(records)
+    else:
+        chosen = [r for r in records if (r.split or "train") == split]
+    if not chosen:
+        raise TifaError(f"{path}: no prompts in split {split!r} ({key}; a line without `split` is in 'train')")
+    return chosen

@@ -106,14 +106,11 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
 
 def load_prompts(cfg: EvalConfig):
     """(records, base folder) of the eval split; a missing file or empty split is an error."""
-    from tifaforge.data.conversations import check_file
-    from tifaforge.errors import TifaError
+    from tifaforge.data.conversations import check_file, select_split
 
     path = resolve_path(cfg.prompts)
     records, _ = check_file(path, "prompts")
-    chosen = [r for r in records if not cfg.split or r.split == cfg.split]
-    if not chosen:
-        raise TifaError(f"{path}: no prompts with split '{cfg.split}'")
+    chosen = select_split(records, cfg.split, path, "eval.split")
     return chosen[: cfg.limit or None], path.parent
 
 

@@ -146,8 +146,9 @@ def _warn_template(path: Path, tokenizer) -> None:
 def ensure_template_tokens(model, tokenizer, spelling: str = "ascii") -> list[str]:
     """Add the seed template's tags to a tokenizer that lacks them; grow the embeddings to match.
 
-    New rows are the mean of the existing rows (a neutral start that keeps logits finite), for the
-    input embeddings and, when untied, the output head. Recorded in `model.config.tifaforge`.
+    The tags' rows are the mean of the trained rows (a neutral start that keeps logits finite), for the
+    input embeddings and, when untied, the output head, whether the matrix grows or already has spare
+    rows (a padded vocabulary). Recorded in `model.config.tifaforge` (`added_tokens`, `added_rows`).
     """
     from tifaforge.chat import template
 
@@ -155,19 +156,25 @@ def ensure_template_tokens(model, tokenizer, spelling: str = "ascii") -> list[st
     if _has_tags(vocab, "ascii") or _has_tags(vocab, "fullwidth"):
         return []
     tags = template.special_tokens(spelling)
+    first = len(tokenizer)  # the added tags' ids start here
     added = [t for t in tags if t not in vocab]
     think = [t for t in template.THINK_TOKENS if t not in vocab]
     tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
     if think:
         tokenizer.add_tokens(think)
     tokenizer.chat_template = template.seed_template(spelling)
-    _grow_embeddings(model, len(tokenizer))
+    rows = model.get_input_embeddings().weight.shape[0]
+    _grow_embeddings(model, len(tokenizer), first)
     _set_turn_end(model, tokenizer, template.SPECIAL_TOKENS[spelling])
     record = dict(getattr(model.config, "tifaforge", None) or {})
     record["added_tokens"] = added + think
+    record["added_rows"] = [first, len(tokenizer)]
     record["spelling"] = spelling
     model.config.tifaforge = record
-    log.warning("added %d template tokens to the tokenizer (%s spelling); embeddings resized", len(added + think), spelling)
+    how = (f"spare rows {first}..{len(tokenizer) - 1} of the padded matrix ({rows} rows)" if len(tokenizer) <= rows
+           else f"rows {first}..{len(tokenizer) - 1}, the matrix grown from {rows}")
+    log.warning("added %d template tokens to the tokenizer (%s spelling): %s, set to the mean of rows 0..%d",
+                len(added + think), spelling, how, first - 1)
     return added + think
 
 
@@ -192,22 +199,29 @@ def _has_tags(vocab: dict, spelling: str) -> bool:
     return all(t[k] in vocab for k in ("user", "assistant", "eos"))
 
 
-def _grow_embeddings(model, new_size: int) -> None:
+def _grow_embeddings(model, new_size: int, first: int | None = None) -> tuple[int, int]:
+    """Rows first..new_size-1 (the added tags) set to the mean of rows 0..first-1 (the tokens the base
+    was trained on), in the input embeddings and an untied output head; returns (first, new_size).
+
+    The matrix grows only when it has fewer rows than the vocabulary now has. Qwen2.5 pads its matrix
+    (151,665 tokens in 152,064 rows): the tags then take spare rows, which hold untrained values, so
+    they are overwritten all the same (and the padding rows never enter the mean)."""
     import torch
 
     emb = model.get_input_embeddings().weight
     old = emb.shape[0]
-    if new_size <= old:
-        return  # the matrix already has spare rows (Qwen2.5 pads its vocab)
+    first = min(old, new_size) if first is None else first
     with torch.no_grad():
-        mean_in = emb.mean(dim=0, keepdim=True)
+        mean_in = emb[:first].mean(dim=0, keepdim=True)
         out = model.get_output_embeddings()
-        mean_out = out.weight.mean(dim=0, keepdim=True) if out is not None else None
-        model.resize_token_embeddings(new_size, mean_resizing=False)
-        model.get_input_embeddings().weight[old:] = mean_in
-        out = model.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-            out.weight[old:] = mean_out
+        tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+        mean_out = out.weight[:first].mean(dim=0, keepdim=True) if out is not None and not tied else None
+        if new_size > old:
+            model.resize_token_embeddings(new_size, mean_resizing=False)
+        model.get_input_embeddings().weight[first:new_size] = mean_in
+        if mean_out is not None:
+            model.get_output_embeddings().weight[first:new_size] = mean_out
+    return first, new_size
 
 
 def save_model(model, tokenizer, out: str | Path) -> Path:

@@ -243,13 +243,10 @@ class Prompt:
 
 def read_prompts(m: MGRPOConfig) -> list:
     """The configured split of the prompts file, checked line by line (before any model loads)."""
-    from tifaforge.data.conversations import check_file
+    from tifaforge.data.conversations import check_file, select_split
 
     records, _ = check_file(m.prompts, "prompts")
-    records = [r for r in records if m.split == "all" or (r.split or "train") == m.split]
-    if not records:
-        raise TifaError(f"{m.prompts}: no prompts in split {m.split!r} (mgrpo.split)")
-    return records
+    return select_split(records, m.split, m.prompts, "mgrpo.split")
 
 
 def render_prompts(records: list, reward: LogicReward, tokenizer) -> list[Prompt]:
@@ -305,8 +302,11 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str
     if m.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
+        from tifaforge.train.stage import new_tag_rows
+
         policy = get_peft_model(policy, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, target_modules="all-linear",
-                                                   lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                   lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                   trainable_token_indices=new_tag_rows(policy, tok)))
     elif m.beta > 0:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
         if precision == "bf16":

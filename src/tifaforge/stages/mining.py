@@ -73,15 +73,12 @@ def mine_shard(engine, prompts_path: str | Path, cfg: MiningConfig, sampling, pr
     index alone, so N ranks together mine what one process mines."""
     from tqdm import tqdm
 
-    from tifaforge.data.conversations import check_file, to_chat
+    from tifaforge.data.conversations import check_file, select_split, to_chat
     from tifaforge.engine.generate import Request
-    from tifaforge.errors import TifaError
     from tifaforge.rewards.literary import LogicReward, reward_with_user
 
     records, _ = check_file(prompts_path, "prompts")
-    records = [r for r in records if not cfg.split or r.split == cfg.split]
-    if not records:
-        raise TifaError(f"{prompts_path}: no prompts with split '{cfg.split}'")
+    records = select_split(records, cfg.split, prompts_path, "mining.split")
     reward = LogicReward(reward_with_user(reward, cfg.user_name))  # the run's `reward` section
     mine = dataclasses.replace(sampling, temperature=cfg.temperature, top_p=cfg.top_p,
                                repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)

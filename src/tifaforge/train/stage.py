@@ -208,15 +208,35 @@ def loop_callbacks(model) -> list:
     return [trainer_callback(), LoopGradNorm()]
 
 
-def lora_config(tc: TrainConfig):
-    """peft's LoraConfig when the stage trains adapters, else None (a full fine-tune)."""
+def lora_config(tc: TrainConfig, model=None, tokenizer=None):
+    """peft's LoraConfig when the stage trains adapters, else None (a full fine-tune). The template tags
+    the loader added to a tagless base (`model.config.tifaforge["added_tokens"]`) get their embedding and
+    output rows trained too (peft's trainable tokens, `new_tag_rows`): all-linear LoRA never touches them,
+    and the merge would otherwise put the loader's mean rows back."""
     if not tc.lora.enabled:
         return None
     from peft import LoraConfig
 
     targets = tc.lora.target_modules
     return LoraConfig(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout, task_type="CAUSAL_LM",
-                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+                      target_modules=targets[0] if targets == ["all-linear"] else targets,
+                      trainable_token_indices=new_tag_rows(model, tokenizer))
+
+
+def new_tag_rows(model, tokenizer) -> list[int] | dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for the tags the loader added: their ids in the input embeddings,
+    and in the output head when it is not tied to them; None when the base had the tags."""
+    if model is None or tokenizer is None:
+        return None
+    added = (getattr(model.config, "tifaforge", None) or {}).get("added_tokens") or []
+    ids = sorted(tokenizer.convert_tokens_to_ids(added))
+    if not ids:
+        return None
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() == emb.weight.data_ptr():
+        return ids
+    name = {m: n for n, m in model.named_modules()}
+    return {name[emb]: ids, name[head]: ids}
 
 
 def callbacks(tc: TrainConfig, run: RunDir, stage: str, tokenizer, prompts: list[str], sampling) -> list:
@@ -252,6 +272,11 @@ def sharding_mode(cfg: Any, stage: str) -> str:
 
 def train(trainer, resume_from: Path | None) -> None:
     """Train (resuming when asked); a stage stopped by the non-finite guard is an error naming the step."""
+    head = trainer.model.get_output_embeddings()
+    if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in vars(head):
+        # TRL's fused LM head reads `lm_head.weight` (peft's wrapper gives the tag rows' trained values) and
+        # `lm_head.bias`, which the wrapper does not pass through: the base head's.
+        head.bias = head.token_adapter.base_layer.bias
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     guard = next(cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "failure"))
     if guard.failure:
