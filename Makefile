@@ -3,11 +3,26 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
+VOCAB   := .cache/llama.cpp/models/ggml-vocab-qwen2.gguf
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(VOCAB)
+
+# llama.cpp's real Qwen2 tokenizer (151,643 tokens and merges, no weights) and chat templates, for the
+# tests: inside llama-cpp-python's source distribution (the pinned version), which pip does not keep.
+$(VOCAB): $(STAMP)
+	rm -rf .cache/llama.cpp && mkdir -p .cache/llama.cpp/sdist
+	$(BIN)/pip download -q --no-binary :all: --no-deps -d .cache/llama.cpp/sdist \
+	  llama-cpp-python==$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.__version__)')
+	$(BIN)/python -c 'import sys, tarfile; t = tarfile.open(sys.argv[1]); \
+	  [t.extract(m, ".cache/llama.cpp/x", filter="data") for m in t.getmembers() \
+	   if "/vendor/llama.cpp/models/" in m.name and (m.name.endswith("ggml-vocab-qwen2.gguf") or "/templates/" in m.name)]' \
+	  .cache/llama.cpp/sdist/llama_cpp_python-*.tar.gz
+	mv .cache/llama.cpp/x/*/vendor/llama.cpp/models .cache/llama.cpp/models
+	rm -rf .cache/llama.cpp/x .cache/llama.cpp/sdist
+	touch $(VOCAB)
 
 # One pip command for every package, so the torch==2.13.0 pin in pyproject.toml governs the whole
 # resolution (unpinned, peft/accelerate pull a multi-GB CUDA torch). llama-cpp-python builds from

@@ -72,3 +72,20 @@ def engine(trained_tiny_dir):
     from tifaforge.engine.generate import Engine
 
     return Engine.load(trained_tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vocab() -> Path:
+    """llama.cpp's real Qwen2 tokenizer (151,643 tokens and merges, no weights), which `make setup`
+    takes from llama-cpp-python's source distribution. Missing is a failure, never a skip."""
+    path = ROOT / ".cache" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"
+    assert path.exists(), f"{path}: missing; run `make setup` (it fetches llama-cpp-python's sdist)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(qwen2_vocab):
+    """The real Qwen2 tokenizer, read from the GGUF (about 10 s) once per session."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(qwen2_vocab.parent), gguf_file=qwen2_vocab.name)

@@ -164,7 +164,9 @@ def ensure_template_tokens(model, tokenizer, spelling: str = "ascii") -> list[st
         tokenizer.add_tokens(think)
     tokenizer.chat_template = template.seed_template(spelling)
     rows = model.get_input_embeddings().weight.shape[0]
-    _grow_embeddings(model, len(tokenizer), first)
+    # llama.cpp's GGUF vocabularies name the rows no token uses "[PADn]": untrained, kept out of the mean
+    placeholders = [i for t, i in vocab.items() if t.startswith("[PAD") and t[4:-1].isdigit() and t.endswith("]")]
+    _grow_embeddings(model, len(tokenizer), first, placeholders)
     _set_turn_end(model, tokenizer, template.SPECIAL_TOKENS[spelling])
     record = dict(getattr(model.config, "tifaforge", None) or {})
     record["added_tokens"] = added + think
@@ -199,9 +201,10 @@ def _has_tags(vocab: dict, spelling: str) -> bool:
     return all(t[k] in vocab for k in ("user", "assistant", "eos"))
 
 
-def _grow_embeddings(model, new_size: int, first: int | None = None) -> tuple[int, int]:
+def _grow_embeddings(model, new_size: int, first: int | None = None, skip: list[int] | None = None) -> tuple[int, int]:
     """Rows first..new_size-1 (the added tags) set to the mean of rows 0..first-1 (the tokens the base
-    was trained on), in the input embeddings and an untied output head; returns (first, new_size).
+    was trained on) less `skip` (placeholder tokens), in the input embeddings and an untied output head;
+    returns (first, new_size).
 
     The matrix grows only when it has fewer rows than the vocabulary now has. Qwen2.5 pads its matrix
     (151,665 tokens in 152,064 rows): the tags then take spare rows, which hold untrained values, so
@@ -211,11 +214,13 @@ def _grow_embeddings(model, new_size: int, first: int | None = None) -> tuple[in
     emb = model.get_input_embeddings().weight
     old = emb.shape[0]
     first = min(old, new_size) if first is None else first
+    keep = torch.ones(first, dtype=torch.bool)
+    keep[[i for i in (skip or []) if i < first]] = False
     with torch.no_grad():
-        mean_in = emb[:first].mean(dim=0, keepdim=True)
+        mean_in = emb[:first][keep].mean(dim=0, keepdim=True)
         out = model.get_output_embeddings()
         tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
-        mean_out = out.weight[:first].mean(dim=0, keepdim=True) if out is not None and not tied else None
+        mean_out = out.weight[:first][keep].mean(dim=0, keepdim=True) if out is not None and not tied else None
         if new_size > old:
             model.resize_token_embeddings(new_size, mean_resizing=False)
         model.get_input_embeddings().weight[first:new_size] = mean_in
