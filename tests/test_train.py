@@ -558,3 +558,20 @@ def test_lora_sft_keeps_the_primed_and_trained_tag_rows_in_the_merged_model(tmp_
         assert set(moved) <= set(ids), layer  # only tag rows differ from the base
         assert set(primed) <= set(moved), layer  # the tags the data asks for were primed / trained
     assert merged.get_output_embeddings().weight[primed].sub(loaded.get_output_embeddings().weight[primed]).norm() > 0
+
+
+def test_qlora_is_refused_before_any_model_loads_where_it_cannot_run(tmp_path):
+    """QLoRA needs adapters, a CUDA GPU and bitsandbytes: each missing one is a one-line error naming
+    the setting, raised before a model is read (the base folder here does not even exist)."""
+    from tifaforge.errors import TifaError
+    from tifaforge.stages import mgrpo, sft
+
+    nowhere = tmp_path / "no-model"
+    with pytest.raises(TifaError, match=r"sft.lora.quantize 4bit: a 4-bit base cannot be trained itself; enable LoRA"):
+        sft.run_stage(cfg_with("sft.lora.quantize=4bit"), nowhere, tmp_path / "a")
+    with pytest.raises(TifaError, match=r"sft.lora.quantize 4bit: QLoRA needs a CUDA GPU"):
+        sft.run_stage(cfg_with("sft.lora.quantize=4bit", "sft.lora.enabled=true"), nowhere, tmp_path / "b")
+    with pytest.raises(TifaError, match=r"mgrpo.quantize 4bit: QLoRA needs a CUDA GPU"):
+        mgrpo.run_stage(cfg_with("mgrpo.quantize=4bit", "mgrpo.lora_r=8",
+                                 f"mgrpo.prompts={ROOT / 'data/demo/prompts.jsonl'}"), nowhere, tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "llamacpp": (("llama_cpp",), "the llama.cpp engine backend and GGUF checks"),
     "vllm": (("vllm",), "vLLM generation on GPUs"),
     "deepspeed": (("deepspeed",), "DeepSpeed ZeRO-3 multi-GPU training"),
+    "qlora": (("bitsandbytes",), "QLoRA (a 4-bit base under LoRA adapters)"),
     "dev": (("pytest", "hypothesis", "openai"), "the test suite"),
 }
 

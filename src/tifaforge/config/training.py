@@ -29,6 +29,9 @@ class LoraConfig:
     target_modules: list[str] = opt(["all-linear"], "Modules that get adapters; 'all-linear' = every linear layer but the head.")
     merge: bool = opt(True, "Merge the adapters into the weights when saving model/ (a plain transformers folder); "
                       "false saves the adapter folder only.")
+    quantize: Literal["none", "4bit"] = opt(
+        "none", "4bit = QLoRA: the frozen base loaded in 4-bit NF4 (bitsandbytes, CUDA only; the qlora extra), "
+        "computing in bf16; model/ merges the adapters into the full-precision base.")
 
 
 @dataclass
@@ -148,6 +151,9 @@ class MGRPOConfig:
     micro_batch: int = opt(16, "Sequences per forward/backward (memory); the loss is the same for any value.", min=1)
     lora_r: int = opt(0, "LoRA rank; 0 trains every weight.", min=0)
     lora_alpha: int = opt(32, "LoRA alpha.", min=1)
+    quantize: Literal["none", "4bit"] = opt(
+        "none", "4bit = QLoRA (needs lora_r > 0): the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; the qlora "
+        "extra); the reference is that base with the adapters off.")
     temperature: float = opt(1.0, "Rollout temperature; the loss scores tokens at the same temperature.", min=0.01)
     top_p: float = opt(1.0, "Rollout nucleus mass (1.0 samples from the policy itself).", min=0.0, max=1.0)
     repetition_penalty: float = opt(1.0, "Rollout repetition penalty (1.0 samples from the policy itself).", min=0.0)

@@ -96,8 +96,11 @@ def load_model(
     device: str | None = None,
     allow_pickle: bool = False,
     spelling: str = "ascii",
+    quantize: str = "none",
 ):
-    """(model, tokenizer) from a HF folder or a .gguf file, ready for the template and training."""
+    """(model, tokenizer) from a HF folder or a .gguf file, ready for the template and training.
+    `quantize` 4bit: the linear layers in 4-bit NF4 on the GPU (QLoRA's frozen base; train/device.py's
+    check_quantize has checked CUDA and bitsandbytes), computing in bf16."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -119,12 +122,24 @@ def load_model(
 
         # A looped folder's config.json names a type plain transformers refuses; read it as its base type.
         kwargs["config"] = saved_base_config(path)
+        if quantize == "4bit":
+            import os
+
+            import torch
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not allow_pickle, **kwargs)
         model = apply_saved_loop(model)
     else:
         raise TifaError(f"{path}: expected a model folder or a .gguf file")
     ensure_template_tokens(model, tokenizer, spelling)
     _warn_template(path, tokenizer)
+    if quantize == "4bit":  # placed by device_map; a quantized model cannot be moved
+        return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer
 
 

@@ -83,7 +83,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
 
     from tifaforge.models.load import save_model
     from tifaforge.train import stage
-    from tifaforge.train.device import check_precision
+    from tifaforge.train.device import check_precision, check_quantize
     from tifaforge.train.metrics import plot_curves
 
     m = cfg.mgrpo
@@ -93,6 +93,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     stage.check_world(cfg, STAGE, dist.world_size())
     mode = sharding.sharding(cfg)
     sharding.check(cfg, STAGE, mode)
+    check_quantize(m.quantize, m.lora_r > 0, "mgrpo.quantize")
     precision = check_precision(SimpleNamespace(device="auto", dtype=m.dtype), STAGE)
     dist.start("cuda" if torch.cuda.is_available() else "cpu")
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
@@ -134,6 +135,11 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
             engine.close()
     # --- save: a plain transformers folder (LoRA merged), then the manifest, last
     final = unsharded(policy, base_model_dir, m, cfg.model.loop) if sharding.is_sharded(policy) else policy
+    if m.quantize == "4bit" and stage.is_main():  # QLoRA: the adapters merged into the full-precision base
+        from peft import get_peft_model_state_dict
+
+        final = set_full_precision(build_models(base_model_dir, dataclasses_replace(m, quantize="none", beta=0.0),
+                                                cfg.model.loop)[0], get_peft_model_state_dict(policy))
     if stage.is_main():
         final = final.merge_and_unload() if m.lora_r > 0 else final
         save_model(final.eval(), tok, run.model)
@@ -294,8 +300,14 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str
     from tifaforge.models.load import load_model
     from tifaforge.train.stage import apply_configured_loop
 
-    policy, tok = load_model(base_dir, dtype="float32", device="cpu" if not torch.cuda.is_available() else "cuda")
+    quantize = m.quantize if m.lora_r > 0 else "none"
+    policy, tok = load_model(base_dir, dtype="float32", device="cpu" if not torch.cuda.is_available() else "cuda",
+                             quantize=quantize)
     apply_configured_loop(policy, loop)
+    if quantize == "4bit":  # QLoRA: the 4-bit base frozen, norms in fp32, inputs that carry gradients
+        from peft import prepare_model_for_kbit_training
+
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=m.gradient_checkpointing)
     if m.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
@@ -325,6 +337,14 @@ def unsharded(policy, base_dir, m: MGRPOConfig, loop):
     if unexpected or set(missing) - tied:
         raise TifaError(f"mgrpo: gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return whole
+
+
+def set_full_precision(model, adapter_state: dict):
+    """`model` (a LoRA policy on the full-precision base) with QLoRA's trained adapter weights loaded."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, {k: v.float().cpu() for k, v in adapter_state.items()})
+    return model
 
 
 def autocast(precision: str, policy):

@@ -48,3 +48,20 @@ def check_precision(tc: TrainConfig, stage: str) -> str:
         raise TifaError(f"{stage}.dtype: bfloat16 asked, but this CPU has no bf16 support (no AVX512-BF16/AMX): "
                         "set dtype: float32 (or auto)")
     return "bf16"
+
+
+def check_quantize(quantize: str, lora: bool, key: str) -> None:
+    """QLoRA's needs, refused before any model loads: adapters to train, a CUDA GPU, bitsandbytes."""
+    if quantize == "none":
+        return
+    import torch
+
+    from tifaforge import extras
+
+    if not lora:
+        raise TifaError(f"{key} {quantize}: a 4-bit base cannot be trained itself; enable LoRA (QLoRA trains adapters)")
+    if not torch.cuda.is_available():
+        raise TifaError(f"{key} {quantize}: QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels); none here: "
+                        "train LoRA on the full-precision base instead (quantize: none)")
+    if not extras.is_available("qlora"):
+        raise TifaError(f"{key} {quantize}: QLoRA needs the 'qlora' extra: pip install 'tifaforge[qlora]'")

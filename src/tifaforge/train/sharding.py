@@ -40,6 +40,10 @@ def check(cfg: Any, stage: str, mode: str) -> None:
     if loop is not None and loop.end > loop.start:
         raise TifaError(f"launch.sharding fsdp2: model.loop (layers {loop.start}..{loop.end - 1}) is not supported "
                         "with FSDP2 (a looped block re-gathers its shard on every iteration); use ddp")
+    quantize = cfg.mgrpo.quantize if stage == "mgrpo" else getattr(cfg, stage).lora.quantize
+    if quantize != "none":
+        raise TifaError(f"launch.sharding fsdp2: {stage} quantize {quantize} (QLoRA) is not sharded here; a 4-bit "
+                        "base fits one GPU: use ddp")
     if stage == "mgrpo" and cfg.mgrpo.rollout_backend == "vllm":
         raise TifaError("launch.sharding fsdp2: mgrpo.rollout_backend vllm runs in one process; use transformers "
                         "rollouts with FSDP2")

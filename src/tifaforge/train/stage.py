@@ -156,15 +156,21 @@ def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_confi
     return trl_config(**common, **extra)
 
 
-def load_for_training(base_model_dir: str | Path, loop=None):
+def load_for_training(base_model_dir: str | Path, loop=None, tc: TrainConfig | None = None):
     """(model, tokenizer) in fp32 on CPU: the Trainer moves it; bf16 runs as mixed precision over
     fp32 master weights. `loop` (the config's `model.loop`), when it names a block, makes those
-    layers run k times; a base saved with a loop keeps its own otherwise."""
+    layers run k times; a base saved with a loop keeps its own otherwise. `tc.lora.quantize` 4bit:
+    QLoRA's frozen 4-bit base on the GPU, prepared for adapter training (peft)."""
     from tifaforge.models.load import load_model
 
-    model, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu")
+    quantize = tc.lora.quantize if tc is not None and tc.lora.enabled else "none"
+    model, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu", quantize=quantize)
     model.config.use_cache = False  # no KV cache while training (the engine passes its own)
     apply_configured_loop(model, loop)
+    if quantize == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
     return model.train(), tokenizer
 
 
@@ -262,7 +268,12 @@ def _sharded() -> bool:
 
 
 def sharding_mode(cfg: Any, stage: str) -> str:
-    """This process's sharding ("ddp" or "fsdp2"), checked against the stage's settings before any work."""
+    """This process's sharding ("ddp" or "fsdp2"), checked against the stage's settings (and QLoRA's
+    needs) before any work."""
+    from tifaforge.train.device import check_quantize
+
+    tc = getattr(cfg, stage)
+    check_quantize(tc.lora.quantize, tc.lora.enabled, f"{stage}.lora.quantize")
     mode = sharding.sharding(cfg)
     sharding.check(cfg, stage, mode)
     if mode == "fsdp2":
