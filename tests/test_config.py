@@ -80,7 +80,7 @@ def test_every_key_has_help():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     # configs/accelerate/ (launcher files read by accelerate itself) are checked by their own test
-    load_config(path)
+    load_config(path, allow_missing=True)  # the 7B configs leave their data paths to the user ("???")
 
 
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):

@@ -78,3 +78,31 @@ def test_the_ingest_encoder_equals_the_rust_tokenizer_on_chinese_novels(qwen2_to
     assert sum(len(r) for r in rust) > 10_000
     for a, b in zip(ours, rust):
         assert a.tolist() == b
+
+
+def test_plan_reports_the_real_tokenizer_s_tokens_per_character(qwen2_tokenizer, tmp_path, capsys):
+    """`tifa plan` on a base with the real Qwen2 tokenizer prints its tokens per character of Chinese
+    novel text and what the card's million-character context costs in tokens."""
+    import re
+    from importlib import resources
+
+    from transformers import Qwen2Config
+
+    from tifaforge.cli import main
+
+    base = tmp_path / "base"
+    qwen2_tokenizer.save_pretrained(base)
+    Qwen2Config(vocab_size=QWEN25_ROWS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(base)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  base: {base}\n", encoding="utf-8")
+    assert main(["plan", str(config), "--stages", "cpt", "--set", "cpt.batch_size=1", "--set", "cpt.max_length=512"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"tokenizer: (\d\.\d{3}) tokens per character of Chinese novel text: the card's "
+                      r"1,000,000-character context is about ([\d,]+) tokens", out)
+    assert found, out
+    demo = resources.files("tifaforge") / "assets" / "demo"
+    text = "".join("".join((demo / f).read_text(encoding="utf-8") for f in ("novel_zh.txt", "passages_zh.txt")).split())
+    expected = len(qwen2_tokenizer(text, add_special_tokens=False).input_ids) / len(text)
+    assert float(found.group(1)) == round(expected, 3) and 0.4 < expected < 1.0, expected
+    assert abs(int(found.group(2).replace(",", "")) - expected * 1e6) < 1

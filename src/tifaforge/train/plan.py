@@ -159,6 +159,28 @@ def lacks_tags(spec: str) -> bool:
     return not any(json.dumps(t["user"])[1:-1] in text or t["user"] in text for t in template.SPECIAL_TOKENS.values())
 
 
+def tokens_per_character(base: str) -> float | None:
+    """The base tokenizer's tokens per character on Chinese novel text (the bundled novel_zh.txt and
+    passages_zh.txt): what a budget in characters (the card's million-character context, a corpus)
+    costs in tokens. None when the tokenizer is not on this machine."""
+    from importlib import resources
+
+    from tifaforge.models import presets
+
+    if base in presets.PRESETS:
+        tok = presets.build_tokenizer()
+    elif (Path(base) / "tokenizer.json").exists():
+        from tifaforge.models.load import load_tokenizer
+
+        tok = load_tokenizer(base)
+    else:
+        return None
+    demo = resources.files("tifaforge") / "assets" / "demo"
+    text = "".join((demo / f).read_text(encoding="utf-8") for f in ("novel_zh.txt", "passages_zh.txt"))
+    text = "".join(text.split())  # characters of prose, not its line breaks and indentation
+    return len(tok(text, add_special_tokens=False).input_ids) / len(text)
+
+
 def prompt_tokens_of(cfg: Any, base: str) -> int | None:
     """The longest rendered MGRPO prompt of the configured split, in the base's tokens (None when the
     prompts file or the tokenizer is not on this machine)."""
@@ -200,12 +222,9 @@ def machine(cfg: Any, gpus: int | None = None, gpu_mem: float | None = None, acc
     sharding = "fsdp2" if cfg.launch.sharding == "fsdp2" else "ddp"
     acc: dict = {}
     if acc_file:
-        import yaml
+        from tifaforge.train.sharding import read_accelerate_config
 
-        try:
-            acc = yaml.safe_load(Path(acc_file).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise TifaError(f"accelerate config {acc_file}: cannot read it: {e}") from None
+        acc = read_accelerate_config(acc_file)
         kind = str(acc.get("distributed_type", "NO"))
         stage3 = int((acc.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3
         sharding = "fsdp2" if kind == "FSDP" else "zero3" if kind == "DEEPSPEED" and stage3 else sharding
@@ -464,4 +483,8 @@ def run(args) -> int:
     shape = model_shape(cfg.model.base)
     estimates = plan(cfg, stages, m, args.prompt_tokens)
     print(table(estimates, m, shape))
+    per_char = tokens_per_character(cfg.model.base)
+    if per_char is not None:
+        print(f"tokenizer: {per_char:.3f} tokens per character of Chinese novel text: the card's 1,000,000-character "
+              f"context is about {per_char * 1e6:,.0f} tokens")
     return 0 if all(e.fits for e in estimates) else 1

@@ -49,6 +49,16 @@ def check(cfg: Any, stage: str, mode: str) -> None:
                         "rollouts with FSDP2")
 
 
+def read_accelerate_config(path: str | Path, name: str = "accelerate config") -> dict:
+    """An accelerate config file's settings; unreadable is a one-line error naming the setting."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise TifaError(f"{name} {path}: cannot read it: {e}") from None
+
+
 def training_args(mode: str, gradient_checkpointing: bool) -> dict:
     """TrainingArguments for accelerate's FSDP2 plugin: one shard unit per decoder layer (the model's
     `_no_split_modules`), resharded after forward, sharded DCP checkpoints (each rank writes its part;

@@ -435,12 +435,7 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
 
         accelerate_config = default_config_file if Path(default_config_file).exists() else ""
     if accelerate_config:
-        import yaml
-
-        try:
-            acc = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise TifaError(f"{names['acc']} {accelerate_config}: cannot read it: {e}") from None
+        acc = sharding.read_accelerate_config(accelerate_config, names["acc"])
         kind = str(acc.get("distributed_type", "NO"))
         machines = int(acc.get("num_machines", 1) or 1)
         fsdp_version = int((acc.get("fsdp_config") or {}).get("fsdp_version", 1))
