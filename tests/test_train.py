@@ -132,6 +132,36 @@ def test_torn_checkpoint_is_skipped_with_a_message(cpt_run, tmp_path, caplog):
     assert ckpt.latest_complete(root) is None
 
 
+def test_a_checkpoint_corrupted_at_the_same_size_is_never_resumed(cpt_run, tmp_path, caplog):
+    """complete.json records every file's SHA-256: a byte flipped after the save (same size) makes
+    resume skip that checkpoint, naming the file, and fall back to the newest intact one."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(cpt_run / "checkpoints", root)
+    weights = root / "checkpoint-8" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert ckpt.torn_reason(root / "checkpoint-8") is None  # sizes alone (what rotation checks) pass
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.latest_complete(root) == root / "checkpoint-6"
+    assert "checkpoint-8: model.safetensors is corrupt: its content changed since it was written" in caplog.text
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, tiny_model_dir, capsys):
+    """`tifa train ... --resume` on a folder with no complete checkpoint says so before starting over."""
+    from tifaforge.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("name: r\n", encoding="utf-8")
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["train", "sft", str(config), "--out", str(out), "--model", str(tiny_model_dir), "--resume",
+                 "--set", "sft.steps=1", "--set", "sft.batch_size=1", "--set", "sft.max_length=512",
+                 "--set", "sft.samples_every=0", "--set", "sft.data=" + str(ROOT / "data/demo/sft.jsonl")]) == 0
+    assert f"sft: --resume: nothing to resume in {out} (no checkpoints): starting from the beginning" in \
+        capsys.readouterr().err
+
+
 def test_rotation_never_deletes_before_a_newer_complete_one(tmp_path):
     root = tmp_path
     for step in (2, 4):

@@ -7,10 +7,13 @@ state) and, with `save_total_limit`, deletes old ones *before* the new one is kn
 stages run it with no limit and `CheckpointCallback` owns the commit protocol, as PyTorch DCP's
 `.metadata` and open-instruct's `COMPLETED` do:
 1. after every rank has written its files (barrier), fsync them and the folder;
-2. write `complete.json` (step and every file's size) atomically: the checkpoint now exists;
+2. write `complete.json` (step, every file's size and SHA-256) atomically: the checkpoint now exists;
 3. only then delete complete checkpoints beyond `keep_last` and torn ones older than the new one.
-A folder without a valid marker, or whose files no longer have the recorded sizes, is torn: resume
-skips it with a message and never loads it.
+A folder without a valid marker, or whose files no longer have the recorded sizes, is torn; one
+whose files changed content at the same size (a flipped byte, a disk error) is corrupt. Resume
+checks both, skips such a folder with a message saying which file and why, and never loads it;
+it falls back to the newest intact checkpoint. Rotation checks sizes only (hashing every kept
+checkpoint at every save would cost a read of all of them).
 """
 
 from __future__ import annotations
@@ -39,16 +42,18 @@ def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def torn_reason(folder: Path) -> str | None:
-    """Why `folder` is not a complete checkpoint, or None when it is."""
+def torn_reason(folder: Path, verify: bool = False) -> str | None:
+    """Why `folder` is not a complete, intact checkpoint, or None when it is. `verify`: also compare
+    every file's SHA-256 with the one recorded when it was written (a read of the whole checkpoint)."""
     import json
 
     marker = folder / MARKER
     if not marker.exists():
         return "no completion marker (the save was interrupted)"
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        files, hashes = record["files"], record.get("sha256", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"unreadable {MARKER}"
     for name, size in files.items():
         path = folder / name
@@ -56,13 +61,26 @@ def torn_reason(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if verify and name in hashes and sha256(path) != hashes[name]:
+            return f"{name} is corrupt: its content changed since it was written (SHA-256 differs, same size)"
     return None
 
 
+def sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def latest_complete(root: str | Path, announce: bool = True) -> Path | None:
-    """The newest complete checkpoint under root; newer torn ones are skipped with a message."""
+    """The newest complete, intact checkpoint under root (content verified); newer torn or corrupt
+    ones are skipped with a message naming the file and why."""
     for step, folder in reversed(checkpoint_dirs(root)):
-        reason = torn_reason(folder)
+        reason = torn_reason(folder, verify=True)
         if reason is None:
             return folder
         if announce:
@@ -71,13 +89,15 @@ def latest_complete(root: str | Path, announce: bool = True) -> Path | None:
 
 
 def mark_complete(folder: Path, step: int) -> None:
-    """fsync every file, then write the marker: the checkpoint is complete from this rename on."""
-    files = {}
+    """fsync every file, then write the marker (sizes and SHA-256s): the checkpoint is complete from this
+    rename on."""
+    files, hashes = {}, {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
         path.chmod(0o666 & ~umask())  # safetensors writes owner-only files; run outputs are shared
         _fsync(path)
-        files[path.relative_to(folder).as_posix()] = path.stat().st_size
-    atomic_write_json(folder / MARKER, {"step": step, "files": files})
+        name = path.relative_to(folder).as_posix()
+        files[name], hashes[name] = path.stat().st_size, sha256(path)
+    atomic_write_json(folder / MARKER, {"step": step, "files": files, "sha256": hashes})
     _fsync(folder)
 
 

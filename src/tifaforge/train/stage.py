@@ -365,6 +365,11 @@ def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
 
     check_fits(cfg, [stage], args.model or cfg.model.base, (args.num_processes or 1) if args.launcher != "none"
                else int(os.environ.get("WORLD_SIZE", "1")))
+    launched_rank = "LOCAL_RANK" in os.environ  # a launcher's rank: its parent (or the pipeline) spoke already
+    if args.resume and not launched_rank and ckpt.latest_complete(out / "checkpoints", announce=False) is None:
+        found = ckpt.checkpoint_dirs(out / "checkpoints")  # say so, rather than start over without a word
+        why = f"{len(found)} checkpoint(s), none complete and intact" if found else "no checkpoints"
+        print(f"{stage}: --resume: nothing to resume in {out} ({why}): starting from the beginning", file=sys.stderr)
     base = resolve_base(args.model or cfg.model.base, out, cfg)
     if args.launcher != "none":
         return launch(args, stage, out, base)
