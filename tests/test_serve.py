@@ -373,6 +373,39 @@ def test_api_key_on_every_route_but_health_and_page(think_engine, caplog):
     assert any("/v1/models" in m for m in server_logs) and not any(KEY in m for m in server_logs)  # clients may log their own key
 
 
+def test_a_body_shorter_than_its_content_length_gets_408_not_a_hang(think_engine):
+    """A client that announces 100 bytes and sends 10 is answered 408 once the body stops arriving
+    (limits.body_timeout_s, 30 s by default; 1 s here); the server keeps serving."""
+    import socket
+    import time
+
+    from tifaforge.serve.protocol import Limits
+
+    with live(create_app(think_engine, limits=Limits(body_timeout_s=1.0))) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n" + b'{"messages"')
+            start = time.monotonic()
+            reply = sock.recv(65536).decode("latin-1")
+        assert reply.startswith("HTTP/1.1 408"), reply[:200]
+        assert "the request body stopped arriving" in reply and time.monotonic() - start < 15
+        assert httpx.get(base + "/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', "messages.0.content.0.text"),
+    ('{"messages": [{"role": "user", "content": "x"}], "stop": ["\\ud83d"]}', "stop.0"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(url, body, field):
+    """JSON can carry a string no UTF-8 encoder takes: refused as a bad request naming where, never a 500."""
+    r = httpx.post(url + "/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert f"{field}: text that is not valid Unicode" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/models").status_code == 200
+
+
 def test_cors_allow_list_is_empty_by_default(think_engine):
     pre = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
     with live(create_app(think_engine)) as base:

@@ -82,7 +82,8 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
-    app.add_middleware(_Gate, api_key=api_key, max_body=limits.max_body_bytes)  # outermost: first to run
+    app.add_middleware(_Gate, api_key=api_key, max_body=limits.max_body_bytes,  # outermost: first to run
+                       body_timeout=limits.body_timeout_s)
     return app
 
 
@@ -102,7 +103,8 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
+          408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error"}
 
 
 def _add_errors(app) -> None:
@@ -143,8 +145,8 @@ class _Gate:
     """Pure ASGI (no buffering, streams untouched): API key, content type and body size, checked
     before the body is read. The key is compared in constant time and never logged."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, body_timeout: float = 30.0):
+        self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
         self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -183,12 +185,26 @@ class _Gate:
         return hmac.compare_digest(given, self.key)
 
     def _capped(self, receive):
-        """A body sent without Content-Length (chunked) is counted as it arrives."""
-        seen = 0
+        """A body sent without Content-Length (chunked) is counted as it arrives; each of its parts must
+        arrive within `body_timeout` seconds (a client that sends less than its Content-Length would
+        otherwise hold the request forever). Once the body is in, receive() is the app's disconnect
+        watch and waits as long as the response streams."""
+        seen, complete = 0, False
 
         async def capped():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            import asyncio
+
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                from starlette.exceptions import HTTPException
+
+                raise HTTPException(408, f"the request body stopped arriving ({seen} bytes in {self.body_timeout:g} s; "
+                                         "shorter than its Content-Length?)") from None
+            complete = message.get("type") != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_body:
                 from starlette.exceptions import HTTPException
