@@ -340,10 +340,15 @@ def test_blocks_are_the_token_stream_with_eot_between_documents(tmp_path, tiny_t
         stream += tiny_tokenizer(d, add_special_tokens=False)["input_ids"] + [eot]
     ds = datasets.load_from_disk(str(tmp_path / "out"))
     blocks = [row["input_ids"] for row in ds]
-    assert all(len(b) == 16 for b in blocks) and len(blocks) == stats["blocks"] == len(stream) // 16
-    assert sum(blocks, []) == stream[: len(blocks) * 16]
-    assert stats["tokens"] == len(stream) and stats["tokens_dropped_tail"] == len(stream) % 16
+    tail = len(stream) % 16
+    assert tail and len(blocks) == stats["blocks"] + 1 and stats["blocks"] == len(stream) // 16
+    assert all(len(b) == 16 for b in blocks[:-1]) and len(blocks[-1]) == tail == stats["tail_block_tokens"]
+    assert sum(blocks, []) == stream  # every token the user gave, the last ones in a shorter row
+    assert stats["tokens"] == len(stream) and stats["tokens_dropped_tail"] == 0
     assert len(stats["shards"]) == -(-len(blocks) // 5) > 1
+    dropped = ingest([tmp_path / "in"], tmp_path / "out2", tiny_tokenizer, block_size=16, drop_tail=True)
+    assert dropped["tokens_dropped_tail"] == tail and dropped["tail_block_tokens"] == 0  # only when asked
+    assert sum(datasets.load_from_disk(str(tmp_path / "out2"))["input_ids"], []) == stream[: len(stream) - tail]
     assert stats["separator"] == {"token": "<|endoftext|>", "id": eot}
 
 
@@ -355,7 +360,7 @@ def test_a_fake_separator_in_the_text_is_removed_and_counted(tmp_path, tiny_toke
 
     ids = sum(datasets.load_from_disk(str(tmp_path / "out"))["input_ids"], [])
     assert stats["special_token_strings_removed"] == 20
-    assert ids.count(eot) == (stats["tokens_dropped_tail"] == 0)  # only the real separator, if it was kept
+    assert ids.count(eot) == 1  # only the real separator, kept in the last block
 
 
 def write_mixed_folder(folder: Path) -> dict[str, str]:
@@ -375,7 +380,7 @@ def write_mixed_folder(folder: Path) -> dict[str, str]:
     (folder / "sub" / "copy.txt").write_text(near_copy(REF), encoding="utf-8")  # near copy of gbk.txt's chapters
     (folder / "sub" / "notes.md").write_text("not a novel", encoding="utf-8")
     write_epub(folder / "sub" / "book.epub")
-    (folder / "zz_last.txt").write_text("风吹过原野。\n" * 20, encoding="utf-8")  # the dropped tail falls here
+    (folder / "zz_last.txt").write_text("风吹过原野。\n" * 20, encoding="utf-8")  # the shorter last block holds it
     return markers
 
 
@@ -423,7 +428,7 @@ def test_stats_json_contents(tmp_path, tiny_tokenizer):
     assert s["chapters"] == {"found": 5, "kept": 3, "empty_after_cleaning": 0,
                              "exact_duplicates": 2, "near_duplicates": 0}
     assert s["removed_lines"] == {"chapter_end": 1}
-    assert s["blocks"] * 4 + s["tokens_dropped_tail"] == s["tokens"]
+    assert s["blocks"] * 4 + s["tail_block_tokens"] == s["tokens"] and s["tokens_dropped_tail"] == 0
     assert s["characters"] == len(tx.normalise(REF) + damaged) and s["bytes"] == sum(f["bytes"] for f in s["files"])
     files = {Path(f["path"]).name: f for f in s["files"]}
     assert files["empty.txt"]["skipped"] == "empty file"
@@ -604,7 +609,8 @@ def test_bad_inputs_raise_tifa_errors_naming_the_path(tmp_path, tiny_tokenizer):
         ([tmp_path / "empty"], {}, "empty: no .txt or .epub files"),
         ([tmp_path / "fake.epub"], {}, "fake.epub: cannot read as EPUB"),
         ([tmp_path / "ok.txt"], {"encoding": "klingon"}, "--encoding klingon: unknown encoding"),
-        ([tmp_path / "ok.txt"], {"block_size": 100000}, "fewer than one block"),
+        ([tmp_path / "ok.txt"], {"block_size": 100000, "drop_tail": True}, "fewer than one block of 100000 and "
+                                                                            "--drop-tail given"),
     ]
     for inputs, kw, message in cases:
         with pytest.raises(TifaError, match=message):

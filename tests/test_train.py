@@ -605,3 +605,24 @@ def test_qlora_is_refused_before_any_model_loads_where_it_cannot_run(tmp_path):
         mgrpo.run_stage(cfg_with("mgrpo.quantize=4bit", "mgrpo.lora_r=8",
                                  f"mgrpo.prompts={ROOT / 'data/demo/prompts.jsonl'}"), nowhere, tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_short_last_block_trains_with_its_padding_out_of_the_loss(packed, tiny_model_dir, tmp_path):
+    """`tifa data novels` keeps the stream's tail as a shorter last row; the CPT stage's trainer pads it
+    in a batch and its labels are -100 on the padding, so no padding token is trained on."""
+    from datasets import load_from_disk
+    from trl import SFTTrainer
+
+    from tifaforge.train import stage
+
+    cfg = cfg_with(*CPT_SMALL, f"cpt.data={packed}")
+    ds = load_from_disk(str(packed))
+    last = ds[len(ds) - 1]["input_ids"]
+    assert 0 < len(last) < 64 and json.loads((packed / "stats.json").read_text())["tail_block_tokens"] == len(last)
+    model, tok = stage.load_for_training(tiny_model_dir)
+    args = stage.training_args(cfg.cpt, stage.RunDir(tmp_path), 0, "cpt")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds.select_columns(["input_ids"]), processing_class=tok)
+    batch = trainer.data_collator([ds[0], ds[len(ds) - 1]])
+    assert batch["input_ids"].shape == (2, 64)
+    assert batch["labels"][1, : len(last)].tolist() == last and bool((batch["labels"][1, len(last):] == -100).all())
+    assert batch["labels"][0].tolist() == ds[0]["input_ids"]

@@ -71,6 +71,8 @@ class NovelsOptions:
     shingle_chars: int = opt(5, "Characters per shingle for near-duplicate detection.", min=1)
     dedup_on_disk: bool = opt(False, "Keep the duplicate index in an SQLite file beside the output instead of in "
                               "memory (~4 KB per kept chapter): memory stays flat for any corpus size, slower.")
+    drop_tail: bool = opt(False, "Drop the stream's last block when it is shorter than --block-size (by default it "
+                          "is kept as a shorter row: training pads it and leaves the padding out of the loss).")
 
 
 DEFAULTS = NovelsOptions()
@@ -87,6 +89,7 @@ def novels_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dedup-threshold", type=float, default=DEFAULTS.dedup_threshold, help=helps["dedup_threshold"])
     p.add_argument("--t2s", action="store_true", help=helps["t2s"])
     p.add_argument("--dedup-on-disk", action="store_true", help=helps["dedup_on_disk"])
+    p.add_argument("--drop-tail", action="store_true", help=helps["drop_tail"])
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizer processes (default: one per core; 1: none, tokenise on a thread); the output "
                         "is the same for any N")
@@ -99,7 +102,7 @@ def novels_command(args: Any) -> int:
         args.inputs, args.out, args.tokenizer, block_size=args.block_size, encoding=args.encoding,
         near_dup_threshold=args.dedup_threshold, to_simplified=args.t2s,
         progress=not getattr(args, "no_progress", False), workers=getattr(args, "workers", None),
-        dedup_on_disk=getattr(args, "dedup_on_disk", False),
+        dedup_on_disk=getattr(args, "dedup_on_disk", False), drop_tail=getattr(args, "drop_tail", False),
     )
     print("\n".join(summary_lines(stats, args.out)))
     return 0
@@ -124,6 +127,7 @@ def ingest_novels(
     progress: bool = True,
     workers: int | None = None,
     dedup_on_disk: bool = DEFAULTS.dedup_on_disk,
+    drop_tail: bool = DEFAULTS.drop_tail,
 ) -> dict:
     """Turn novel files into a packed `input_ids` dataset at `out_dir`; returns the stats it writes.
 
@@ -146,7 +150,7 @@ def ingest_novels(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shard_blocks = shard_blocks or max(1, SHARD_BYTES // (4 * block_size))
-        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress, workers)
+        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress, workers, drop_tail)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -176,15 +180,17 @@ class _Run:
 
 
 def _build(tmp: Path, run: _Run, tok, eot: tuple[str, int], block_size: int, shard_blocks: int,
-           progress: bool, workers: int = 1) -> dict:
+           progress: bool, workers: int = 1, drop_tail: bool = False) -> dict:
     """Shards, the dataset's state files and stats.json, all in `tmp`."""
     start = time.perf_counter()
     writer = ShardWriter(tmp, block_size, shard_blocks)
     prep = Prep(run.simplify, run.dedup.near, run.dedup.num_perm, run.dedup.k)
-    with Packer(tok, eot[1], block_size, writer, run.timers, workers, prep, decide=partial(_decide, run)) as packer:
+    with Packer(tok, eot[1], block_size, writer, run.timers, workers, prep, decide=partial(_decide, run),
+                keep_tail=not drop_tail) as packer:
         _ingest_files(run, packer, progress)
-    if packer.blocks == 0:
-        raise TifaError(f"{packer.tokens} tokens in all: fewer than one block of {block_size}; nothing written")
+    if packer.blocks == 0 and packer.tail == 0:
+        raise TifaError(f"{packer.tokens} tokens in all: fewer than one block of {block_size} and --drop-tail given"
+                        if packer.tokens else "no text in the inputs: nothing written")
     stats = _stats(run, packer, writer.finish(), eot, writer.fingerprint())
     stats["seconds"] = run.timers.as_dict(total=time.perf_counter() - start)
     atomic_write_json(tmp / "stats.json", stats)
@@ -302,6 +308,7 @@ def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], f
         "tokens": packer.tokens,
         "blocks": packer.blocks,
         "block_size": packer.block_size,
+        "tail_block_tokens": packer.tail,
         "tokens_dropped_tail": packer.dropped_tail,
         "special_token_strings_removed": packer.special_strings,
         "removed_lines": dict(sorted(run.removed.items())),
@@ -320,8 +327,12 @@ def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], f
 def summary_lines(stats: dict, out: str | Path) -> list[str]:
     c = stats["chapters"]
     lines = [
-        f"wrote {stats['blocks']} blocks of {stats['block_size']} tokens ({stats['tokens']:,} tokens, "
-        f"{stats['tokens_dropped_tail']} in the dropped tail) in {len(stats['shards'])} shard(s) to {out}",
+        f"wrote {stats['blocks']} blocks of {stats['block_size']} tokens"
+        + (f" and a last one of {stats['tail_block_tokens']} (padded in training, padding out of the loss)"
+           if stats["tail_block_tokens"] else "")
+        + f" ({stats['tokens']:,} tokens"
+        + (f", {stats['tokens_dropped_tail']} in the tail dropped by --drop-tail" if stats["tokens_dropped_tail"] else "")
+        + f") in {len(stats['shards'])} shard(s) to {out}",
         f"files {stats['inputs']} ({stats['files_skipped']} skipped), documents {stats['documents']}, "
         f"chapters kept {c['kept']} of {c['found']} (exact copies {c['exact_duplicates']}, "
         f"near copies {c['near_duplicates']}, empty after cleaning {c['empty_after_cleaning']})",

@@ -5,7 +5,8 @@
 A file is one document: its kept chapters in order, then the tokenizer's end-of-text token
 (`<|endoftext|>` if it is a single token, else the EOS token). Blocks are consecutive slices of
 that stream, so a document may continue into the next block but never runs into the next document
-without the separator; the tail shorter than a block is dropped and counted. Special-token strings
+without the separator; the tail shorter than a block is written as one shorter last row (training
+pads it and masks the padding out of the loss), or dropped and counted with --drop-tail. Special-token strings
 that occur in the text itself (a fake `<|endoftext|>`) are removed and counted.
 
 Speed: the main process reads, decodes, normalises and splits into chapters; batches of raw chapters
@@ -134,7 +135,7 @@ class Packer:
 
     def __init__(self, tok, eot_id: int, block_size: int, writer: ShardWriter, timers: Timers,
                  workers: int = 1, prep: Prep | None = None,
-                 decide: Callable[[int, Chapter], bool] = lambda index, chapter: True) -> None:
+                 decide: Callable[[int, Chapter], bool] = lambda index, chapter: True, keep_tail: bool = True) -> None:
         self.tok, self.block_size, self.writer, self.timers = tok, block_size, writer, timers
         specials = _special_pattern(tok)
         self.prep = replace(prep or Prep(), specials=specials.pattern if specials is not None else None)
@@ -148,7 +149,8 @@ class Packer:
         self.processes: Executor | None = None
         self.in_flight: deque[tuple[Future, list[int]]] = deque()
         self.buffer: list[np.ndarray] = []
-        self.buffered = self.tokens = self.blocks = self.dropped_tail = self.special_strings = 0
+        self.buffered = self.tokens = self.blocks = self.dropped_tail = self.tail = self.special_strings = 0
+        self.keep_tail = keep_tail
         self.batches = 0
         self.document_kept = False
         self.eot = np.array([eot_id], dtype=np.int32)
@@ -232,8 +234,12 @@ class Packer:
                 self.blocks += n
             rest = flat[n * self.block_size:]
             self.buffer, self.buffered = [rest], len(rest)
-            if final:
-                self.dropped_tail = len(rest)
+            if final and len(rest):
+                if self.keep_tail:
+                    self.writer.write_tail(rest)
+                    self.tail = len(rest)
+                else:
+                    self.dropped_tail = len(rest)
 
 
 _WORKER: TextEncoder | None = None
@@ -275,7 +281,7 @@ class ShardWriter:
         from datasets import Features, List, Value
 
         self.folder, self.block_size, self.shard_blocks = folder, block_size, shard_blocks
-        self.features = Features({"input_ids": List(Value("int32"), length=block_size)})
+        self.features = Features({"input_ids": List(Value("int32"))})  # blocks, then maybe a shorter last one
         folder.mkdir(parents=True)
         self.paths: list[Path] = []
         self.writer = None
@@ -290,12 +296,17 @@ class ShardWriter:
             if self.writer is None:
                 self._open()
             take = blocks[: self.shard_blocks - self.in_shard]
-            column = pa.FixedSizeListArray.from_arrays(pa.array(take.ravel()), self.block_size)
+            offsets = pa.array(np.arange(len(take) + 1, dtype=np.int32) * take.shape[1])
+            column = pa.ListArray.from_arrays(offsets, pa.array(take.ravel()))
             self.writer.write_table(pa.table({"input_ids": column}))
             self.in_shard += len(take)
             blocks = blocks[len(take):]
             if self.in_shard == self.shard_blocks:
                 self._close()
+
+    def write_tail(self, ids: np.ndarray) -> None:
+        """The stream's last, shorter block: one row of its own length."""
+        self.write(ids.reshape(1, -1))
 
     def _open(self) -> None:
         from datasets.arrow_writer import ArrowWriter
