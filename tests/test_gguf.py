@@ -526,3 +526,35 @@ def test_a_looped_model_exports_unrolled_and_runs_in_llama_cpp(trained_tiny_dir,
             want.append(nxt)
             cur = torch.cat([cur, torch.tensor([[nxt]])], dim=1)
     assert ours == want
+
+
+def test_check_fails_on_non_finite_weights_and_shows_nan(trained_tiny_dir, tmp_path):
+    """A weight set to NaN: --check names the tensor and fails, and the logit delta reads NaN (Python's
+    max() used to drop it and print 0 at 0% agreement)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(trained_tiny_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    path = export.export_gguf(folder, tmp_path / "nan.gguf", "f32", progress=False).path
+    report = check.check_gguf(path, n_tokens=4)
+    assert report.nonfinite == ["blk.0.ffn_down.weight"] and not report.ok(0.0)
+    text = "\n".join(report.lines())
+    assert "1 tensor(s) hold NaN or Inf: blk.0.ffn_down.weight" in text and "max |Δlogit| nan" in text
+    assert check.nonfinite_tensors(export.export_gguf(trained_tiny_dir, tmp_path / "ok.gguf", "q8_0",
+                                                      progress=False).path) == []
+
+
+def test_check_names_a_chat_template_the_sandbox_refuses(trained_tiny_dir, tmp_path):
+    folder = tmp_path / "evil"
+    shutil.copytree(trained_tiny_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    for f in folder.glob("chat_template.j*"):
+        f.write_text(config["chat_template"], encoding="utf-8")
+    path = export.export_gguf(folder, tmp_path / "evil.gguf", "f32", progress=False).path
+    with pytest.raises(TifaError, match=r"evil.gguf: tokenizer.chat_template cannot be rendered \(SecurityError"):
+        check.check_gguf(path, n_tokens=2)

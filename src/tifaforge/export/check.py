@@ -64,15 +64,19 @@ class CheckReport:
     max_abs_logit: float = 0.0
     tokenization_equal: bool | None = None  # with a reference tokenizer
     template_equal: bool | None = None
+    nonfinite: list[str] = field(default_factory=list)  # tensors holding NaN or Inf
     results: list[PromptResult] = field(default_factory=list)  # per prompt, for a closer look (tests)
 
     def ok(self, min_top1: float) -> bool:
-        return self.top1 >= min_top1 and self.tokenization_equal is not False and self.template_equal is not False
+        return (not self.nonfinite and self.top1 >= min_top1 and self.tokenization_equal is not False
+                and self.template_equal is not False)
 
     def lines(self) -> list[str]:
         yes = {True: "equal", False: "DIFFERENT", None: "not checked (no --reference)"}
         return [
             f"file          {self.path} ({self.file_type}, {self.size / 2**20:.1f} MiB, {self.tensors} tensors): valid",
+            "weights       " + (f"{len(self.nonfinite)} tensor(s) hold NaN or Inf: {', '.join(self.nonfinite[:5])}"
+                               if self.nonfinite else "all finite"),
             f"reference     {self.reference}",
             f"greedy        {self.greedy_equal}/{self.prompts} prompts token-for-token equal",
             f"top-1         {self.top1:.1%} agreement (teacher-forced), max |Δlogit| {self.max_abs_logit:.4g}",
@@ -88,6 +92,7 @@ def check_gguf(path: str | Path, reference: str | Path | None = None, n_tokens: 
     ftype = info.metadata.get("general.file_type")
     report = CheckReport(path, FT(ftype).name if ftype in FT._value2member_map_ else "?", info.size,
                          len(info.tensors), str(reference) if reference else "transformers' GGUF loader, same file")
+    report.nonfinite = nonfinite_tensors(path)
     with tempfile.TemporaryDirectory() as work:
         model, tok = _reference(path, reference, Path(work))
         llm = open_llama(path, logits_all=True)
@@ -101,6 +106,21 @@ def check_gguf(path: str | Path, reference: str | Path | None = None, n_tokens: 
         finally:
             llm.close()
     return report
+
+
+def nonfinite_tensors(path: Path) -> list[str]:
+    """Names of the tensors with a NaN or an infinity, each dequantised in turn (gguf-py's numpy
+    kernels; one tensor in memory at a time). Without a reference, a file of NaN weights would
+    otherwise be compared with transformers reading the same NaNs."""
+    from gguf.quants import dequantize
+
+    bad = []
+    for t in gguf.GGUFReader(path).tensors:
+        values = np.asarray(t.data) if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
+            else dequantize(t.data, t.tensor_type)
+        if not np.isfinite(values).all():
+            bad.append(t.name)
+    return bad
 
 
 def _reference(path: Path, reference, workdir: Path):
@@ -137,9 +157,17 @@ def _render_file_template(info: GGUFFile, conversation: list[dict]) -> str:
         i = md.get(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
-    fmt = Jinja2ChatFormatter(md["tokenizer.chat_template"], eos_token=text("tokenizer.ggml.eos_token_id"),
-                              bos_token=text("tokenizer.ggml.bos_token_id"))
-    return fmt(messages=conversation).prompt
+    import jinja2
+
+    try:
+        fmt = Jinja2ChatFormatter(md["tokenizer.chat_template"], eos_token=text("tokenizer.ggml.eos_token_id"),
+                                  bos_token=text("tokenizer.ggml.bos_token_id"))
+        return fmt(messages=conversation).prompt
+    except jinja2.TemplateError as e:  # SecurityError (the sandbox refused it), syntax and undefined errors
+        from tifaforge.errors import TifaError
+
+        raise TifaError(f"{info.path}: tokenizer.chat_template cannot be rendered ({type(e).__name__}: {e}); "
+                        "rewrite or drop the template in the source model and export again") from None
 
 
 def _template_equal(info: GGUFFile, tok) -> bool:
@@ -156,7 +184,8 @@ def _compare(report: CheckReport, model, llm, prompts: list[list[int]], n: int) 
     report.prompts = len(prompts)
     report.greedy_equal = sum(r.ours == r.ref for r in report.results)
     report.top1 = sum(int((r.llama_argmax == np.asarray(r.ref)).sum()) for r in report.results) / (n * len(prompts))
-    report.max_abs_logit = max(float(r.max_abs_diff.max()) for r in report.results)
+    # np.max keeps a NaN (Python's max() would drop it depending on order and print 0 for NaN logits)
+    report.max_abs_logit = float(np.max([r.max_abs_diff.max() for r in report.results]))
 
 
 def _compare_prompt(model, llm, ids: list[int], n: int) -> PromptResult:
@@ -206,5 +235,6 @@ def print_check(report: CheckReport, min_top1: float) -> int:
     """The report for `tifa export gguf --check/--verify`; the exit status (1 below `min_top1`)."""
     print("\n".join(report.lines()))
     ok = report.ok(min_top1)
-    print("check         " + ("ok" if ok else f"FAILED (top-1 below {min_top1:.0%}, or tokenization/template differ)"))
+    print("check         " + ("ok" if ok else f"FAILED (non-finite weights, top-1 below {min_top1:.0%}, or "
+                                             "tokenization/template differ)"))
     return 0 if ok else 1
