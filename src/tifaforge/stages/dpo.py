@@ -95,7 +95,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
         model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=stage.lora_config(tc, model, tokenizer),
         callbacks=[*stage.loop_callbacks(model),
-                   *stage.callbacks(tc, run, STAGE, tokenizer, dataset["prompt"][: tc.sample_prompts], cfg.sampling),
+                   *stage.callbacks(tc, run, STAGE, tokenizer, dataset["prompt"][: tc.sample_prompts], cfg.sampling, mode),
                    *extra_callbacks],
     )
 

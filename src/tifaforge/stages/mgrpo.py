@@ -727,12 +727,8 @@ def load_checkpoint(folder: Path | None, policy, opt, sched) -> int:
 
     if folder is None:
         return 0
-    kind = sharding.checkpoint_kind(folder)
-    if kind != ("fsdp2" if sharding.is_sharded(policy) else "ddp"):
-        raise TifaError(f"{folder}: a checkpoint of a {kind} run; resume it with launch.sharding "
-                        f"{'fsdp2' if kind == 'fsdp2' else 'ddp'} (or train into another --out)")
     sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    if kind == "fsdp2":
+    if sharding.is_sharded(policy):  # prepare_out refused a checkpoint of the other sharding
         sharding.load_dcp(folder, policy, opt)
         return int(folder.name.split("-")[1])
     params = dict(policy.named_parameters())

@@ -53,7 +53,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     trainer = sharding.trainer_class(SFTTrainer, mode)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=stage.lora_config(tc, model, tokenizer),
-        callbacks=[*stage.loop_callbacks(model), *stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling),
+        callbacks=[*stage.loop_callbacks(model), *stage.callbacks(tc, run, STAGE, tokenizer, prompts, cfg.sampling, mode),
                    *extra_callbacks],
     )
 

@@ -245,26 +245,24 @@ def new_tag_rows(model, tokenizer) -> list[int] | dict[str, list[int]] | None:
     return {name[emb]: ids, name[head]: ids}
 
 
-def callbacks(tc: TrainConfig, run: RunDir, stage: str, tokenizer, prompts: list[str], sampling) -> list:
-    """Commit protocol, metrics, samples and the non-finite guard (last: it vetoes the step's save)."""
+def callbacks(tc: TrainConfig, run: RunDir, stage: str, tokenizer, prompts: list[str], sampling,
+              mode: str = "ddp") -> list:
+    """Commit protocol, metrics, samples and the non-finite guard (last: it vetoes the step's save).
+    `mode` (sharding_mode's): sharded weights write no samples, rank 0 alone cannot generate with them."""
     import dataclasses
 
     from tifaforge.train.guards import nonfinite_guard
 
     sample_cfg = dataclasses.replace(sampling, max_new_tokens=tc.sample_max_new_tokens,
                                      seed=sampling.seed if sampling.seed is not None else 0)
-    every = 0 if _sharded() else tc.samples_every  # sharded weights: rank 0 alone cannot run them
+    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    every = 0 if mode == "fsdp2" or zero3 else tc.samples_every
     return [
         ckpt.checkpoint_callback(run.checkpoints, tc.keep_last),
         metrics_callback(run.metrics),
         samples_callback(run.samples, tokenizer, prompts, sample_cfg, every),
         nonfinite_guard(tc.max_nonfinite_steps, stage, run.metrics.write),
     ]
-
-
-def _sharded() -> bool:
-    return any(os.environ.get(v, "").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")) \
-        or os.environ.get("TIFA_SHARDING") == "fsdp2"
 
 
 def sharding_mode(cfg: Any, stage: str) -> str:
@@ -274,10 +272,8 @@ def sharding_mode(cfg: Any, stage: str) -> str:
 
     tc = getattr(cfg, stage)
     check_quantize(tc.lora.quantize, tc.lora.enabled, f"{stage}.lora.quantize")
-    mode = sharding.sharding(cfg)
+    mode = sharding.sharding(cfg)  # fsdp2 also under `accelerate launch` with an FSDP config
     sharding.check(cfg, stage, mode)
-    if mode == "fsdp2":
-        os.environ["TIFA_SHARDING"] = mode  # read where no config reaches (the samples callback)
     return mode
 
 
@@ -361,11 +357,12 @@ def run_command(args: argparse.Namespace, stage: str, run_stage) -> int:
     out = Path(args.out or Path("runs") / cfg.name / STAGE_DIRS[stage])
     if args.launcher != "none":  # refused before any work; the launcher gets the count as given
         check_launch(cfg, [stage], args.launcher, args.num_processes or 0, args.accelerate_config or "", "--")
-    from tifaforge.train.plan import check_fits
+    launched_rank = "LOCAL_RANK" in os.environ  # a launcher's rank: its parent (or the pipeline) checked and spoke
+    if not launched_rank:
+        from tifaforge.train.plan import check_fits
 
-    check_fits(cfg, [stage], args.model or cfg.model.base, (args.num_processes or 1) if args.launcher != "none"
-               else int(os.environ.get("WORLD_SIZE", "1")))
-    launched_rank = "LOCAL_RANK" in os.environ  # a launcher's rank: its parent (or the pipeline) spoke already
+        check_fits(cfg, [stage], args.model or cfg.model.base, (args.num_processes or 1) if args.launcher != "none"
+                   else 1)
     if args.resume and not launched_rank and ckpt.latest_complete(out / "checkpoints", announce=False) is None:
         found = ckpt.checkpoint_dirs(out / "checkpoints")  # say so, rather than start over without a word
         why = f"{len(found)} checkpoint(s), none complete and intact" if found else "no checkpoints"
