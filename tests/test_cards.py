@@ -90,7 +90,7 @@ def test_oversized_decoded_json_is_rejected(tmp_path, monkeypatch):
 def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(cards, "MAX_PNG_BYTES", 50)
     path = make_png(tmp_path / "a.png", ("chara", b64(card_obj())))
-    with pytest.raises(TifaError, match="over the 50 byte cap"):
+    with pytest.raises(TifaError, match="over the 50-byte cap"):
         read_png_text_chunks(path)
 
 
@@ -118,7 +118,7 @@ def test_not_a_card_file(tmp_path):
     with pytest.raises(TifaError, match="x.json"):
         load_card(path)
     path.write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(TifaError, match="not a PNG and not valid UTF-8 JSON"):
+    with pytest.raises(TifaError, match="not a PNG and not UTF-8 JSON"):
         load_card(path)
 
 

@@ -51,7 +51,7 @@ BAD_LINES = [
     ("sft", {"messages": [{"role": "assistant", "content": "你好"}]}, "messages", "no user turn"),
     ("sft", {"messages": []}, "messages", "non-empty list"),
     ("sft", {"messages": [U, A], "conversations": []}, "conversations", "both"),
-    ("sft", {"messages": [U, A], "card": "no/such/card.png"}, "card", "cannot read"),
+    ("sft", {"messages": [U, A], "card": "no/such/card.png"}, "card", "no such card"),
     ("sft", {"messages": [U, A], "split": "test"}, "split", "'train' or 'eval'"),
     ("prompts", {"messages": [U]}, "id", "missing"),
     ("prompts", {"id": "p1", "messages": [U, A]}, "messages[1]", "must end with a user turn"),
@@ -113,7 +113,7 @@ def test_nothing_is_dropped_silently(tmp_path):
 def test_unknown_kind_and_missing_file(tmp_path):
     with pytest.raises(TifaError, match="unknown data kind"):
         check_file(tmp_path / "x.jsonl", "dpo")
-    with pytest.raises(TifaError, match="cannot read"):
+    with pytest.raises(TifaError, match="no such JSONL file"):
         check_file(tmp_path / "missing.jsonl", "sft")
 
 

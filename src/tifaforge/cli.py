@@ -10,6 +10,7 @@ one-line `tifa: error: ...` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tifaforge.errors import TifaError
+    from tifaforge.errors import TifaError, os_error_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -268,12 +269,55 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(importlib.import_module(module), func)(args) or 0)
     except TifaError as e:
-        print(f"tifa: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2, args.verbose)
     except KeyboardInterrupt:
         print("tifa: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, a file where a folder goes: the user's to fix
+        return _fail(os_error_line(e), 1, args.verbose)
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, the traceback with -v
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        if _disk_full(e) or _out_disk_full(args):
+            return _fail(f"{os_error_line(OSError(errno.ENOSPC, 'No space left on device'))} ({first})",
+                         1, args.verbose)
+        return _fail(f"unexpected {type(e).__name__}: {first}; rerun with -v for the traceback and report it",
+                     1, args.verbose)
 
+
+def _fail(message: str, status: int, verbose: bool) -> int:
+    """Print `tifa: error: MESSAGE` (after the traceback when -v) and return the exit status."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"tifa: error: {message}", file=sys.stderr)
+    return status
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Writers in C++ and Rust (torch.save's zip writer, safetensors, tokenizers) report a full disk as
+    their own error type; its words, or the OSError it was raised from, say why."""
+    text = str(e)
+    return any(w in text for w in ("No space left", "os error 28", "iostream error", "file write failed")) or \
+        (isinstance(e.__context__, OSError) and e.__context__.errno == errno.ENOSPC)
+
+
+def _out_disk_full(args: argparse.Namespace) -> bool:
+    """Whether the disk of the command's --out has (almost) nothing free: torch.save's zip writer says
+    only "[enforce fail at inline_container.cc] unexpected pos" when a write falls short."""
+    import shutil
+    from pathlib import Path
+
+    out = getattr(args, "out", None)
+    if not out:
+        return False
+    path = Path(out).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free < 1 << 20
+    except OSError:
+        return False
 
 if __name__ == "__main__":
     sys.exit(main())

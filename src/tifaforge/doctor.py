@@ -45,9 +45,8 @@ def environment_report() -> list[str]:
 def model_report(path: str | Path) -> tuple[list[str], list[str]]:
     """(info lines, problems) for a model folder's tokenizer and chat template."""
     from tifaforge.chat import template
-    from tifaforge.models.load import load_tokenizer
-
-    from tifaforge.models.load import run_model
+    from tifaforge.errors import TifaError
+    from tifaforge.models.load import check_weights, load_tokenizer, read_model_config, run_model
 
     path = run_model(Path(path))  # a run folder: its last finished stage's model
     tok = load_tokenizer(path)
@@ -56,9 +55,12 @@ def model_report(path: str | Path) -> tuple[list[str], list[str]]:
     info.append(f"tag spelling  {template.detect_spelling(tok) or 'none found'}")
     cfg = path / "config.json" if path.is_dir() else None
     if cfg and cfg.exists():
-        import json
-
-        c = json.loads(cfg.read_text(encoding="utf-8"))
+        c = read_model_config(path)
+        try:
+            check_weights(path, allow_pickle=True)
+            info.append("weights       headers ok")
+        except TifaError as e:
+            problems.append(str(e))
         info.append(f"architecture  {', '.join(c.get('architectures') or ['?'])}, vocab {c.get('vocab_size')}")
         if c.get("vocab_size") and c["vocab_size"] < len(tok):
             problems.append(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {c['vocab_size']}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tifaforge.errors import TifaError
+from tifaforge.utils import loads_json, open_regular, read_bounded
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 32 * 1024 * 1024  # whole file; avatars are a few MB at most
@@ -106,10 +107,10 @@ def _decode_card_json(raw: bytes, source: str) -> Any:
     if len(raw) * 3 // 4 > MAX_JSON_BYTES:
         raise TifaError(f"{source}: card JSON is over the {MAX_JSON_BYTES} byte cap")
     try:
-        text = base64.b64decode(raw, validate=True)
-        return json.loads(text.decode("utf-8"))
+        text = base64.b64decode(raw, validate=True).decode("utf-8")
     except (binascii.Error, ValueError) as e:
         raise TifaError(f"{source}: card chunk is not base64-encoded UTF-8 JSON ({e})") from None
+    return loads_json(text, source)
 
 
 # --- PNG chunks ----------------------------------------------------------------------------
@@ -156,14 +157,8 @@ def _iter_chunks(blob: bytes, path: Path):
 
 
 def _read_capped(path: Path, cap: int) -> bytes:
-    """Read a file after checking its size, so a huge file is refused before it is read."""
-    try:
-        size = path.stat().st_size
-        if size > cap:
-            raise TifaError(f"{path}: file is {size} bytes, over the {cap} byte cap for a card")
-        return path.read_bytes()
-    except OSError as e:
-        raise TifaError(f"{path}: cannot read: {e.strerror or e}") from None
+    """Read a file after checking its size, so a huge file (or a FIFO, or /dev/zero) is refused before it is read."""
+    return read_bounded(path, cap, "card")
 
 
 def _card_from_png(path: Path) -> Card:
@@ -197,18 +192,15 @@ def load_card(path: str | Path) -> Card:
         return _card_from_png(path)
     raw = _read_capped(path, MAX_JSON_BYTES)
     try:
-        obj = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TifaError(f"{path}: not a PNG and not valid UTF-8 JSON ({e})") from None
-    return card_from_dict(obj, str(path))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TifaError(f"{path}: not a PNG and not UTF-8 JSON (byte {e.start})") from None
+    return card_from_dict(loads_json(text, str(path)), str(path))
 
 
 def _read_head(path: Path) -> bytes:
-    try:
-        with path.open("rb") as f:
-            return f.read(len(PNG_MAGIC))
-    except OSError as e:
-        raise TifaError(f"{path}: cannot read: {e.strerror or e}") from None
+    with open_regular(path, "card") as f:
+        return f.read(len(PNG_MAGIC))
 
 
 # --- writing -------------------------------------------------------------------------------

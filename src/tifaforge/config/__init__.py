@@ -25,7 +25,7 @@ from tifaforge.errors import ConfigError
 from tifaforge.fields import opt, section  # noqa: F401  (re-exported: sections elsewhere use them)
 from tifaforge.config.sections import EvalConfig, LaunchConfig, LoopConfig, MiningConfig, RewardConfig
 from tifaforge.config.training import CPTConfig, DPOConfig, LoraConfig, LossType, MGRPOConfig, SFTConfig, TrainConfig
-from tifaforge.utils import atomic_write_text
+from tifaforge.utils import MAX_CONFIG_BYTES, atomic_write_text, read_text_bounded
 
 __all__ = ["Config", "ModelConfig", "SamplingConfig", "EvalConfig", "LaunchConfig", "LoopConfig", "MiningConfig",
            "RewardConfig", "CPTConfig", "DPOConfig", "LoraConfig", "LossType", "MGRPOConfig", "SFTConfig", "TrainConfig",
@@ -94,10 +94,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         origin = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+        text = read_text_bounded(path, MAX_CONFIG_BYTES, "config")
         data, lines = _parse_yaml(text, str(path))
     cfg = _build(cls, data, (), origin, lines)
     for item in overrides or []:
@@ -133,6 +130,8 @@ def apply_override(cfg: Any, item: str) -> Any:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key}=...: the value is nested too deep") from None
     parts = tuple(key.strip().split("."))
     target = cfg
     for p in parts[:-1]:
@@ -153,6 +152,8 @@ def _parse_yaml(text: str, origin: str) -> tuple[dict, dict]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{origin}: invalid YAML: nested too deep") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"

@@ -13,6 +13,7 @@ Nothing is dropped silently: a skipped line is always in the report.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from tifaforge.chat.cards import Card, card_to_system_prompt, resolve_card
 from tifaforge.chat.template import THINK_CLOSE, THINK_OPEN, split_reasoning
 from tifaforge.errors import TifaError
+from tifaforge.utils import MAX_JSON_DEPTH, json_depth, open_regular
 
 Kind = Literal["sft", "prompts", "prefs"]
 KINDS = ("sft", "prompts", "prefs")
@@ -104,11 +106,7 @@ class _Bad(Exception):
 def _raw_lines(path: Path, cap: int):
     """Yield (line number, text or _Bad) for non-blank lines, reading at most `cap`+1 bytes of each
     so one giant line cannot exhaust memory; a BOM, bad UTF-8 or an over-long line is a _Bad."""
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise TifaError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
+    with open_regular(path, "JSONL file") as f:
         n = 0
         while raw := f.readline(cap + 1):
             n += 1
@@ -132,13 +130,35 @@ def _decode_line(raw: bytes) -> str | _Bad:
 
 
 def _parse_json(text: str) -> dict:
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise _Bad("", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise _Bad("", f"malformed JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict):
         raise _Bad("", f"expected a JSON object, got {type(obj).__name__}")
+    if (where := _lone_surrogate(obj)) is not None:
+        raise _Bad(where, "holds a lone surrogate escape (e.g. \\ud800): not text any tokenizer can encode")
     return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's escaped pairs decode to one code point; what is left is lone
+
+
+def _lone_surrogate(obj: Any, where: str = "") -> str | None:
+    """The field path of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(obj, str):
+        return where if _SURROGATE.search(obj) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        path = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+        if isinstance(k, str) and _SURROGATE.search(k):
+            return path
+        found = _lone_surrogate(v, path)
+        if found is not None:
+            return found
+    return None
 
 
 # --- normalising one record ----------------------------------------------------------------
@@ -368,6 +388,8 @@ def check_command(path: str | Path, kind: Kind, skip_bad: bool = False) -> int:
     Without --skip-bad the first bad line stops the check with a TifaError (exit 2 from the CLI).
     """
     records, report = check_file(path, kind, on_error="skip" if skip_bad else "stop")
+    if not records and not report.problems:
+        raise TifaError(f"{path}: no records (the file is empty or only blank lines)")
     print(report.summary())
     if kind == "sft" and records:
         turns = sum(len(expand_turns(r)) for r in records)

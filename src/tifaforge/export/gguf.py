@@ -130,7 +130,9 @@ def load_source(path: str | Path, workdir: Path):
     folder = resolve_model_path(path)
     if (folder / "adapter_config.json").exists():
         return (*_merged_lora(folder), folder)
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    from tifaforge.models.load import read_model_config
+
+    config = read_model_config(folder)
     if config.get("loop") or (config.get("tifaforge") or {}).get("loop"):
         folder = _unrolled(folder, workdir)
     return _load_plain(folder), load_tokenizer(folder), folder
@@ -153,7 +155,10 @@ def _merged_lora(folder: Path):
 
     from tifaforge.models.load import load_tokenizer
 
-    base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    from tifaforge.utils import read_json_file
+
+    adapter = read_json_file(folder / "adapter_config.json", what="LoRA adapter config")
+    base = adapter.get("base_model_name_or_path") if isinstance(adapter, dict) else None
     if not base or not Path(base).is_dir():
         raise TifaError(f"{folder}: the LoRA adapter's base model {base!r} is not a local model folder")
     model = PeftModel.from_pretrained(_load_plain(Path(base)), str(folder)).merge_and_unload()

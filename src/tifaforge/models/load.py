@@ -15,16 +15,55 @@ Rules every caller gets for free:
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
 from tifaforge.errors import TifaError
+from tifaforge.utils import read_json_file, regular_file
 
 log = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors crate's own limit
+
+
+def read_model_config(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict, or a one-line error naming the file."""
+    path = Path(folder) / "config.json"
+    obj = read_json_file(path, what="model config")
+    if not isinstance(obj, dict):
+        raise TifaError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def check_safetensors(file: Path) -> None:
+    """Check that a safetensors file's header parses and covers the file exactly, before any loader
+    reads it: the safetensors crate's own errors ("incomplete metadata, file not fully covered") name
+    neither the file nor the cause, which is nearly always a copy cut short."""
+    size = regular_file(file, "weights file").st_size
+    again = "the file is truncated or corrupted; copy or download it again"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TifaError(f"{file}: {size} bytes, too short for a safetensors file: {again}")
+        n = struct.unpack("<Q", head)[0]
+        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise TifaError(f"{file}: its header claims {n:,} bytes but the file holds {size:,}: {again}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # bad UTF-8 or bad JSON
+            header = None
+    tensors = [t for k, t in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    try:
+        end = max((int(t["data_offsets"][1]) for t in tensors), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise TifaError(f"{file}: the safetensors header is not valid: {again}") from None
+    if 8 + n + end != size:
+        raise TifaError(f"{file}: holds {size:,} bytes but its header describes {8 + n + end:,}: {again}")
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -67,10 +106,15 @@ def _gguf_tokenizer(path: Path):
 
 
 def check_weights(folder: Path, allow_pickle: bool) -> None:
-    """Refuse folders whose only weights are pickles (unless allowed) or that have no weights."""
+    """Refuse folders whose only weights are pickles (unless allowed) or that have no weights, and
+    folders whose config.json or safetensors files are damaged (each named in one line)."""
+    if (folder / "config.json").exists():
+        read_model_config(folder)
     safe = [p for g in SAFE_WEIGHTS for p in folder.glob(g)]
     pickles = [p for g in PICKLE_WEIGHTS for p in folder.glob(g)]
     if safe:
+        for file in sorted(safe):
+            check_safetensors(file)
         return
     if pickles and not allow_pickle:
         raise TifaError(
@@ -109,10 +153,17 @@ def load_model(
     if not path.exists():
         raise TifaError(f"{path}: no such model folder or file")
     path = run_model(path)
+    if path.suffix == ".gguf":
+        from tifaforge.models.gguf_file import read_gguf
+
+        read_gguf(path)  # a damaged file is named in one line, before transformers' own readers
     tokenizer = load_tokenizer(path)
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=False)
     if path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TifaError(f"{path}: cannot load the GGUF in transformers: {str(e).strip().splitlines()[0]}") from e
         _clear_gguf_quantizer(model)
     elif path.is_dir():
         if not (path / "config.json").exists():
@@ -132,7 +183,10 @@ def load_model(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16)
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not allow_pickle, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=not allow_pickle, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' words for a folder it cannot use
+            raise TifaError(f"{path}: cannot load the model: {str(e).strip().splitlines()[0]}") from e
         model = apply_saved_loop(model)
     else:
         raise TifaError(f"{path}: expected a model folder or a .gguf file")

@@ -190,8 +190,11 @@ def score_command(path: str | Path, config_path: str | Path | None = None, out: 
     from tifaforge.config import load_config
 
     cfg = load_config(config_path).reward if config_path else RewardConfig()
-    for row in score_file(path, cfg):
+    rows = 0
+    for rows, row in enumerate(score_file(path, cfg), 1):
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if not rows:
+        raise TifaError(f"{path}: nothing to score (the file is empty or only blank lines)")
     return 0
 
 

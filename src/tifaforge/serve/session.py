@@ -9,7 +9,6 @@ warning), the card stays first, and the oldest turns go when the prompt would no
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,10 +115,9 @@ class ChatSession:
         atomic_write_json(path, {"system": self.system, "greeting": self.greeting, "history": self.history})
 
     def load(self, path: str | Path) -> None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise TifaError(f"{path}: cannot load chat: {e}") from None
+        from tifaforge.utils import MAX_CONFIG_BYTES, read_json_file
+
+        data = read_json_file(path, MAX_CONFIG_BYTES, "saved chat")
         if not isinstance(data, dict) or not isinstance(data.get("history"), list):
             raise TifaError(f"{path}: not a saved chat (no 'history' list)")
         for i, m in enumerate(data["history"]):

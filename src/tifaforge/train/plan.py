@@ -103,7 +103,9 @@ def model_shape(spec: str) -> Shape:
             else _gguf_shape(path)
     config = path / "config.json"
     if config.exists():
-        return _config_shape(json.loads(config.read_text(encoding="utf-8")), str(path))
+        from tifaforge.models.load import read_model_config
+
+        return _config_shape(read_model_config(path), str(path))
     key = next((k for k in sorted(KNOWN, key=len, reverse=True) if k in path.name.lower()), None)
     if key is None:
         raise TifaError(f"model.base: {spec}: no config.json to read the model's shape from, and not a known "

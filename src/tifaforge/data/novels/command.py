@@ -52,7 +52,7 @@ from tifaforge.data.novels.pack import (
 from tifaforge.data.novels.read import FileReport, SkipFile, file_chapters, find_inputs
 from tifaforge.errors import TifaError
 from tifaforge.fields import opt
-from tifaforge.utils import atomic_write_json
+from tifaforge.utils import atomic_write_json, printable_path
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,16 @@ def ingest_novels(
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise TifaError(f"--workers {workers}: must be at least 1")
-    files = find_inputs(inputs)
+    passed: list[dict] = []
+    files = find_inputs(inputs, passed)
+    for entry in passed:
+        log.warning("%s: not read: %s", entry["path"], entry["reason"])
     out_dir = _check_out_dir(Path(out_dir))
     tok = resolve_tokenizer(tokenizer)
     eot = end_of_text(tok)
     index_dir = out_dir.with_name(f".{out_dir.name}.dedup") if dedup_on_disk else None  # a scratch folder
     run = _Run(files, _tokenizer_name(tokenizer, tok), to_simplified, encoding,
-               Deduper(near_dup_threshold, num_perm, shingle_chars, on_disk=index_dir))
+               Deduper(near_dup_threshold, num_perm, shingle_chars, on_disk=index_dir), passed)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")  # renamed to out_dir once complete
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -173,6 +176,7 @@ class _Run:
     simplify: bool
     encoding: str | None
     dedup: Deduper
+    passed: list[dict]  # folder entries not read (dangling symlinks, FIFOs, devices) and why
     timers: Timers = field(default_factory=lambda: Timers())
     reports: list[FileReport] = field(default_factory=list)
     removed: Counter = field(default_factory=Counter)
@@ -204,7 +208,7 @@ def _ingest_files(run: _Run, packer: Packer, progress: bool) -> None:
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="novels", disable=not progress,
               smoothing=0.05) as bar:
         for index, path in enumerate(run.files):
-            report = FileReport(str(path), path.stat().st_size)
+            report = FileReport(printable_path(path), path.stat().st_size)
             run.reports.append(report)
             done = bar.n
             _ingest_file(index, path, report, run, packer, bar.update)
@@ -293,11 +297,12 @@ def _tokenizer_name(given: Any, tok) -> str:
 
 
 def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], fingerprint: str) -> dict:
-    paths = [str(f) for f in run.files]
+    paths = [printable_path(f) for f in run.files]
     reports = run.reports
     return {
         "inputs": len(run.files),
         "files_skipped": sum(r.skipped is not None for r in reports),
+        "entries_not_read": run.passed,
         "documents": sum(r.chapters_kept > 0 for r in reports),
         "chapters": {"found": sum(r.chapters for r in reports), "kept": sum(r.chapters_kept for r in reports),
                      "empty_after_cleaning": run.chapters["empty_after_cleaning"],
@@ -341,5 +346,6 @@ def summary_lines(stats: dict, out: str | Path) -> list[str]:
     if stats["removed_lines"]:
         lines.append("removed: " + ", ".join(f"{k} {v}" for k, v in stats["removed_lines"].items()))
     lines += [f"skipped {f['path']}: {f['skipped']}" for f in stats["files"] if f["skipped"]]
+    lines += [f"not read {e['path']}: {e['reason']}" for e in stats.get("entries_not_read", [])]
     lines.append(f"details: {Path(out) / 'stats.json'}")
     return lines

@@ -27,32 +27,55 @@ from urllib.parse import unquote
 
 from tifaforge.data import text as tx
 from tifaforge.errors import TifaError
+from tifaforge.utils import file_kind, printable_path
 
 SUFFIXES = (".txt", ".epub")
 READ_BLOCK = 4 << 20  # bytes read at a time from a .txt file
-MAX_EPUB_MEMBER = 64 << 20  # uncompressed bytes; larger members are skipped (zip bombs)
+# EPUB caps, counted on the bytes as they are inflated, never on the sizes the zip declares (those
+# can lie; zipfile inflates up to 2 GB in one call when asked for a whole member).
+MAX_EPUB_MEMBER = 64 << 20  # uncompressed bytes of one document; a larger one is skipped
+MAX_EPUB_META = 4 << 20  # container.xml and the OPF
+MAX_EPUB_TOTAL = 256 << 20  # uncompressed bytes read from one EPUB; past it the rest is not read
+MAX_EPUB_MEMBERS = 20_000  # entries in the zip; more is not a book
+ZIP_CHUNK = 1 << 20
+HTML_CHUNK = 1 << 20  # characters fed to the HTML parser at a time (its output is flushed after each)
 MAX_LISTED = 20  # offsets listed per problem in stats.json (the count is always complete)
 
 
-def find_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Every .txt/.epub file named or under a named folder, in order, each once."""
+def find_inputs(inputs: Iterable[str | Path], passed: list[dict] | None = None) -> list[Path]:
+    """Every .txt/.epub file named or under a named folder, in order, each once. Entries of a folder
+    that bear the suffix but are not regular files (a dangling symlink, a FIFO, a device) are not
+    read, and each is appended to `passed` with the reason, for stats.json and a warning."""
     files: dict[Path, None] = {}
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            named = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and not p.is_dir())
+            found = [p for p in named if p.is_file()]
+            if passed is not None:
+                passed += [{"path": printable_path(p), "reason": _not_read(p)} for p in named if not p.is_file()]
             if not found:
-                raise TifaError(f"{path}: no .txt or .epub files in this folder")
+                raise TifaError(f"{printable_path(path)}: no .txt or .epub files in this folder")
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
-                raise TifaError(f"{path}: not a .txt or .epub file")
+                raise TifaError(f"{printable_path(path)}: not a .txt or .epub file")
             found = [path]
+        elif path.exists():
+            raise TifaError(f"{printable_path(path)}: {_not_read(path)}; give a .txt or .epub file or a folder")
         else:
-            raise TifaError(f"{path}: no such file or folder")
+            raise TifaError(f"{printable_path(path)}: no such file or folder"
+                            + (" (a dangling symlink)" if path.is_symlink() else ""))
         files.update(dict.fromkeys(p.resolve() for p in found))
     if not files:
         raise TifaError("no input files given")
     return list(files)
+
+
+def _not_read(path: Path) -> str:
+    try:
+        return f"is {file_kind(path.stat().st_mode)}, not a regular file"
+    except OSError:
+        return "a dangling symlink" if path.is_symlink() else "cannot be read"
 
 
 class SkipFile(Exception):
@@ -111,7 +134,7 @@ def _txt_texts(path: Path, forced: str | None, report: FileReport, advance) -> I
             advance(bom)
             yield from _decode_blocks(_line_blocks(f, head[bom:], codec), codec, bom, report, advance)
     except OSError as e:
-        raise TifaError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise TifaError(f"{printable_path(path)}: cannot read: {e.strerror or e}") from None
 
 
 def _choose_encoding(head: bytes, forced: str | None, report: FileReport) -> tuple[str, int]:
@@ -161,34 +184,71 @@ def _line_blocks(f, head: bytes, codec: str) -> Iterator[bytes]:
 # EPUB: zipfile + the OPF spine + html.parser
 
 
+class _OverCap(Exception):
+    pass
+
+
+class _Budget:
+    """Uncompressed bytes left to read from one EPUB (MAX_EPUB_TOTAL)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.left = total, total
+
+    def take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _OverCap(f"over the {self.total:,}-byte cap on what one EPUB may inflate to")
+
+
 def _epub_texts(path: Path, report: FileReport) -> Iterator[str]:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise TifaError(f"{path}: cannot read as EPUB: {e}") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as e:  # ValueError: a malformed zip directory
+        raise SkipFile(f"cannot read as EPUB: {e}") from None
     report.decided_by = "EPUB: XML declaration or BOM of each document"
+    budget = _Budget(MAX_EPUB_TOTAL)
     with zf:
-        members = _spine(zf, report)
+        if len(zf.infolist()) > MAX_EPUB_MEMBERS:
+            raise SkipFile(f"{len(zf.infolist()):,} entries in the zip, over the {MAX_EPUB_MEMBERS:,} cap for an EPUB")
+        members = _spine(zf, report, budget)
         if not members:
             raise SkipFile("no XHTML documents in the EPUB")
-        for name in members:
-            data = _epub_member(zf, name, report)
+        for i, name in enumerate(members):
+            try:
+                data = _epub_member(zf, name, report, budget)
+            except _OverCap as e:
+                report.problems.append(f"{name}: {e}; it and the {len(members) - i - 1} documents after it not read")
+                return
             if data is not None:
                 report.encoding = _xml_encoding(data)
                 text, bad = tx.decode(data, report.encoding)
+                del data
                 report.add_bad(bad, 0, name)
-                yield html_text(text) + "\n"
+                yield from html_text_stream(text)
+                yield "\n"
 
 
-def _spine(zf: zipfile.ZipFile, report: FileReport) -> list[str]:
+def _read_member(zf: zipfile.ZipFile, name: str, cap: int, budget: _Budget) -> bytes:
+    """A member's bytes, inflated ZIP_CHUNK at a time and refused past `cap` or the EPUB's budget."""
+    out = bytearray()
+    with zf.open(name) as f:
+        while chunk := f.read(ZIP_CHUNK):
+            budget.take(len(chunk))
+            out += chunk
+            if len(out) > cap:
+                raise _OverCap(f"over {cap:,} bytes uncompressed (the cap for one member)")
+    return bytes(out)
+
+
+def _spine(zf: zipfile.ZipFile, report: FileReport, budget: _Budget) -> list[str]:
     """Member names of the reading order; without a usable OPF, every (X)HTML member by name."""
     import xml.etree.ElementTree as ET
 
     names = set(zf.namelist())
     try:
-        container = ET.fromstring(zf.read("META-INF/container.xml"))
+        container = ET.fromstring(_read_member(zf, "META-INF/container.xml", MAX_EPUB_META, budget))
         opf_name = container.find(".//{*}rootfile").attrib["full-path"]
-        opf = ET.fromstring(zf.read(opf_name))
+        opf = ET.fromstring(_read_member(zf, opf_name, MAX_EPUB_META, budget))
         base = posixpath.dirname(opf_name)
         hrefs = {i.get("id"): posixpath.normpath(posixpath.join(base, unquote(i.get("href", "").split("#")[0])))
                  for i in opf.findall(".//{*}item")}
@@ -196,21 +256,30 @@ def _spine(zf: zipfile.ZipFile, report: FileReport) -> list[str]:
         found = [n for n in spine if n in names]
         if found:
             return found
-    except (KeyError, AttributeError, ET.ParseError) as e:
-        report.problems.append(f"no usable OPF spine ({type(e).__name__}); reading HTML members in name order")
+    except (KeyError, AttributeError, ET.ParseError, zipfile.BadZipFile, OSError, RuntimeError, _OverCap) as e:
+        why = str(e) if isinstance(e, _OverCap) else type(e).__name__
+        report.problems.append(f"no usable OPF spine ({why}); reading HTML members in name order")
     return sorted(n for n in names if n.lower().endswith((".xhtml", ".html", ".htm")))
 
 
-def _epub_member(zf: zipfile.ZipFile, name: str, report: FileReport) -> bytes | None:
+def _epub_member(zf: zipfile.ZipFile, name: str, report: FileReport, budget: _Budget) -> bytes | None:
+    """One document's bytes, or None (the reason in the report) when it is declared or found over the
+    member cap or cannot be read. Over the EPUB's total budget raises _OverCap: the rest is not read."""
     size = zf.getinfo(name).file_size
     if size > MAX_EPUB_MEMBER:
-        report.problems.append(f"{name}: {size} bytes uncompressed, over the {MAX_EPUB_MEMBER} cap; skipped")
+        report.problems.append(f"{name}: {size:,} bytes uncompressed, over the {MAX_EPUB_MEMBER:,} cap; skipped")
         return None
+    left = budget.left
     try:
-        return zf.read(name)
-    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+        return _read_member(zf, name, MAX_EPUB_MEMBER, budget)
+    except _OverCap as e:
+        if budget.left < 0:
+            raise
+        report.problems.append(f"{name}: {e}; skipped")
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as e:
         report.problems.append(f"{name}: unreadable member ({e}); skipped")
-        return None
+    budget.left = left - min(left, MAX_EPUB_MEMBER)  # what was inflated and thrown away still counts
+    return None
 
 
 _XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*encoding=["']([A-Za-z0-9._-]+)["']""")
@@ -235,12 +304,19 @@ class _HtmlText(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
+        self.flushed = ""  # the end of the text already taken by flush(), for _line_break
         self.skip = 0
+
+    def flush(self) -> str:
+        text = "".join(self.parts)
+        self.flushed = (self.flushed + text)[-2:]
+        self.parts = []
+        return text
 
     def _line_break(self, tag: str) -> None:
         if tag == "br":
             self.parts.append("\n")
-        elif tag in self.BLOCK and "".join(self.parts[-2:]).rstrip(" ")[-1:] not in ("\n", ""):
+        elif tag in self.BLOCK and (self.flushed + "".join(self.parts[-2:])).rstrip(" ")[-1:] not in ("\n", ""):
             self.parts.append("\n")  # one break between blocks, however many tags close and open
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
@@ -263,7 +339,17 @@ class _HtmlText(HTMLParser):
 
 def html_text(markup: str) -> str:
     """The text of an (X)HTML document, a line per block element."""
+    return "".join(html_text_stream(markup))
+
+
+def html_text_stream(markup: str) -> Iterator[str]:
+    """html_text in pieces, HTML_CHUNK characters of markup at a time: a document of many tiny
+    paragraphs otherwise holds millions of small strings at once (gigabytes for a 64 MB member)."""
     parser = _HtmlText()
-    parser.feed(markup)
+    for start in range(0, len(markup), HTML_CHUNK):
+        parser.feed(markup[start:start + HTML_CHUNK])
+        if text := parser.flush():
+            yield text
     parser.close()
-    return "".join(parser.parts)
+    if text := parser.flush():
+        yield text
