@@ -63,7 +63,7 @@ def test_tensors_read_back_with_hf_shapes_and_expected_types(exported, hf_model,
 
 
 def test_metadata_read_back(exported, tiny_tokenizer):
-    from tifaforge.chat.template import seed_template
+    from tifaforge.chat.template import serving_template
 
     md = read_gguf(exported["q8_0"]).metadata
     assert md["general.architecture"] == "qwen2"
@@ -81,7 +81,7 @@ def test_metadata_read_back(exported, tiny_tokenizer):
     assert md["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id
     assert md["tokenizer.ggml.padding_token_id"] == tiny_tokenizer.pad_token_id
     assert md["tokenizer.ggml.add_bos_token"] is False  # the template writes bos itself
-    assert md["tokenizer.chat_template"] == seed_template("ascii")
+    assert md["tokenizer.chat_template"] == serving_template("ascii")  # the seed's, with the serving rules
 
 
 # --------------------------------------------------------------------------------------------

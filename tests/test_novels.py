@@ -607,7 +607,7 @@ def test_bad_inputs_raise_tifa_errors_naming_the_path(tmp_path, tiny_tokenizer):
     cases = [
         ([tmp_path / "missing.txt"], {}, "missing.txt: no such file"),
         ([tmp_path / "empty"], {}, "empty: no .txt or .epub files"),
-        ([tmp_path / "fake.epub"], {}, "fake.epub: cannot read as EPUB"),
+        ([tmp_path / "fake.epub"], {}, "fake.epub: skipped: cannot read as EPUB"),
         ([tmp_path / "ok.txt"], {"encoding": "klingon"}, "--encoding klingon: unknown encoding"),
         ([tmp_path / "ok.txt"], {"block_size": 100000, "drop_tail": True}, "fewer than one block of 100000 and "
                                                                             "--drop-tail given"),

@@ -118,6 +118,54 @@ def training_template(spelling: Spelling = "ascii") -> str:
     return _respell(t, spelling)
 
 
+# The serving form (`tifa serve`, and the template written into GGUF files), with what front ends mean
+# where the seed's template is silent or hoists: system messages after the first turn (SillyTavern's
+# Author's Note and lorebook entries at depth, its Continue and Impersonate instructions) are rendered
+# where they stand, on the user side before the next assistant tag (merged into a user turn they
+# follow); leading system messages are joined at the top; and a conversation that ends with an
+# assistant message, rendered without a generation prompt, stays open: no end tag, so the model
+# continues that message in place. A system prompt followed by turns renders exactly as the seed.
+_SERVING_EDITS = (
+    (
+        "system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}"
+        "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}",
+        "system_prompt='', in_chat=false, user_side=false) %}{%- for message in messages %}"
+        "{%- if message['role'] != 'system' %}{% set ns.in_chat = true %}{%- elif not ns.in_chat %}"
+        "{% set ns.system_prompt = ns.system_prompt + ('\n\n' if ns.system_prompt else '') + message['content'] %}"
+        "{%- endif %}{%- endfor %}{% set ns.in_chat = false %}",
+    ),
+    (
+        "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}",
+        "{%- if message['role'] == 'system' and ns.in_chat %}"
+        "{{('\n\n' if ns.user_side else '<|User|>') + message['content']}}{%- set ns.user_side = true -%}"
+        "{%- endif %}{%- if message['role'] != 'system' %}{% set ns.in_chat = true %}{%- endif %}"
+        "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{%- set ns.user_side = true -%}",
+    ),
+    (
+        "{%- if message['role'] == 'assistant' and message.get('content') is not none %}",
+        "{%- if message['role'] == 'assistant' and message.get('content') is not none %}"
+        "{%- set ns.user_side = false -%}",
+    ),
+    (
+        "{%- if message['role'] == 'assistant' and message.get('content') is none %}",
+        "{%- if message['role'] == 'assistant' and message.get('content') is none %}{%- set ns.user_side = false -%}",
+    ),
+    (
+        "{{'<|Assistant|>' + content + '<|end▁of▁sentence|>'}}",
+        "{{'<|Assistant|>' + content}}{%- if not (loop.last and not add_generation_prompt) %}"
+        "{{'<|end▁of▁sentence|>'}}{%- endif %}",
+    ),
+)
+
+
+def serving_template(spelling: Spelling = "ascii") -> str:
+    """The seed template with the serving rules above, in `spelling`'s tags."""
+    t = _fixed_seed()
+    for old, new in _SERVING_EDITS:
+        t = _edit(t, old, new)
+    return _respell(t, spelling)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rendering through a tokenizer (transformers' sandboxed Jinja)
 
@@ -129,6 +177,18 @@ def render(messages: list[dict], tokenizer, *, add_generation_prompt: bool = Fal
     chat_template = training_template(_spelling_or_raise(tokenizer)) if training else None
     return tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template,
                                          add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def render_serving(messages: list[dict], tokenizer, *, continue_final: bool = False) -> str:
+    """A request's prompt: the serving form when the tokenizer carries the seed's tags (else its own
+    template, with transformers' `continue_final_message`). `continue_final`: the last message is an
+    assistant message to continue in place, not a turn to answer."""
+    spelling = detect_spelling(tokenizer) if hasattr(tokenizer, "get_added_vocab") else None  # llama.cpp's: its own
+    if spelling is None:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=not continue_final,
+                                             continue_final_message=continue_final, tokenize=False)
+    return tokenizer.apply_chat_template(messages, chat_template=serving_template(spelling),
+                                         add_generation_prompt=not continue_final, tokenize=False)
 
 
 def training_tokens(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:

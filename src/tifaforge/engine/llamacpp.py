@@ -47,8 +47,9 @@ class LlamaTokenizer:
         self.bos_token = self.decode([self.bos_token_id]) if self.bos_token_id is not None else ""
         self.eos_token = self.decode([self.eos_token_id]) if self.eos_token_id is not None else ""
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
-        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+    def __call__(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> SimpleNamespace:
+        """`split_special_tokens`: special tokens' texts are plain text (message contents in the server)."""
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=not split_special_tokens)
         return SimpleNamespace(input_ids=ids)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -242,7 +242,16 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok, n_vocab: int, pre: str | None) -> No
     w.add_add_bos_token(tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id])
     w.add_add_eos_token(False)
     if isinstance(tok.chat_template, str):
-        w.add_chat_template(tok.chat_template)
+        w.add_chat_template(_serving_form(tok.chat_template))
+
+
+def _serving_form(chat_template: str) -> str:
+    """The seed's template becomes its serving form (chat/template.py): llama.cpp, KoboldCpp and LM
+    Studio then render in-chat system messages where they stand and continue a final assistant
+    message in place, as `tifa serve` does. Any other template is written as it is."""
+    from tifaforge.chat.template import SPELLINGS, seed_template, serving_template
+
+    return next((serving_template(s) for s in SPELLINGS if chat_template == seed_template(s)), chat_template)
 
 
 def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:

@@ -26,12 +26,12 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from tifaforge.chat.template import THINK_OPEN, ThinkStreamSplitter, split_reasoning, strip_think
+from tifaforge.chat.template import THINK_CLOSE, THINK_OPEN, ThinkStreamSplitter, split_reasoning, strip_think
 from tifaforge.config import SamplingConfig
 from tifaforge.engine.generate import Engine, Request
 from tifaforge.extras import require
 from tifaforge.serve.protocol import (
-    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, requested_max_tokens, sampling_for, stops,
+    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, first, requested_max_tokens, sampling_for, stops,
 )
 from tifaforge.serve.scheduler import Job, Scheduler
 
@@ -234,6 +234,7 @@ class _Server:
     def __init__(self, engine, scheduler, limits, sampling, model_name, mirror):
         self.engine, self.scheduler, self.limits = engine, scheduler, limits
         self.sampling, self.model_name, self.mirror = sampling, model_name, mirror
+        self._plain = None  # the no-special-tokens tokenizer for message text, made on first use
 
     def encode(self, text: str) -> list[int]:
         # The Rust tokenizer directly: safe beside the worker thread's decoding (no settings mutated).
@@ -241,13 +242,40 @@ class _Server:
         backend = getattr(tok, "backend_tokenizer", None)
         return backend.encode(text, add_special_tokens=False).ids if backend else tok(text, add_special_tokens=False).input_ids
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def encode_text(self, text: str) -> list[int]:
+        """Message text, where a role tag typed by a client is text, never the special token: a copy of
+        the Rust tokenizer with `encode_special_tokens` set (the shared one is never mutated)."""
+        tok = self.engine.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            return tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            self._plain = Tokenizer.from_str(backend.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def chat_ids(self, messages: list[Message], continue_final: bool) -> list[int]:
+        """The prompt's ids: the template's own text (role tags, end tags) tokenized with its special
+        tokens, each message's text without them. Contents are swapped for markers before rendering
+        and encoded apart, so no client can forge an assistant or system turn by typing its tags."""
+        from tifaforge.chat.template import render_serving
+
         if len(messages) > self.limits.max_messages:
             raise BadRequest(f"at most {self.limits.max_messages} messages, got {len(messages)}", "messages")
+        key = uuid.uuid4().hex
+        turns = history(messages, continue_final)
+        marks = {f"\ue000{key}{i}\ue001": m["content"] for i, m in enumerate(turns)}
+        masked = [{**m, "content": mark} for m, mark in zip(turns, marks)]
         try:
-            return self.engine.render(history(messages))
+            prompt = render_serving(masked, self.engine.tokenizer, continue_final=continue_final)
         except Exception as e:  # a template error on odd input is the request's problem
             raise BadRequest(f"messages cannot be rendered with the model's chat template: {e}", "messages") from None
+        ids: list[int] = []
+        for piece in re.split(f"(\ue000{key}\\d+\ue001)", prompt):
+            ids += self.encode_text(marks[piece]) if piece in marks else self.encode(piece) if piece else []
+        return ids
 
     def rows(self, body: Sampling, prompts: list[list[int]]) -> list[Request]:
         """Engine requests for every prompt x n, after every limit check."""
@@ -293,21 +321,36 @@ def usage(prompt_tokens: int, tokens: list[int]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def history(messages: list[Message]) -> list[dict]:
-    """Messages for the seed's template: earlier think blocks cut, echoed reasoning fields dropped,
-    every system/developer message merged into one (the seed's template keeps only the last)."""
-    system = [m.text() for m in messages if m.role in ("system", "developer")]
-    out = [{"role": "system", "content": "\n\n".join(system)}] if system else []
-    for m in messages:
-        if m.role in ("system", "developer"):
-            continue
+def history(messages: list[Message], continue_final: bool = False) -> list[dict]:
+    """Messages for the serving template (chat/template.py): where they stand, `developer` as
+    `system`; earlier think blocks cut as the seed's template cuts them, a reply cut off inside its
+    think block kept empty, echoed reasoning fields dropped. With `continue_final`, the last
+    (assistant) message is kept as sent after its think block, or whole when it ends inside one:
+    the model goes on from there."""
+    out = []
+    for i, m in enumerate(messages):
         text = m.text()
         if m.role == "assistant":
             text = strip_think(text)
-            if text.lstrip().startswith(THINK_OPEN):  # a reply cut off inside its think block
+            if text.lstrip().startswith(THINK_OPEN) and not (continue_final and i == len(messages) - 1):
                 text = ""
-        out.append({"role": m.role, "content": text})
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     return out
+
+
+def continues(body: ChatRequest) -> bool:
+    """Whether the reply continues the last (assistant) message in place: vLLM's
+    `continue_final_message`, or `add_generation_prompt: false`, or by default when the conversation
+    ends with an assistant message (SillyTavern's prefill and Continue without its instruction)."""
+    last = body.messages[-1].role
+    if body.continue_final_message and body.add_generation_prompt:
+        raise BadRequest("continue_final_message and add_generation_prompt cannot both be true", "continue_final_message")
+    want = first(body.continue_final_message, None if body.add_generation_prompt is None else not body.add_generation_prompt)
+    if want is None:
+        return last == "assistant"
+    if want and last != "assistant":
+        raise BadRequest("continue_final_message needs the last message to be the assistant's", "continue_final_message")
+    return want
 
 
 def _add_api(app, server: _Server) -> None:
@@ -329,11 +372,14 @@ def _add_api(app, server: _Server) -> None:
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat(body: ChatRequest, request: HTTPRequest):
-        prompt = server.chat_prompt(body.messages)
-        ids = server.encode(prompt)
+        cont = continues(body)
+        ids = server.chat_ids(body.messages, cont)
         rows = server.rows(body, [ids])
-        meta = _Meta("chatcmpl", "chat.completion", server.model_name, len(ids),
-                     started=prompt.rstrip().endswith(THINK_OPEN), body=body, mirror=server.mirror)
+        last = body.messages[-1].text()
+        started = (THINK_OPEN in last and THINK_CLOSE not in last) if cont else \
+            server.engine.tokenizer.decode(ids[-4:]).rstrip().endswith(THINK_OPEN)
+        meta = _Meta("chatcmpl", "chat.completion", server.model_name, len(ids), started=started, body=body,
+                     mirror=server.mirror)
         job = server.admit(rows)
         if body.stream:
             return _sse(_chat_events(job, meta), job)

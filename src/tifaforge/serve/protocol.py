@@ -131,6 +131,8 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
     include_reasoning: bool = True  # OpenRouter/SillyTavern: false drops the reasoning from the reply
+    continue_final_message: bool | None = None  # vLLM: continue the last (assistant) message in place
+    add_generation_prompt: bool | None = None  # vLLM: false means the same
 
 
 class CompletionRequest(Sampling):

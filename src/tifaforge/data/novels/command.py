@@ -193,8 +193,9 @@ def _build(tmp: Path, run: _Run, tok, eot: tuple[str, int], block_size: int, sha
                 keep_tail=not drop_tail) as packer:
         _ingest_files(run, packer, progress)
     if packer.blocks == 0 and packer.tail == 0:
+        why = "; ".join(line for r in run.reports[:3] for line in r.warnings())
         raise TifaError(f"{packer.tokens} tokens in all: fewer than one block of {block_size} and --drop-tail given"
-                        if packer.tokens else "no text in the inputs: nothing written")
+                        if packer.tokens else "no text in the inputs: nothing written" + (f" ({why})" if why else ""))
     stats = _stats(run, packer, writer.finish(), eot, writer.fingerprint())
     stats["seconds"] = run.timers.as_dict(total=time.perf_counter() - start)
     atomic_write_json(tmp / "stats.json", stats)
