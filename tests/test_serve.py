@@ -757,3 +757,94 @@ def test_serving_template_renders_as_the_seed_for_what_the_seed_defines(think_en
     tok = think_engine.tokenizer
     for msgs in ([*CHAT, {"role": "user", "content": "再见"}], CHAT[1:] + [{"role": "user", "content": "再见"}]):
         assert render_serving(msgs, tok) == render(msgs, tok, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token probabilities, and the fields that are known but not honoured
+
+def test_logprobs_follow_the_samplers_and_line_up_with_the_answer(client, url):
+    r = ask(client, "你好", logprobs=True, top_logprobs=3, temperature=0.8, max_tokens=12, seed=3, extra_body={"top_k": 2})
+    choice = r.choices[0]
+    entries = choice.logprobs.content
+    assert "".join(e.token for e in entries).lstrip() == choice.message.content.lstrip()
+    import math as m
+
+    for e in entries:
+        assert 1 <= len(e.top_logprobs) <= 2  # top_k 2: the rest were removed by the samplers
+        assert abs(sum(m.exp(t.logprob) for t in e.top_logprobs) - 1) < 1e-4
+        assert e.logprob in [t.logprob for t in e.top_logprobs] and bytes(e.bytes).decode("utf-8", "replace") == e.token
+    raw = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "你好"}],
+                                                         "logprobs": True, "max_tokens": 12, "temperature": 0}).json()
+    think = raw["choices"][0]["logprobs"].get("reasoning_content") or []
+    assert not think or think[0]["token"] == "<think>"  # the think block's tokens apart from the answer's
+
+
+def test_logprobs_stream_and_legacy_completions(client):
+    chunks = list(client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}], stream=True,
+                                                 logprobs=True, top_logprobs=2, max_tokens=10, temperature=0))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs and ch.logprobs.content for e in ch.logprobs.content]
+    whole = ask(client, "你好", logprobs=True, top_logprobs=2, max_tokens=10).choices[0].logprobs.content
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in whole]
+    legacy = client.completions.create(model="x", prompt="天色", max_tokens=6, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens)
+    assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+@pytest.mark.parametrize("body,param", [({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+                                        ({"typical_p": 2}, "typical_p"), ({"logit_bias": "x"}, "logit_bias")])
+def test_malformed_known_fields_are_400(url, body, param):
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], **body})
+    assert r.status_code == 400 and param in r.json()["error"]["message"], r.text
+
+
+def test_known_but_unsupported_fields_are_named_in_a_header(url, caplog):
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "typical_p": 0.9, "mirostat_mode": 2,
+            "rep_pen_range": 0, "ignore_eos": False, "unknown_key_of_another_backend": 1}
+    r = httpx.post(url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.headers["x-tifa-ignored"] == "typical_p, mirostat"
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
+        assert s.headers["x-tifa-ignored"] == "typical_p, mirostat"
+    plain = httpx.post(url + "/v1/chat/completions", json={**body, "typical_p": 1, "mirostat_mode": 0})
+    assert "x-tifa-ignored" not in plain.headers
+
+
+# ---------------------------------------------------------------------------------------------
+# The reasoning budget, a reply cut inside its think block, and --sampling model
+
+def _think_tokens(url, **body):
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "你好"}], "max_tokens": 60,
+                                                       "temperature": 0, "logprobs": True, **body}).json()
+    choice = r["choices"][0]
+    return choice, [e["token"] for e in choice["logprobs"].get("reasoning_content") or []]
+
+
+def test_reasoning_budget_closes_the_think_block_and_the_model_answers(url):
+    free, unlimited = _think_tokens(url)
+    assert unlimited[0] == "<think>" and len(unlimited) > 5, unlimited  # the fixture thinks at length
+    for name in ("reasoning_budget", "thinking_budget_tokens"):
+        choice, think = _think_tokens(url, **{name: 3})
+        assert think[0] == "<think>" and think[-1] == "</think>" and len(think) == 5, think  # 3 tokens, then closed
+        assert think[1:4] == unlimited[1:4] and choice["finish_reason"] in ("stop", "length") and "note" not in choice
+    none, think = _think_tokens(url, reasoning_budget=0)
+    assert think == [] and none["message"].get("reasoning_content") is None and none["message"]["content"]
+
+
+def test_a_reply_cut_inside_its_think_block_says_so(url):
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 3, "temperature": 0}
+    choice = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] == "" and "think block" in choice["note"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert "think block" in events[-1]["choices"][0]["note"]
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "reasoning_budget": -2})
+    assert r.status_code == 400 and "reasoning_budget" in r.text
+
+
+def test_sampling_model_pins_the_servers_temperature(think_engine):
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 12, "seed": 5}
+    with live(create_app(think_engine, pin_sampling=True)) as base:
+        hot = httpx.post(base + "/v1/chat/completions", json={**body, "temperature": 5, "top_p": 1}).json()
+        card = httpx.post(base + "/v1/chat/completions", json=body).json()
+    assert hot["choices"][0]["message"] == card["choices"][0]["message"]
+    assert sampling_for(ChatRequest(**body, temperature=5), SamplingConfig(), 9, 0, pinned=True).temperature == 0.4

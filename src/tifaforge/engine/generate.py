@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tifaforge.chat.template import SPECIAL_TOKENS, THINK_OPEN, split_reasoning
+from tifaforge.chat.template import SPECIAL_TOKENS, THINK_CLOSE, THINK_OPEN, split_reasoning
 from tifaforge.config import SamplingConfig
 from tifaforge.errors import TifaError
 
@@ -32,6 +32,9 @@ class Request:
     prompt: str | list[int]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: Sequence[str] = ()
+    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and its k best rivals
+    think_budget: int | None = None  # None: unlimited; N: past N think tokens `</think>` is forced (llama.cpp's
+    # --reasoning-budget; 0 is the caller's to handle: it closes the block in the prompt)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Result:
     reasoning: str | None
     content: str
     prompt_tokens: int
+    logprobs: list[dict] | None = None  # per generated token (see Row.note), when the request asked
 
     @property
     def completion_tokens(self) -> int:
@@ -57,6 +61,7 @@ class Delta:
     text: str
     finish_reason: FinishReason | None = None
     tokens: int | None = None
+    logprobs: list[dict] | None = None  # the entries of the tokens generated since the last delta
 
 
 class Row:
@@ -72,6 +77,10 @@ class Row:
         self.text = ""
         self.sent = 0
         self.finish: FinishReason | None = None
+        self.logprobs: list[dict] | None = [] if req.logprobs is not None else None
+        self.lp_sent = 0
+        self.in_think = _ends_in_think(tokenizer, prompt_ids)  # the prompt opened the block itself
+        self.think_tokens = 0
         seed = req.sampling.seed
         if seed is None:  # follows torch's global RNG, so torch.manual_seed still reproduces a run
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -84,6 +93,9 @@ class Row:
             self.text += self._detokenize(force=True)
             return self._flush(final=True)
         self.ids.append(token)
+        if self.in_think:
+            self.think_tokens += 1
+        self._track_think(token)
         checked = len(self.text)
         self.text += self._detokenize()
         cut = _first_stop(self.text, self.req.stop, start=checked)
@@ -108,6 +120,30 @@ class Row:
             return window[len(prefix):]
         return ""
 
+    def _track_think(self, token: int) -> None:
+        text = self.tok.convert_ids_to_tokens(token) if hasattr(self.tok, "convert_ids_to_tokens") else None
+        if text == THINK_OPEN and len(self.ids) == 1:
+            self.in_think = True
+        elif text == THINK_CLOSE:
+            self.in_think = False
+
+    def must_close_think(self) -> bool:
+        """Whether the next token must be `</think>`: the request's think budget is spent."""
+        budget = self.req.think_budget
+        return budget is not None and self.in_think and self.think_tokens >= budget
+
+    def note(self, entry: dict) -> None:
+        """One generated token's log-probability entry (OpenAI's chat shape: token, logprob, bytes,
+        top_logprobs), taken from the scores after this request's samplers."""
+        self.logprobs.append(entry)
+
+    def new_logprobs(self) -> list[dict] | None:
+        """The entries not yet sent with a delta (None when the request did not ask)."""
+        if self.logprobs is None:
+            return None
+        out, self.lp_sent = self.logprobs[self.lp_sent:], len(self.logprobs)
+        return out
+
     def _flush(self, final: bool) -> str:
         end = len(self.text) if final else _safe_end(self.text, self.req.stop)
         if end <= self.sent:
@@ -118,7 +154,8 @@ class Row:
     def result(self) -> Result:
         started = _ends_in_think(self.tok, self.prompt_ids)
         reasoning, content = split_reasoning(self.text, started_in_think=started)
-        return Result(self.text, self.ids, self.finish or "length", reasoning, content, len(self.prompt_ids))
+        return Result(self.text, self.ids, self.finish or "length", reasoning, content, len(self.prompt_ids),
+                      self.logprobs)
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
@@ -149,9 +186,14 @@ class Engine:
     """Batched, streaming generation over a transformers causal LM (CPU or GPU)."""
 
     continuous_batching = True  # `Batch` can run it: requests join and leave a running decode
+    supports_logprobs = True  # Batch notes them; the llama.cpp and vLLM backends decode their own way
+    supports_think_budget = True  # Batch forces </think>; the same two backends do not yet
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self._byte_map: dict | None = None  # token_text's byte-level alphabet, made on first use
+        close = tokenizer.convert_tokens_to_ids(THINK_CLOSE) if THINK_CLOSE in tokenizer.get_vocab() else None
+        self.think_close_id = close  # None: no think tokens, so a think budget cannot apply
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.stop_ids = self._default_stop_ids()
 
@@ -175,6 +217,24 @@ class Engine:
 
     def _generation_config(self):
         return self.model.generation_config
+
+    def token_text(self, token: int) -> dict:
+        """{"token": its text, "bytes": its UTF-8 bytes} as OpenAI's logprobs give them: a byte-level
+        BPE token that holds part of a character has no text of its own, so `bytes` is the truth."""
+        if self._byte_map is None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is not None and type(backend.decoder).__name__ == "ByteLevel":
+                from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+                self._byte_map = {c: b for b, c in bytes_to_unicode().items()}
+            else:
+                self._byte_map = {}
+        added = self.tokenizer.added_tokens_decoder.get(token) if hasattr(self.tokenizer, "added_tokens_decoder") else None
+        if self._byte_map and added is None:
+            raw = bytes(self._byte_map.get(c, 0) for c in self.tokenizer.convert_ids_to_tokens(token))
+        else:
+            raw = self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -226,6 +286,8 @@ class Engine:
                 raise TifaError(f"request {i}: sampling.{name} must be a finite number, got {v!r}")
         if len(ids) >= self.context:
             raise TifaError(f"request {i}: prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
+        if req.think_budget is not None and self.think_close_id is None:
+            raise TifaError(f"request {i}: a reasoning budget needs a model with {THINK_CLOSE} as a token")
         return ids
 
     def _decode(self, rows: list[Row]) -> Iterator[Delta]:
@@ -263,6 +325,7 @@ class Batch:
         self.index: list[int] = []  # each live row's delta index
         self.cohorts: list[_Cohort] = []
         self.cache = self.mask = self.pos = self.last = None  # KV cache, (B, T) mask, (B,) next position, (B,) last token
+        self._scores = None  # the last step's scores after the samplers (B, V)
         self.added = 0
 
     def __len__(self) -> int:
@@ -295,13 +358,35 @@ class Batch:
             if self.waiting and (self.cache is None or _paddable(self.cache)):
                 logits.append(self._prefill())
             self.last = self._sample(torch.cat(logits))
+            self._note_logprobs()
         deltas = []
         for slot, (r, token) in enumerate(zip(self.live, self.last.tolist())):
             piece = r.push(token, self.engine.context - len(r.prompt_ids) - len(r.ids) - 1)
             if piece or r.finish:
-                deltas.append(Delta(self.index[slot], piece, r.finish, len(r.ids)))
+                deltas.append(Delta(self.index[slot], piece, r.finish, len(r.ids), r.new_logprobs()))
         self._keep([s for s, r in enumerate(self.live) if r.finish is None])
         return deltas
+
+    def _note_logprobs(self) -> None:
+        """Log-probabilities of the tokens just picked, and each request's k best, for the rows that
+        asked: log-softmax of the scores after their samplers (a token a sampler removed has none).
+        One batched log-softmax over those rows; a stop token gets no entry (it is not in the text)."""
+        import torch
+
+        slots = [s for s, r in enumerate(self.live) if r.logprobs is not None and int(self.last[s]) not in r.stop_ids]
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self._scores.device)
+        lp = torch.log_softmax(self._scores.index_select(0, index).float(), dim=-1)
+        chosen = lp.gather(1, self.last.index_select(0, index)[:, None])[:, 0].tolist()
+        k = max(self.live[s].req.logprobs for s in slots)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        spell = self.engine.token_text
+        for j, s in enumerate(slots):
+            r = self.live[s]
+            rivals = [{**spell(int(t)), "logprob": v} for t, v in zip(top_i[j, :r.req.logprobs].tolist(),
+                                                                      top_v[j, :r.req.logprobs].tolist()) if v > -math.inf]
+            r.note({**spell(int(self.last[s])), "logprob": max(chosen[j], -9999.0), "top_logprobs": rivals})
 
     def _forward(self):
         """The live rows' last tokens through the cache: logits (B, V)."""
@@ -413,6 +498,10 @@ class Batch:
             for c, order in zip(self.cohorts, orders):
                 scores.index_copy_(0, order, c.procs(c.ids, logits.index_select(0, order)))
         nxt = _pick(self.live, scores)
+        close = [s for s, r in enumerate(self.live) if r.must_close_think()]
+        if close:  # the reasoning budget: the block is closed for the model, which then answers
+            nxt[close] = self.engine.think_close_id
+        self._scores = scores  # for _note_logprobs
         for c, order in zip(self.cohorts, orders):
             c.ids = torch.cat([c.ids, (nxt if order is None else nxt.index_select(0, order))[:, None]], dim=1)
         return nxt

@@ -103,6 +103,8 @@ class LlamaCppEngine(Engine):
     """`Engine` over a GGUF file through llama-cpp-python. Close it (`close()` or `with`) when done."""
 
     continuous_batching = False  # one sequence at a time: the server runs its requests in turn
+    supports_logprobs = False  # llama.cpp's sampler chain does not hand back its candidates
+    supports_think_budget = False  # the server names a reasoning budget as not honoured
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
         from tifaforge.extras import require

@@ -32,6 +32,7 @@ from tifaforge.engine.generate import Engine, Request
 from tifaforge.extras import require
 from tifaforge.serve.protocol import (
     BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, first, requested_max_tokens, sampling_for, stops,
+    unsupported,
 )
 from tifaforge.serve.scheduler import Job, Scheduler
 
@@ -49,16 +50,20 @@ def create_app(
     sampling: SamplingConfig | None = None,
     model_name: str = "tifa",
     cors_origins: Sequence[str] = (),
-    mirror_reasoning: bool = False,
+    mirror_reasoning: bool = True,
     cards: Sequence[dict] | None = None,
     stream_interval: float = 0.02,
+    reasoning_budget: int = -1,
+    pin_sampling: bool = False,
 ):
     """The FastAPI app over `engine`: an `Engine` (decoding in a worker thread of this process, closed
     with the app) or a `serve.engine_process.EngineProcess` (the engine in its own process, so the
     HTTP work never waits for its GIL; whoever made it closes it). `sampling`: the server's defaults (the seed's); `cards`: the page's card list
     (card JSON objects; None: the bundled demo cards); `cors_origins`: empty means same-origin only;
     `stream_interval`: a stream's text is sent at most this often (seconds; its first and last piece at
-    once), see `Scheduler._send`."""
+    once), see `Scheduler._send`. `reasoning_budget`: think tokens before the server closes the block
+    (-1 unlimited, 0 no thinking; a request's `reasoning_budget` wins). `pin_sampling`: the server's
+    temperature, top_p and repetition penalty win over a client's (`--sampling model`)."""
     require("serve")
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
@@ -71,8 +76,11 @@ def create_app(
     else:
         app.state.scheduler = Scheduler(engine, max_concurrency, stream_interval)
         app.router.add_event_handler("shutdown", app.state.scheduler.close)
+    if reasoning_budget < -1:
+        raise ValueError(f"reasoning_budget must be -1 (unlimited) or more, got {reasoning_budget}")
     app.state.server = _Server(engine, app.state.scheduler, limits, sampling or SamplingConfig(),
                                model_name, mirror_reasoning)
+    app.state.server.reasoning_budget, app.state.server.pinned = reasoning_budget, pin_sampling
     _add_errors(app)
     _add_api(app, app.state.server)
     _add_page(app, cards)
@@ -235,6 +243,7 @@ class _Server:
         self.engine, self.scheduler, self.limits = engine, scheduler, limits
         self.sampling, self.model_name, self.mirror = sampling, model_name, mirror
         self._plain = None  # the no-special-tokens tokenizer for message text, made on first use
+        self.reasoning_budget, self.pinned = -1, False  # create_app sets them
 
     def encode(self, text: str) -> list[int]:
         # The Rust tokenizer directly: safe beside the worker thread's decoding (no settings mutated).
@@ -283,10 +292,33 @@ class _Server:
             raise BadRequest(f"at most {self.limits.max_n} choices per request (n x prompts), got "
                              f"{len(prompts) * body.n}", "n")
         stop = stops(body, self.limits)
+        k = body.logprob_count() if getattr(self.engine, "supports_logprobs", True) else None
+        think = self.think_budget(body)
         out = []
         for ids in prompts:
             max_new = self.budget(body, len(ids))
-            out += [Request(ids, sampling_for(body, self.sampling, max_new, i), stop) for i in range(body.n)]
+            out += [Request(ids, sampling_for(body, self.sampling, max_new, i, self.pinned), stop, k,
+                            think if think and think > 0 else None) for i in range(body.n)]
+        return out
+
+    def think_budget(self, body) -> int | None:
+        """The request's reasoning budget (its own, else the server's); None: unlimited. Text
+        completions have none: their prompt is the client's, think tags and all."""
+        if not isinstance(body, ChatRequest):
+            return None
+        budget = first(body.reasoning_budget, body.thinking_budget_tokens, self.reasoning_budget)
+        return None if budget < 0 else budget
+
+    def ignored(self, body) -> list[str]:
+        """The fields of `body` this server knows but does not honour (with this backend): named in
+        the X-Tifa-Ignored header and a warning, never silently dropped."""
+        out = unsupported(body)
+        if body.logprob_count() is not None and not getattr(self.engine, "supports_logprobs", True):
+            out.append("logprobs")
+        if (self.think_budget(body) or 0) > 0 and not getattr(self.engine, "supports_think_budget", True):
+            out.append("reasoning_budget")
+        if out:
+            log.warning("request fields not honoured: %s", ", ".join(out))
         return out
 
     def budget(self, body: Sampling, prompt_tokens: int) -> int:
@@ -355,6 +387,7 @@ def continues(body: ChatRequest) -> bool:
 
 def _add_api(app, server: _Server) -> None:
     from fastapi import Request as HTTPRequest
+    from fastapi import Response
 
     @app.get("/health", tags=["ops"])
     async def health():
@@ -371,36 +404,43 @@ def _add_api(app, server: _Server) -> None:
                                             "owned_by": "tifaforge", "max_model_len": server.engine.context}]}
 
     @app.post("/v1/chat/completions", tags=["openai"])
-    async def chat(body: ChatRequest, request: HTTPRequest):
+    async def chat(body: ChatRequest, request: HTTPRequest, response: Response):
         cont = continues(body)
         ids = server.chat_ids(body.messages, cont)
+        if server.think_budget(body) == 0 and not cont:  # no thinking: the block is closed in the prompt
+            ids += server.encode(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n")
         rows = server.rows(body, [ids])
         last = body.messages[-1].text()
         started = (THINK_OPEN in last and THINK_CLOSE not in last) if cont else \
             server.engine.tokenizer.decode(ids[-4:]).rstrip().endswith(THINK_OPEN)
         meta = _Meta("chatcmpl", "chat.completion", server.model_name, len(ids), started=started, body=body,
                      mirror=server.mirror)
+        headers = _ignored_header(server.ignored(body))
         job = server.admit(rows)
         if body.stream:
-            return _sse(_chat_events(job, meta), job)
-        texts, finish, tokens = await _collect(job, request)
-        return _chat_reply(meta, texts, finish, tokens) if texts is not None else _gone()
+            return _sse(_chat_events(job, meta), job, headers)
+        texts, finish, tokens, lps = await _collect(job, request)
+        response.headers.update(headers)
+        return _chat_reply(meta, texts, finish, tokens, lps) if texts is not None else _gone()
 
     @app.post("/v1/completions", tags=["openai"])
-    async def completions(body: CompletionRequest, request: HTTPRequest):
+    async def completions(body: CompletionRequest, request: HTTPRequest, response: Response):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or len(prompts) > server.limits.max_n:
             raise BadRequest(f"prompt: give 1 to {server.limits.max_n} prompts", "prompt")
         ids = [server.encode(p) for p in prompts]
         rows = server.rows(body, ids)
         meta = _Meta("cmpl", "text_completion", server.model_name, sum(map(len, ids)), body=body)
+        headers = _ignored_header(server.ignored(body))
         job = server.admit(rows)
         if body.stream:
-            return _sse(_completion_events(job, meta), job)
-        texts, finish, tokens = await _collect(job, request)
+            return _sse(_completion_events(job, meta), job, headers)
+        texts, finish, tokens, lps = await _collect(job, request)
         if texts is None:
             return _gone()
-        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(zip(texts, finish))]
+        response.headers.update(headers)
+        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": legacy_logprobs(lp)}
+                   for i, (t, f, lp) in enumerate(zip(texts, finish, lps))]
         return meta.envelope(choices=choices, usage=usage(meta.prompt_tokens, tokens))
 
 
@@ -424,25 +464,28 @@ class _Meta:
         return {"reasoning_content": text, **({"reasoning": text} if self.mirror else {})}
 
 
-async def _collect(job: Job, request) -> tuple[list[str] | None, list[str] | None, list[int] | None]:
-    """Every choice's full text, finish reason and token count; stops (and cancels the job) if the
-    client leaves."""
+async def _collect(job: Job, request):
+    """Every choice's full text, finish reason, token count and logprob entries (None where not
+    asked); all None if the client leaves (the job is cancelled)."""
     n = len(job.requests)
     texts, finish, tokens = [""] * n, ["length"] * n, [0] * n
+    lps: list[list | None] = [None] * n
 
     async def consume():
         async for d in job.deltas():
             texts[d.index] += d.text
             finish[d.index] = d.finish_reason or finish[d.index]
             tokens[d.index] = d.tokens
+            if d.logprobs is not None:
+                lps[d.index] = (lps[d.index] or []) + d.logprobs
 
     consumer, watcher = asyncio.ensure_future(consume()), asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if consumer not in done:
-            return None, None, None  # the client left: nobody reads the reply
+            return None, None, None, None  # the client left: nobody reads the reply
         consumer.result()  # re-raise a worker error
-        return texts, finish, tokens
+        return texts, finish, tokens, lps
     finally:
         consumer.cancel()
         watcher.cancel()
@@ -460,20 +503,71 @@ async def _disconnected(request) -> None:
         pass
 
 
-def _chat_reply(meta: _Meta, texts: list[str], finish: list[str], tokens: list[int]) -> dict:
+def _chat_reply(meta: _Meta, texts: list[str], finish: list[str], tokens: list[int], lps: list) -> dict:
     choices = []
-    for i, (text, reason) in enumerate(zip(texts, finish)):
+    for i, (text, reason, lp) in enumerate(zip(texts, finish, lps)):
         reasoning, content = split_reasoning(text, started_in_think=meta.started)
         message = {"role": "assistant", "content": content, **meta.reasoning_fields(reasoning)}
-        choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
+        logprobs = None if lp is None else LogprobSplit(meta.started).chat(lp, meta.reasoning)
+        choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs,
+                        **_cut_in_think(reason, reasoning is not None and not content)})
     return meta.envelope(choices=choices, usage=usage(meta.prompt_tokens, tokens))
+
+
+class LogprobSplit:
+    """A choice's logprob entries split as its text is: the think block's tokens apart from the
+    answer's, so `logprobs.content` lines up with `message.content` (what SillyTavern's viewer shows);
+    the reasoning's go to `logprobs.reasoning_content` when the reasoning is sent."""
+
+    def __init__(self, started: bool):
+        self.state = "think" if started else "pre"  # pre | think | post
+
+    def feed(self, entries: list[dict]) -> tuple[list[dict], list[dict]]:
+        content, reasoning = [], []
+        for e in entries:
+            if self.state == "pre":
+                self.state = "think" if e["token"] == THINK_OPEN else "post"
+            (reasoning if self.state == "think" else content).append(e)
+            if self.state == "think" and e["token"] == THINK_CLOSE:
+                self.state = "post"
+        return content, reasoning
+
+    def chat(self, entries: list[dict], with_reasoning: bool) -> dict:
+        content, reasoning = self.feed(entries)
+        return {"content": content, "refusal": None, **({"reasoning_content": reasoning} if with_reasoning else {})}
+
+
+def legacy_logprobs(entries: list[dict] | None) -> dict | None:
+    """The completions API's older shape: parallel lists, rivals as {token: logprob}."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+CUT_IN_THINK = ("the answer was cut off inside its think block (finish_reason length): raise max_tokens, "
+                "or set a reasoning budget (reasoning_budget, or tifa serve --reasoning-budget N)")
+
+
+def _cut_in_think(finish: str | None, thinking: bool) -> dict:
+    """A note on a choice that ran out of tokens while still thinking: never an empty reply in silence."""
+    return {"note": CUT_IN_THINK} if finish == "length" and thinking else {}
+
+
+def _ignored_header(fields: list[str]) -> dict:
+    return {"X-Tifa-Ignored": ", ".join(fields)} if fields else {}
 
 
 # ---------------------------------------------------------------------------------------------
 # Server-sent events
 
 
-def _sse(events: AsyncIterator[dict], job: Job):
+def _sse(events: AsyncIterator[dict], job: Job, headers: dict | None = None):
     from starlette.background import BackgroundTask
     from starlette.responses import StreamingResponse
 
@@ -490,29 +584,37 @@ def _sse(events: AsyncIterator[dict], job: Job):
 
     # The background task also runs when the client disconnected before the body started.
     return StreamingResponse(lines(), media_type="text/event-stream", background=BackgroundTask(job.close),
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
 
 async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
     n = len(job.requests)
     splitters = [ThinkStreamSplitter(started_in_think=meta.started) for _ in range(n)]
+    lp_splits = [LogprobSplit(meta.started) for _ in range(n)]
     tokens = [0] * n
     extra = {"usage": None} if meta.include_usage else {}
 
-    def chunk(i, delta, finish=None):
-        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(i, delta, finish=None, logprobs=None):
+        choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return meta.envelope("chat.completion.chunk", choices=[choice], **extra)
 
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for d in job.deltas():
         tokens[d.index] = d.tokens
+        # A delta's logprobs ride on its first chunk (or on a chunk of their own when its text is held back).
+        lp = None if d.logprobs is None else lp_splits[d.index].chat(d.logprobs, meta.reasoning)
         for kind, piece in splitters[d.index].feed(d.text, final=d.finish_reason is not None):
             delta = {"content": piece} if kind == "content" else meta.reasoning_fields(piece)
             if delta:
-                yield chunk(d.index, delta)
+                yield chunk(d.index, delta, logprobs=lp)
+                lp = None
+        if lp is not None and (lp["content"] or lp.get("reasoning_content")):
+            yield chunk(d.index, {"content": ""}, logprobs=lp)
         if d.finish_reason:
-            yield chunk(d.index, {}, d.finish_reason)
+            last = chunk(d.index, {}, d.finish_reason)
+            last["choices"][0].update(_cut_in_think(d.finish_reason, splitters[d.index].state == "think"))
+            yield last
     if meta.include_usage:
         yield meta.envelope("chat.completion.chunk", choices=[], usage=usage(meta.prompt_tokens, tokens))
 
@@ -522,8 +624,9 @@ async def _completion_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
     extra = {"usage": None} if meta.include_usage else {}
     async for d in job.deltas():
         tokens[d.index] = d.tokens
-        if d.text or d.finish_reason:
-            choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+        if d.text or d.finish_reason or d.logprobs:
+            choice = {"index": d.index, "text": d.text, "logprobs": legacy_logprobs(d.logprobs),
+                      "finish_reason": d.finish_reason}
             yield meta.envelope(choices=[choice], **extra)
     if meta.include_usage:
         yield meta.envelope(choices=[], usage=usage(meta.prompt_tokens, tokens))
@@ -599,8 +702,16 @@ def add_arguments(p) -> None:
     p.add_argument("--model-name", help="the id /v1/models reports (default: the model folder's name)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from this origin (repeatable; default: none)")
-    p.add_argument("--reasoning-mirror", action="store_true",
-                   help="also send the reasoning as `reasoning` (Ollama / new vLLM clients)")
+    p.add_argument("--reasoning-mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="also send the reasoning as `reasoning`, vLLM's newer name (default; --no-reasoning-mirror: "
+                        "`reasoning_content` only)")
+    p.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
+                   help="think tokens before the server closes the block and the model answers (llama.cpp's "
+                        "meaning: -1 unlimited, the default; 0 no thinking); a request's reasoning_budget wins")
+    p.add_argument("--sampling", choices=["client", "model"], default="client",
+                   help="model: the card's temperature, top_p and repetition penalty (or --config's) win over what a "
+                        "client sends (SillyTavern's chat mode sends 1.0 / 1.0); max_tokens, stop, seed and logprobs "
+                        "always come from the client (default: client)")
     p.add_argument("--config", help="a config file whose `sampling` section sets the default sampling")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. sampling.temperature=0.7")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (they can run code)")
@@ -626,6 +737,8 @@ def run(args) -> int:
         raise TifaError(f"--max-concurrency must be 1 to 1024, got {args.max_concurrency}")
     if not 0 <= args.stream_interval <= 1:
         raise TifaError(f"--stream-interval must be 0 to 1 seconds, got {args.stream_interval}")
+    if args.reasoning_budget < -1:
+        raise TifaError(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more, got {args.reasoning_budget}")
     sampling = load_config(args.config, args.set).sampling
     if args.backend == "llamacpp":
         from tifaforge.engine.llamacpp import LlamaCppEngine
@@ -644,7 +757,8 @@ def run(args) -> int:
     app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
                      max_concurrency=args.max_concurrency, sampling=sampling,
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,
-                     mirror_reasoning=args.reasoning_mirror, stream_interval=args.stream_interval)
+                     mirror_reasoning=args.reasoning_mirror, stream_interval=args.stream_interval,
+                     reasoning_budget=args.reasoning_budget, pin_sampling=args.sampling == "model")
     print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

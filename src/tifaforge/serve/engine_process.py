@@ -53,6 +53,7 @@ class EngineProcess(Admission):
     several apps in turn."""
 
     continuous_batching = True
+    supports_logprobs = True  # the child runs the transformers engine
 
     def __init__(self, path, *, threads: int | None = None, configure=None, start_timeout: float = 600,
                  **load_kwargs):

@@ -93,6 +93,7 @@ class StreamOptions(_Body):
 
 
 NonNegFloat = Field(default=None, ge=0)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 class Sampling(_Body):
@@ -125,6 +126,24 @@ class Sampling(_Body):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Known to front ends, not honoured here yet: checked (a malformed value is a 400) and, when set to
+    # anything but "off", named in the X-Tifa-Ignored header and a warning (see `unsupported`).
+    typical_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    ban_eos_token: bool | None = None
+    logit_bias: dict[str, float] | list[list[Any]] | None = None  # OpenAI: {id: bias}; llama.cpp: [[id, bias]]
+    top_n_sigma: float | None = None
+    nsigma: float | None = None
+    mirostat_mode: int | None = Field(default=None, ge=0, le=2)
+    mirostat: int | None = Field(default=None, ge=0, le=2)
+    smoothing_factor: float | None = Field(default=None, ge=0)
+    dynatemp_range: float | None = Field(default=None, ge=0)
+    rep_pen_range: int | None = Field(default=None, ge=-1)
+    repetition_penalty_range: int | None = Field(default=None, ge=-1)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    banned_strings: list[str] | str | None = None
+    banned_tokens: list[str] | str | None = None
 
 
 class ChatRequest(Sampling):
@@ -133,11 +152,22 @@ class ChatRequest(Sampling):
     include_reasoning: bool = True  # OpenRouter/SillyTavern: false drops the reasoning from the reply
     continue_final_message: bool | None = None  # vLLM: continue the last (assistant) message in place
     add_generation_prompt: bool | None = None  # vLLM: false means the same
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    reasoning_budget: int | None = Field(default=None, ge=-1)  # llama.cpp: -1 unlimited, 0 no thinking
+    thinking_budget_tokens: int | None = Field(default=None, ge=-1)  # llama.cpp's per-request name
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
     model: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API: how many rivals
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +180,24 @@ class BadRequest(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+def unsupported(body: Sampling) -> list[str]:
+    """Fields set to something this server does not do (their "off" values are not reported)."""
+    on = {
+        "typical_p": body.typical_p is not None and body.typical_p < 1,
+        "min_tokens": bool(body.min_tokens),
+        "ignore_eos": bool(body.ignore_eos or body.ban_eos_token),
+        "logit_bias": bool(body.logit_bias),
+        "top_n_sigma": bool(first(body.top_n_sigma, body.nsigma)) and first(body.top_n_sigma, body.nsigma) > 0,
+        "mirostat": bool(first(body.mirostat_mode, body.mirostat)),
+        "smoothing_factor": bool(body.smoothing_factor),
+        "dynatemp_range": bool(body.dynatemp_range),
+        "repetition_penalty_range": (first(body.rep_pen_range, body.repetition_penalty_range, body.repeat_last_n)
+                                     or 0) > 0,  # 0 and -1: the whole context, which is what is done
+        "banned_strings": bool(body.banned_strings or body.banned_tokens),
+    }
+    return [k for k, v in on.items() if v]
 
 
 def first(*values: Any) -> Any:
@@ -183,8 +231,13 @@ def requested_max_tokens(body: Sampling) -> int | None:
     return first(body.max_completion_tokens, body.max_tokens, body.max_new_tokens, body.n_predict)
 
 
-def sampling_for(body: Sampling, base: SamplingConfig, max_new_tokens: int, choice: int) -> SamplingConfig:
-    """The engine settings for one choice: `base` (the server's defaults) with the body's overrides."""
+PINNED = ("temperature", "top_p", "repetition_penalty")  # what `tifa serve --sampling model` keeps
+
+
+def sampling_for(body: Sampling, base: SamplingConfig, max_new_tokens: int, choice: int,
+                 pinned: bool = False) -> SamplingConfig:
+    """The engine settings for one choice: `base` (the server's defaults) with the body's overrides;
+    `pinned`: the server's temperature, top_p and repetition penalty win over the body's."""
     seed = first(body.seed, body.sampler_seed)
     last_n = body.dry_penalty_last_n
     given = {
@@ -198,7 +251,7 @@ def sampling_for(body: Sampling, base: SamplingConfig, max_new_tokens: int, choi
         "dry_sequence_breakers": breakers(body.dry_sequence_breakers),
         "xtc_threshold": body.xtc_threshold, "xtc_probability": body.xtc_probability,
     }
-    cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None and not (pinned and k in PINNED)})
     cfg.max_new_tokens = max_new_tokens
     cfg.seed = None if seed is None or seed < 0 else (seed + choice) % 2**63
     return cfg

@@ -151,7 +151,8 @@ class Worker:
                 key[0].first_sent = True
                 self._held[key] = d
             else:
-                self._held[key] = dataclasses.replace(d, text=held.text + d.text)
+                lp = None if d.logprobs is None else (held.logprobs or []) + d.logprobs
+                self._held[key] = dataclasses.replace(d, text=held.text + d.text, logprobs=lp)
         if first or now - self._sent_at >= self.stream_interval or any(d.finish_reason for _, d in deltas):
             self._flush(now)
 
