@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
     MinPLogitsWarper,
+    TypicalLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -20,7 +21,10 @@ from transformers import (
 from tifaforge.config import SamplingConfig
 from tifaforge.engine.samplers import (
     DRYLogitsProcessor,
+    LogitBias,
+    MinTokens,
     PaddedRepetitionPenalty,
+    TopNSigma,
     PresenceFrequencyPenalty,
     XTCLogitsWarper,
     Layout,
@@ -368,3 +372,46 @@ def test_a_fixed_layout_gives_rows_that_started_generating_at_different_columns_
     assert got[2].eq(0).all() and got[1, ID["X"]] == -2 and got[0, ID["A"]] == -2
     with pytest.raises(ValueError, match="padding"):
         Layout.fixed(torch.tensor([2]), torch.tensor([1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The samplers SillyTavern and llama.cpp clients send: logit bias, min_tokens / ignore_eos,
+# top-n-sigma, typical_p, a repetition-penalty range
+
+
+def test_chain_with_every_client_sampler_in_llama_cpp_order():
+    cfg = SamplingConfig(logit_bias={3: 5.0}, min_tokens=2, top_n_sigma=1.0, typical_p=0.9, top_k=40,
+                         repetition_penalty_range=4)
+    assert kinds(build_logits_processors(cfg, TOK, stop_ids=[1])) == [
+        MinTokens, LogitBias, PaddedRepetitionPenalty, TopNSigma, TopKLogitsWarper, TypicalLogitsWarper,
+        TopPLogitsWarper, TemperatureLogitsWarper]
+    assert MinTokens not in kinds(build_logits_processors(cfg, TOK))  # no stop ids: nothing to hold back
+
+
+def test_logit_bias_adds_to_the_chosen_logits():
+    out = LogitBias({2: 100.0, 3: -100.0})(torch.tensor([[1, 2]]), torch.zeros(1, V))
+    assert out[0, 2] == 100 and out[0, 3] == -100 and out[0, 4] == 0
+
+
+def test_min_tokens_holds_the_stop_tokens_back_per_row():
+    pads, starts = torch.tensor([0, 0]), torch.tensor([3, 1])  # row 0 has generated 1 token, row 1 three
+    proc = MinTokens(3, [5, 6], Layout.fixed(pads, starts))
+    out = proc(torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]]), torch.zeros(2, V))
+    assert out[0, 5] == -math.inf and out[0, 6] == -math.inf and out[0, 4] == 0
+    assert bool((out[1] == 0).all())  # row 1 reached min_tokens
+    forever = MinTokens(math.inf, [5], Layout.fixed(pads, starts))(torch.tensor([[1] * 4] * 2), torch.zeros(2, V))
+    assert bool((forever[:, 5] == -math.inf).all())
+
+
+def test_top_n_sigma_keeps_tokens_within_n_deviations_of_the_top():
+    scores = torch.tensor([[10.0, 9.0, 0.0, 0.0, 0.0, 0.0, -math.inf]])  # std of the finite ones: ~4.5
+    assert torch.isfinite(TopNSigma(1.0)(None, scores.clone()))[0].tolist() == [True, True] + [False] * 5
+    assert torch.isfinite(TopNSigma(3.0)(None, scores.clone()))[0].tolist() == [True] * 6 + [False]
+
+
+def test_repetition_penalty_range_looks_back_n_tokens_only():
+    seq = torch.tensor([ids("A B C D")])
+    full = PaddedRepetitionPenalty(2.0)(seq, torch.ones(1, V))[0]
+    last2 = PaddedRepetitionPenalty(2.0, last_n=2)(seq, torch.ones(1, V))[0]
+    assert [float(full[ID[w]]) for w in "ABCD"] == [0.5] * 4
+    assert [float(last2[ID[w]]) for w in "ABCD"] == [1.0, 1.0, 0.5, 0.5]

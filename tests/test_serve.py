@@ -798,15 +798,44 @@ def test_malformed_known_fields_are_400(url, body, param):
     assert r.status_code == 400 and param in r.json()["error"]["message"], r.text
 
 
-def test_known_but_unsupported_fields_are_named_in_a_header(url, caplog):
+def test_known_but_unsupported_fields_are_named_in_a_header(url):
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "typical_p": 0.9, "mirostat_mode": 2,
-            "rep_pen_range": 0, "ignore_eos": False, "unknown_key_of_another_backend": 1}
+            "smoothing_factor": 0.3, "rep_pen_range": 0, "ignore_eos": False, "unknown_key_of_another_backend": 1}
     r = httpx.post(url + "/v1/chat/completions", json=body)
-    assert r.status_code == 200 and r.headers["x-tifa-ignored"] == "typical_p, mirostat"
+    assert r.status_code == 200 and r.headers["x-tifa-ignored"] == "mirostat, smoothing_factor"
     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as s:
-        assert s.headers["x-tifa-ignored"] == "typical_p, mirostat"
-    plain = httpx.post(url + "/v1/chat/completions", json={**body, "typical_p": 1, "mirostat_mode": 0})
+        assert s.headers["x-tifa-ignored"] == "mirostat, smoothing_factor"
+    plain = httpx.post(url + "/v1/chat/completions", json={**body, "mirostat_mode": 0, "smoothing_factor": 0})
     assert "x-tifa-ignored" not in plain.headers
+
+
+def test_client_samplers_are_honoured(url, think_engine):
+    """logit_bias bans and forces tokens, ignore_eos runs to max_tokens, min_tokens holds the end back."""
+    tok = think_engine.tokenizer
+    base = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8, "temperature": 0, "logprobs": True}
+
+    def tokens(**body):
+        r = httpx.post(url + "/v1/chat/completions", json={**base, **body}).json()
+        assert "choices" in r, (body, r)
+        r = r["choices"][0]
+        lp = r["logprobs"]
+        return [e["token"] for e in (lp.get("reasoning_content") or []) + lp["content"]], r["finish_reason"]
+
+    free, _ = tokens()
+    assert free[0] == "<think>"
+    banned, _ = tokens(logit_bias={str(tok.convert_tokens_to_ids("<think>")): -100})
+    assert banned[0] != "<think>"
+    good = tok("好", add_special_tokens=False).input_ids[0]
+    forced, _ = tokens(logit_bias=[[good, 100]])
+    assert set(forced) == {tok.decode([good])}
+    short = {**base, "max_tokens": 40}
+    ended = httpx.post(url + "/v1/chat/completions", json=short).json()["choices"][0]
+    assert ended["finish_reason"] == "stop"  # the fixture ends its answers well within 40 tokens
+    for extra in ({"ignore_eos": True}, {"ban_eos_token": True}, {"min_tokens": 40}):
+        assert httpx.post(url + "/v1/chat/completions", json={**short, **extra}).json()["choices"][0][
+            "finish_reason"] == "length", extra
+    r = httpx.post(url + "/v1/chat/completions", json={**base, "logit_bias": {"99999999": 1}})
+    assert r.status_code == 400 and "logit_bias" in r.text
 
 
 # ---------------------------------------------------------------------------------------------

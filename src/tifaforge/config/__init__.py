@@ -57,6 +57,15 @@ class SamplingConfig:
     )
     xtc_threshold: float = opt(0.1, "XTC: tokens above this probability are candidates for exclusion.", min=0.0, max=1.0)
     xtc_probability: float = opt(0.0, "XTC: chance per step to exclude the top candidates; 0 = off.", min=0.0, max=1.0)
+    repetition_penalty_range: int = opt(
+        0, "How many recent tokens the repetition penalty looks at; 0 = the whole context (the seed's).", min=0)
+    typical_p: float = opt(1.0, "Locally typical sampling mass (llama.cpp's typ_p); 1.0 turns it off.", min=0.0, max=1.0)
+    top_n_sigma: float = opt(0.0, "Keep tokens whose logit is within n standard deviations of the top one "
+                                  "(top-nσ); 0 = off.", min=0.0)
+    min_tokens: int = opt(0, "The end token and role tags cannot end an answer before this many tokens.", min=0)
+    ignore_eos: bool = opt(False, "Never end at the end token or a role tag: generate max_new_tokens.")
+    logit_bias: dict[int, float] = opt({}, "Token id -> added to its logit before every sampler (OpenAI's "
+                                           "logit_bias; -100 bans the token).")
     max_new_tokens: int = opt(1536, "Most tokens generated per answer (seed card: 1536).", min=1)
     do_sample: bool = opt(True, "Sample (true, the seed's setting) or decode greedily (false).")
     seed: int | None = opt(None, "Random seed for reproducible sampling; null = not fixed.")

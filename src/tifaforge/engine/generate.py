@@ -557,7 +557,7 @@ class _Cohort:
 
         self.procs = build_logits_processors(self.rows[0].req.sampling, self.tokenizer,
                                              generator=[r.gen for r in self.rows],
-                                             layout=Layout.fixed(self.pads, self.starts))
+                                             layout=Layout.fixed(self.pads, self.starts), stop_ids=self.rows[0].stop_ids)
 
 
 def _settings_key(row: Row) -> str:

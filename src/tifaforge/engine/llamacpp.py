@@ -105,6 +105,8 @@ class LlamaCppEngine(Engine):
     continuous_batching = False  # one sequence at a time: the server runs its requests in turn
     supports_logprobs = False  # llama.cpp's sampler chain does not hand back its candidates
     supports_think_budget = False  # the server names a reasoning budget as not honoured
+    unsupported_sampling = ("typical_p", "top_n_sigma", "min_tokens", "ignore_eos", "logit_bias",
+                            "repetition_penalty_range")  # named in X-Tifa-Ignored when a request sets them
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
         from tifaforge.extras import require

@@ -6,7 +6,11 @@
 chain (common/common.h `samplers`, also SillyTavern's default `samplers` order), so a SillyTavern
 preset means the same here as on llama.cpp:
 
-    penalties (repetition, then presence/frequency) -> DRY -> top_k -> top_p -> min_p -> XTC -> temperature
+    logit bias -> penalties (repetition, then presence/frequency) -> DRY -> top-n-sigma -> top_k
+    -> typical_p -> top_p -> min_p -> XTC -> temperature
+
+(min_tokens and ignore_eos keep the end token and role tags out of reach first, as llama.cpp's
+logit bias on them does.)
 
 Temperature comes LAST, as in llama.cpp: top_p 0.6 and min_p see the untempered distribution.
 transformers' own `generate` applies temperature first, so the same numbers keep fewer candidates
@@ -54,6 +58,7 @@ from transformers import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 from tifaforge.config import SamplingConfig
@@ -70,6 +75,7 @@ def build_logits_processors(
     prompt_lengths: Sequence[int] | torch.Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     layout: Layout | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> LogitsProcessorList:
     """The llama.cpp sampler chain for `cfg`, as processors for one generate call.
 
@@ -77,13 +83,19 @@ def build_logits_processors(
     (None: no padding). The processors learn the padded prompt width at their first call, which sees
     exactly the prompt, so build a new list for every call. Or `layout`: each row's first token and
     first generated token given explicitly (`Layout.fixed`), for rows that joined a running decode at
-    different steps. `generator` seeds XTC: one for all rows, or one per row.
+    different steps. `generator` seeds XTC: one for all rows, or one per row. `stop_ids`: the tokens
+    that end an answer, kept out of reach by `min_tokens` and `ignore_eos`.
     """
     _validate(cfg)
     layout = layout if layout is not None else Layout(prompt_lengths)
     procs = LogitsProcessorList()
+    if (cfg.min_tokens or cfg.ignore_eos) and stop_ids:
+        procs.append(MinTokens(math.inf if cfg.ignore_eos else cfg.min_tokens, stop_ids, layout))
+    if cfg.logit_bias:
+        procs.append(LogitBias(cfg.logit_bias))
     if cfg.repetition_penalty != 1.0:
-        procs.append(PaddedRepetitionPenalty(float(cfg.repetition_penalty), layout=layout))
+        procs.append(PaddedRepetitionPenalty(float(cfg.repetition_penalty), layout=layout,
+                                             last_n=cfg.repetition_penalty_range))
     if cfg.presence_penalty or cfg.frequency_penalty:
         procs.append(PresenceFrequencyPenalty(cfg.presence_penalty, cfg.frequency_penalty, layout=layout))
     if cfg.dry_multiplier > 0 and cfg.dry_penalty_last_n != 0:
@@ -95,8 +107,12 @@ def build_logits_processors(
         )  # fmt: skip
     if not cfg.do_sample:
         return procs
+    if cfg.top_n_sigma > 0:
+        procs.append(TopNSigma(cfg.top_n_sigma))
     if cfg.top_k > 0:
         procs.append(TopKLogitsWarper(cfg.top_k))
+    if cfg.typical_p < 1.0:
+        procs.append(TypicalLogitsWarper(cfg.typical_p))
     if cfg.top_p < 1.0:
         procs.append(TopPLogitsWarper(cfg.top_p))
     if cfg.min_p > 0:
@@ -170,20 +186,77 @@ class Layout:
 
 
 class PaddedRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
-    """transformers' repetition penalty, blind to left padding (the pad token may be the end token)."""
+    """transformers' repetition penalty, blind to left padding (the pad token may be the end token);
+    `last_n` > 0 looks at the row's last n tokens only (SillyTavern's rep_pen_range, llama.cpp's
+    repeat_last_n)."""
 
     def __init__(self, penalty: float, prompt_lengths: Sequence[int] | torch.Tensor | None = None,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, last_n: int = 0):
         super().__init__(penalty)
         self.layout = layout if layout is not None else Layout(prompt_lengths)
+        self.last_n = last_n
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.layout.padded:
-            # Pad columns become the row's last token, already in the row: the penalised set is unchanged.
-            pads, _ = self.layout(input_ids)
+        if self.layout.padded or self.last_n:
+            # Columns left out become the row's last token, already in the row: the penalised set is unchanged.
+            pads = self.layout(input_ids)[0] if self.layout.padded else torch.zeros(len(input_ids), dtype=torch.long)
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-            input_ids = torch.where(pos < pads[:, None], input_ids[:, -1:], input_ids)
+            cut = pads.to(input_ids.device)[:, None]
+            if self.last_n:
+                cut = torch.maximum(cut, torch.tensor(input_ids.shape[1] - self.last_n, device=input_ids.device))
+            input_ids = torch.where(pos < cut, input_ids[:, -1:], input_ids)
         return super().__call__(input_ids, scores)
+
+
+class LogitBias(LogitsProcessor):
+    """OpenAI's logit_bias: a fixed number added to chosen tokens' logits (ids past the vocabulary are
+    the caller's to refuse)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device, scores.dtype)
+        return scores
+
+
+class MinTokens(LogitsProcessor):
+    """The tokens that end an answer are out of reach until a row has generated `n` tokens (inf:
+    always, `ignore_eos`)."""
+
+    def __init__(self, n: float, stop_ids: Sequence[int], layout: Layout):
+        self.n, self.stop = n, torch.tensor(sorted(stop_ids), dtype=torch.long)
+        self.layout = layout
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _, start = self.layout(input_ids)
+        generated = input_ids.shape[1] - torch.as_tensor(start, device=input_ids.device)
+        early = (generated < self.n).expand(len(scores)) if generated.dim() == 0 else generated < self.n
+        if not bool(early.any()):
+            return scores
+        scores = scores.clone()
+        rows = early.nonzero()[:, 0]
+        scores[rows[:, None], self.stop.to(scores.device)[None, :]] = -math.inf
+        return scores
+
+
+class TopNSigma(LogitsProcessor):
+    """Top-nσ (llama.cpp's top_n_sigma): keep the tokens whose logit is at least max - n·σ, σ the
+    standard deviation of the row's finite logits."""
+
+    def __init__(self, n: float):
+        self.n = n
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(scores)
+        count = finite.sum(-1, keepdim=True).clamp(min=1)
+        vals = torch.where(finite, scores, torch.zeros_like(scores))
+        mean = vals.sum(-1, keepdim=True) / count
+        std = (torch.where(finite, (scores - mean) ** 2, torch.zeros_like(scores)).sum(-1, keepdim=True) / count).sqrt()
+        top = scores.max(-1, keepdim=True).values
+        return scores.masked_fill(scores < top - self.n * std, -math.inf)
 
 
 class PresenceFrequencyPenalty(LogitsProcessor):

@@ -31,8 +31,8 @@ from tifaforge.config import SamplingConfig
 from tifaforge.engine.generate import Engine, Request
 from tifaforge.extras import require
 from tifaforge.serve.protocol import (
-    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, first, requested_max_tokens, sampling_for, stops,
-    unsupported,
+    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, first, logit_bias, requested_max_tokens,
+    sampling_for, stops, unsupported,
 )
 from tifaforge.serve.scheduler import Job, Scheduler
 
@@ -292,6 +292,9 @@ class _Server:
             raise BadRequest(f"at most {self.limits.max_n} choices per request (n x prompts), got "
                              f"{len(prompts) * body.n}", "n")
         stop = stops(body, self.limits)
+        vocab = len(self.engine.tokenizer)
+        if any(not 0 <= t < vocab for t in logit_bias(body.logit_bias)):
+            raise BadRequest(f"logit_bias: token ids must be in [0, {vocab}) for this model", "logit_bias")
         k = body.logprob_count() if getattr(self.engine, "supports_logprobs", True) else None
         think = self.think_budget(body)
         out = []
@@ -313,6 +316,9 @@ class _Server:
         """The fields of `body` this server knows but does not honour (with this backend): named in
         the X-Tifa-Ignored header and a warning, never silently dropped."""
         out = unsupported(body)
+        cfg = sampling_for(body, SamplingConfig(), 1, 0)
+        off = SamplingConfig()
+        out += [f for f in getattr(self.engine, "unsupported_sampling", ()) if getattr(cfg, f) != getattr(off, f)]
         if body.logprob_count() is not None and not getattr(self.engine, "supports_logprobs", True):
             out.append("logprobs")
         if (self.think_budget(body) or 0) > 0 and not getattr(self.engine, "supports_think_budget", True):

@@ -126,8 +126,8 @@ class Sampling(_Body):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Known to front ends, not honoured here yet: checked (a malformed value is a 400) and, when set to
-    # anything but "off", named in the X-Tifa-Ignored header and a warning (see `unsupported`).
+    # SillyTavern's and llama.cpp's other samplers. Those `unsupported` lists are checked (a malformed
+    # value is a 400) and, when set to anything but "off", named in the X-Tifa-Ignored header.
     typical_p: float | None = Field(default=None, ge=0, le=1)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
@@ -185,19 +185,33 @@ class BadRequest(ValueError):
 def unsupported(body: Sampling) -> list[str]:
     """Fields set to something this server does not do (their "off" values are not reported)."""
     on = {
-        "typical_p": body.typical_p is not None and body.typical_p < 1,
-        "min_tokens": bool(body.min_tokens),
-        "ignore_eos": bool(body.ignore_eos or body.ban_eos_token),
-        "logit_bias": bool(body.logit_bias),
-        "top_n_sigma": bool(first(body.top_n_sigma, body.nsigma)) and first(body.top_n_sigma, body.nsigma) > 0,
         "mirostat": bool(first(body.mirostat_mode, body.mirostat)),
         "smoothing_factor": bool(body.smoothing_factor),
         "dynatemp_range": bool(body.dynatemp_range),
-        "repetition_penalty_range": (first(body.rep_pen_range, body.repetition_penalty_range, body.repeat_last_n)
-                                     or 0) > 0,  # 0 and -1: the whole context, which is what is done
         "banned_strings": bool(body.banned_strings or body.banned_tokens),
     }
     return [k for k, v in on.items() if v]
+
+
+def logit_bias(value: dict | list | None) -> dict[int, float]:
+    """OpenAI's {"id": bias} or llama.cpp's [[id, bias]] (bias false: banned) as {id: bias}, bias in
+    [-100, 100] as OpenAI bounds it."""
+    pairs = value.items() if isinstance(value, dict) else value or []
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise BadRequest("logit_bias: expected {token id: bias} or [[token id, bias], ...]", "logit_bias")
+        token, bias = pair
+        if bias is False:
+            bias = -100.0
+        try:
+            token = int(token)
+        except (TypeError, ValueError):
+            raise BadRequest(f"logit_bias: {token!r} is not a token id", "logit_bias") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequest(f"logit_bias: the bias of token {token} must be a number in [-100, 100]", "logit_bias")
+        out[token] = float(bias)
+    return out
 
 
 def first(*values: Any) -> Any:
@@ -250,6 +264,12 @@ def sampling_for(body: Sampling, base: SamplingConfig, max_new_tokens: int, choi
         "dry_penalty_last_n": -1 if last_n == 0 else last_n,
         "dry_sequence_breakers": breakers(body.dry_sequence_breakers),
         "xtc_threshold": body.xtc_threshold, "xtc_probability": body.xtc_probability,
+        "typical_p": body.typical_p, "min_tokens": body.min_tokens,
+        "top_n_sigma": None if (n := first(body.top_n_sigma, body.nsigma)) is None else max(n, 0.0),
+        "ignore_eos": first(body.ignore_eos, body.ban_eos_token),
+        "repetition_penalty_range": None if (r := first(body.rep_pen_range, body.repetition_penalty_range,
+                                                        body.repeat_last_n)) is None else max(r, 0),  # -1/0: all
+        "logit_bias": logit_bias(body.logit_bias) or None,
     }
     cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None and not (pinned and k in PINNED)})
     cfg.max_new_tokens = max_new_tokens
