@@ -305,3 +305,26 @@ def test_closing_the_stream_stops_generation(engine):
         assert engine.generate([Request(request.prompt, GREEDY)])[0].text == expected
     finally:
         del engine.model.forward
+
+def test_banned_strings_step_back_and_never_appear(engine):
+    """A banned phrase is taken back to the token where it began and another token is picked there:
+    the answer never holds it, what came before it is unchanged, nothing taken back was ever streamed,
+    and a row batched beside it decodes as it does alone (its cache is untouched)."""
+    p = NOVEL
+    greedy = dataclasses.replace(GREEDY, max_new_tokens=40, ignore_eos=True)
+    free = engine.generate([Request(p, greedy)])[0]
+    assert len(free.text) > 12, free.text
+    ban = free.text[6:9]
+    banned = dataclasses.replace(greedy, banned_strings=[ban, "never written"])
+    out = engine.generate([Request(p, banned)])[0]
+    assert ban not in out.text and out.text != free.text
+    cut = free.text.find(ban)
+    kept = engine.tokenizer.decode(out.token_ids[:len(out.token_ids)])
+    assert out.text[:max(0, cut - 4)] == free.text[:max(0, cut - 4)] and kept == out.text
+    streamed = [d.text for d in engine.stream([Request(p, banned)])]
+    assert "".join(streamed) == out.text
+    beside = Request(engine.render(CHATS[1]), greedy)
+    both = engine.generate([Request(p, banned), beside])
+    assert both[0].text == out.text and both[1].text == engine.generate([beside])[0].text
+    sampled = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=40, seed=2, banned_strings=list("的了"))
+    assert not set(engine.generate([Request(p, sampled)])[0].text) & {"的", "了"}

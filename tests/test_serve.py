@@ -836,6 +836,9 @@ def test_client_samplers_are_honoured(url, think_engine):
             "finish_reason"] == "length", extra
     r = httpx.post(url + "/v1/chat/completions", json={**base, "logit_bias": {"99999999": 1}})
     assert r.status_code == 400 and "logit_bias" in r.text
+    said = "".join(tokens(max_tokens=30, ignore_eos=True)[0])
+    phrase = said[len(said) // 2:len(said) // 2 + 2]
+    assert phrase not in "".join(tokens(max_tokens=30, ignore_eos=True, banned_strings=[phrase])[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,10 @@ COMMANDS: list[Command] = [
             "API key, 429 past --max-concurrency",
             "tifa serve models/tiny --port 8000 --api-key sk-local --max-concurrency 4",
             _lazy_args("tifaforge.serve.app:add_arguments")),
+    Command(("export", "sillytavern"), "tifaforge.export.sillytavern:run",
+            "SillyTavern presets for this model: a Chat Completion preset (the card's sampling) and text-mode "
+            "templates with its tokenizer's tag spelling",
+            "tifa export sillytavern runs/demo --out presets/", _lazy_args("tifaforge.export.sillytavern:add_arguments")),
     Command(("export", "unroll"), "tifaforge.export.unroll:run",
             "write a looped model as a plain Qwen2/Llama folder (the block's layers copied k times) for any runtime",
             "tifa export unroll runs/demo/02-sft/model --out models/unrolled",

@@ -66,6 +66,9 @@ class SamplingConfig:
     ignore_eos: bool = opt(False, "Never end at the end token or a role tag: generate max_new_tokens.")
     logit_bias: dict[int, float] = opt({}, "Token id -> added to its logit before every sampler (OpenAI's "
                                            "logit_bias; -100 bans the token).")
+    banned_strings: list[str] = opt([], "Phrases never written: when one appears, generation steps back to the "
+                                        "token where it began and picks another there (KoboldCpp's and TabbyAPI's "
+                                        "banned strings).")
     max_new_tokens: int = opt(1536, "Most tokens generated per answer (seed card: 1536).", min=1)
     do_sample: bool = opt(True, "Sample (true, the seed's setting) or decode greedily (false).")
     seed: int | None = opt(None, "Random seed for reproducible sampling; null = not fixed.")

@@ -12,6 +12,7 @@ continuously (`Batch`): requests join a running decode between steps and leave i
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -81,6 +82,14 @@ class Row:
         self.lp_sent = 0
         self.in_think = _ends_in_think(tokenizer, prompt_ids)  # the prompt opened the block itself
         self.think_tokens = 0
+        # Banned strings (see _back_off): the state after each token, to step back to; the tokens banned
+        # at a position; how many tokens the last push took back (the batch drops them from its cache).
+        self.banned = [s for s in req.sampling.banned_strings if s]
+        self.marks: list[tuple[int, int, int, bool, int]] = []
+        self.ends: list[int] = []  # the text's length after each token (the marks' third field)
+        self.bans: dict[int, set[int]] = {}
+        self.rewind = 0
+        self.rewinds = 0
         seed = req.sampling.seed
         if seed is None:  # follows torch's global RNG, so torch.manual_seed still reproduces a run
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -98,6 +107,12 @@ class Row:
         self._track_think(token)
         checked = len(self.text)
         self.text += self._detokenize()
+        if self.banned:
+            hit = _first_stop(self.text, self.banned, start=checked)
+            if hit is not None:
+                return self._back_off(hit)
+            self.marks.append((self.prefix_at, self.read_at, len(self.text), self.in_think, self.think_tokens))
+            self.ends.append(len(self.text))
         cut = _first_stop(self.text, self.req.stop, start=checked)
         if cut is not None:
             self.text, self.finish = self.text[:cut], "stop"
@@ -105,6 +120,35 @@ class Row:
             self.finish = "length"
             self.text += self._detokenize(force=True)
         return self._flush(final=self.finish is not None)
+
+    def _back_off(self, at: int) -> str:
+        """A banned string begins at text[at]: take back the token where it began and every token
+        since, ban that token at that position, and let the batch resample there (KoboldCpp's
+        backtracking). Nothing taken back was streamed: `_flush` holds back from the start of the token
+        where a banned string could be beginning. After MAX_REWINDS the answer ends before it."""
+        ends = self.ends
+        j = bisect.bisect_right(ends, at)  # tokens before j end at or before `at`: kept
+        while j and ends[j - 1] == (ends[j - 2] if j > 1 else 0):
+            j -= 1  # a token whose bytes were still withheld belongs to the character at `at`
+        n = len(self.ids)
+        self.bans.setdefault(j, set()).add(self.ids[j])
+        del self.ids[j:], self.marks[j:], self.ends[j:]
+        start = (0, 0, 0, _ends_in_think(self.tok, self.prompt_ids), 0)
+        self.prefix_at, self.read_at, length, self.in_think, self.think_tokens = self.marks[j - 1] if j else start
+        self.text = self.text[:length]
+        if self.logprobs is not None:
+            del self.logprobs[j:]
+            self.lp_sent = min(self.lp_sent, j)
+        self.rewinds += 1
+        if self.rewinds > MAX_REWINDS:
+            self.finish = "stop"
+            return self._flush(final=True)
+        self.rewind = n - j
+        return ""
+
+    def banned_here(self) -> set[int]:
+        """Tokens banned at the next position (where a banned string began before)."""
+        return self.bans.get(len(self.ids), set()) if self.bans else set()
 
     def _detokenize(self, force: bool = False) -> str:
         """New text for the last token, decoding only a short window (O(1) per step, as in TGI/vLLM).
@@ -145,7 +189,10 @@ class Row:
         return out
 
     def _flush(self, final: bool) -> str:
-        end = len(self.text) if final else _safe_end(self.text, self.req.stop)
+        end = len(self.text) if final else _safe_end(self.text, [*self.req.stop, *self.banned])
+        if self.banned and end < len(self.text):  # back to the start of the token a banned string may begin in
+            i = bisect.bisect_right(self.ends, end)
+            end = self.ends[i - 1] if i else 0
         if end <= self.sent:
             return ""
         piece, self.sent = self.text[self.sent:end], end
@@ -156,6 +203,9 @@ class Row:
         reasoning, content = split_reasoning(self.text, started_in_think=started)
         return Result(self.text, self.ids, self.finish or "length", reasoning, content, len(self.prompt_ids),
                       self.logprobs)
+
+
+MAX_REWINDS = 64  # banned-string step-backs per answer before it is ended instead
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
@@ -362,10 +412,29 @@ class Batch:
         deltas = []
         for slot, (r, token) in enumerate(zip(self.live, self.last.tolist())):
             piece = r.push(token, self.engine.context - len(r.prompt_ids) - len(r.ids) - 1)
+            if r.rewind and not r.finish:
+                self._rewind(slot, r)
             if piece or r.finish:
                 deltas.append(Delta(self.index[slot], piece, r.finish, len(r.ids), r.new_logprobs()))
         self._keep([s for s, r in enumerate(self.live) if r.finish is None])
         return deltas
+
+    def _rewind(self, slot: int, r: Row) -> None:
+        """Row `r` took back its last `r.rewind` tokens (a banned string): the cache forgets them (their
+        columns masked for this row; the other rows are untouched) and the token before them is fed
+        again at its own position, so the next logits are those at the position to resample."""
+        import torch
+
+        drop, r.rewind = r.rewind, 0
+        again = r.ids[-1] if r.ids else r.prompt_ids[-1]
+        with torch.inference_mode():  # the batch's tensors were made there
+            fed = self.mask[slot].nonzero()[:, 0]  # this row's columns: prompt and fed tokens, in order
+            self.mask[slot, fed[-drop:]] = 0
+            self.last[slot] = again
+            self.pos[slot] = len(r.prompt_ids) + len(r.ids) - 1
+            for c in self.cohorts:  # the samplers' history: the taken-back tokens become one already there
+                if r in c.rows:
+                    c.ids[c.rows.index(r), c.ids.shape[1] - drop:] = again
 
     def _note_logprobs(self) -> None:
         """Log-probabilities of the tokens just picked, and each request's k best, for the rows that
@@ -497,6 +566,9 @@ class Batch:
             orders = [torch.tensor(o, device=logits.device) for o in slots]
             for c, order in zip(self.cohorts, orders):
                 scores.index_copy_(0, order, c.procs(c.ids, logits.index_select(0, order)))
+        for s, r in enumerate(self.live):
+            if banned := r.banned_here():  # where a banned string began: another token this time
+                scores[s, list(banned)] = -math.inf
         nxt = _pick(self.live, scores)
         close = [s for s, r in enumerate(self.live) if r.must_close_think()]
         if close:  # the reasoning budget: the block is closed for the model, which then answers

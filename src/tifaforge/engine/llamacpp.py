@@ -106,7 +106,7 @@ class LlamaCppEngine(Engine):
     supports_logprobs = False  # llama.cpp's sampler chain does not hand back its candidates
     supports_think_budget = False  # the server names a reasoning budget as not honoured
     unsupported_sampling = ("typical_p", "top_n_sigma", "min_tokens", "ignore_eos", "logit_bias",
-                            "repetition_penalty_range")  # named in X-Tifa-Ignored when a request sets them
+                            "repetition_penalty_range", "banned_strings")  # named in X-Tifa-Ignored when a request sets them
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
         from tifaforge.extras import require

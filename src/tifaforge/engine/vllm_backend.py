@@ -50,7 +50,7 @@ class VLLMEngine(Engine):
     supports_logprobs = False  # not mapped onto vLLM's own logprobs yet: the server names the field as unsupported
     supports_think_budget = False  # the server names a reasoning budget as not honoured
     unsupported_sampling = ("typical_p", "top_n_sigma", "min_tokens", "ignore_eos", "logit_bias",
-                            "repetition_penalty_range")  # named in X-Tifa-Ignored when a request sets them
+                            "repetition_penalty_range", "banned_strings")  # named in X-Tifa-Ignored when a request sets them
 
     def __init__(self, path: str | Path, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, enforce_eager: bool = False, seed: int = 0, **vllm_kwargs):

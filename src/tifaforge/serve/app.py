@@ -292,6 +292,10 @@ class _Server:
             raise BadRequest(f"at most {self.limits.max_n} choices per request (n x prompts), got "
                              f"{len(prompts) * body.n}", "n")
         stop = stops(body, self.limits)
+        banned = sampling_for(body, SamplingConfig(), 1, 0).banned_strings
+        if len(banned) > self.limits.max_banned or any(len(s) > self.limits.max_stop_chars for s in banned):
+            raise BadRequest(f"banned_strings: at most {self.limits.max_banned}, each at most "
+                             f"{self.limits.max_stop_chars} characters", "banned_strings")
         vocab = len(self.engine.tokenizer)
         if any(not 0 <= t < vocab for t in logit_bias(body.logit_bias)):
             raise BadRequest(f"logit_bias: token ids must be in [0, {vocab}) for this model", "logit_bias")

@@ -36,6 +36,7 @@ class Limits(BaseModel):
     max_n: int = 8  # choices (rows) per request: n x prompts
     max_stop: int = 32  # SillyTavern sends more than OpenAI's 4 in text-completion mode
     max_stop_chars: int = 256
+    max_banned: int = 256  # banned strings (KoboldCpp users keep long lists), each at most max_stop_chars
     body_timeout_s: float = 30.0  # a body that stops arriving (shorter than its Content-Length) gets 408
 
 
@@ -188,7 +189,7 @@ def unsupported(body: Sampling) -> list[str]:
         "mirostat": bool(first(body.mirostat_mode, body.mirostat)),
         "smoothing_factor": bool(body.smoothing_factor),
         "dynatemp_range": bool(body.dynatemp_range),
-        "banned_strings": bool(body.banned_strings or body.banned_tokens),
+        "banned_tokens": bool(body.banned_tokens),
     }
     return [k for k, v in on.items() if v]
 
@@ -270,6 +271,8 @@ def sampling_for(body: Sampling, base: SamplingConfig, max_new_tokens: int, choi
         "repetition_penalty_range": None if (r := first(body.rep_pen_range, body.repetition_penalty_range,
                                                         body.repeat_last_n)) is None else max(r, 0),  # -1/0: all
         "logit_bias": logit_bias(body.logit_bias) or None,
+        "banned_strings": [body.banned_strings] if isinstance(body.banned_strings, str) and body.banned_strings
+        else [s for s in body.banned_strings or [] if isinstance(s, str) and s] or None,
     }
     cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None and not (pinned and k in PINNED)})
     cfg.max_new_tokens = max_new_tokens
