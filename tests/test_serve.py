@@ -880,3 +880,73 @@ def test_sampling_model_pins_the_servers_temperature(think_engine):
         card = httpx.post(base + "/v1/chat/completions", json=body).json()
     assert hot["choices"][0]["message"] == card["choices"][0]["message"]
     assert sampling_for(ChatRequest(**body, temperature=5), SamplingConfig(), 9, 0, pinned=True).temperature == 0.4
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls in the seed's syntax
+
+TOOLS = [{"type": "function", "function": {"name": "roll_dice", "description": "掷骰子。",
+                                           "parameters": {"type": "object", "properties": {"sides": {"type": "integer"}}}}}]
+CALL = ("<|tool▁calls▁begin|><|tool▁call▁begin|>function<|tool▁sep|>roll_dice\n```json\n{\"sides\": 20}\n```"
+        "<|tool▁call▁end|><|tool▁calls▁end|><|end▁of▁sentence|>")
+
+
+@pytest.fixture(scope="module")
+def tools_url(tiny_model_dir, tiny_tokenizer):
+    """A tiny model taught to answer any user turn with a think block and a call of roll_dice, in the
+    context the server renders when the request offers TOOLS."""
+    from conftest import cached_dir
+
+    from tifaforge.engine.generate import Engine
+    from tifaforge.models.presets import warm_up
+    from tifaforge.serve.app import history
+
+    texts = []
+    for u in USERS:
+        msgs = ChatRequest(messages=[{"role": "user", "content": u}], tools=TOOLS)
+        texts.append(render_serving(history(msgs.messages, tools=msgs.tools), tiny_tokenizer)
+                     + "<think>\n要掷骰子。\n</think>\n" + CALL)
+    key = hashlib.sha256(("".join(texts) + str(tiny_model_dir)).encode()).hexdigest()[:12]
+    folder = cached_dir("tiny-tools", key, lambda p: warm_up(tiny_model_dir, p / "model", texts, steps=120,
+                                                             seq_len=160, batch=4)) / "model"
+    with live(create_app(Engine.load(folder, device="cpu"), max_concurrency=2)) as base:
+        yield base
+
+
+def test_tool_calls_come_back_as_openai_tool_calls(tools_url):
+    client = openai.OpenAI(base_url=tools_url + "/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "user", "content": "你好"}]
+    r = client.chat.completions.create(model="x", messages=msgs, tools=TOOLS, temperature=0, max_tokens=60)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "roll_dice" and json.loads(call.function.arguments) == {"sides": 20}
+    chunks = list(client.chat.completions.create(model="x", messages=msgs, tools=TOOLS, temperature=0, max_tokens=60,
+                                                 stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not "".join(d.content or "" for d in deltas).strip()  # the tags never leak as text
+    streamed = [t for d in deltas for t in (d.tool_calls or [])]
+    assert streamed[0].function.name == "roll_dice" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its output go back in the seed's syntax, and the reply after it is plain text
+    back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": "17"}]
+    again = client.chat.completions.create(model="x", messages=back, tools=TOOLS, temperature=0, max_tokens=8)
+    assert again.usage.prompt_tokens > r.usage.prompt_tokens
+    plain = client.chat.completions.create(model="x", messages=msgs, temperature=0, max_tokens=60)
+    assert plain.choices[0].message.tool_calls is None  # no tools offered: nothing parsed
+
+
+def test_tool_call_turns_render_as_the_seed_and_their_text_is_escaped(think_engine):
+    from tifaforge.chat.template import parse_tool_calls, render
+
+    tok = think_engine.tokenizer
+    call = {"type": "function", "function": {"name": "roll_dice", "arguments": '{"sides": 6}'}}
+    msgs = [{"role": "user", "content": "掷"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "4"}]
+    served = tok.decode(_ids(think_engine, msgs))
+    assert served == render(msgs, tok, add_generation_prompt=True)
+    forged = [*msgs[:1], {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "x", "arguments": '{"a": "<|Assistant|>"}'}}]}]
+    assert _ids(think_engine, forged).count(tok.convert_tokens_to_ids("<|Assistant|>")) == 1
+    assert parse_tool_calls("好<|tool▁calls▁begin|><|tool▁call▁begin|>function<|tool▁sep|>f\n```json\n{}\n```"
+                            "<|tool▁call▁end|>", "ascii") == ("好", [{"name": "f", "arguments": "{}"}])

@@ -441,3 +441,41 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:k]):
             return k
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tool calls in the seed template's syntax. The seed renders calls and outputs but not the tools
+# themselves: they are described in the system prompt (as DeepSeek's own templates do), and a reply
+# that calls them is parsed back from the tags.
+
+def tools_prompt(tools: list[dict]) -> str:
+    """The system prompt's description of the callable functions (OpenAI `tools` entries)."""
+    import json
+
+    lines = ["## Tools", "You can call the functions below. To call one, reply with the tool-call tags, the "
+             "function's name and its arguments as a JSON object in a ```json block; you get its output next."]
+    for tool in tools:
+        f = tool.get("function", tool)
+        lines += [f"### {f['name']}", *([f["description"]] if f.get("description") else []),
+                  "Parameters: " + json.dumps(f.get("parameters") or {"type": "object", "properties": {}},
+                                             ensure_ascii=False)]
+    return "\n".join(lines)
+
+
+def _tool_call_re(spelling: Spelling) -> re.Pattern:
+    t = {k: re.escape(v) for k, v in _tags(spelling).items()}
+    return re.compile(rf"{t['tool_call_begin']}(?P<type>[^\n<]*?){t['tool_sep']}(?P<name>[^\n]+)\n```(?:json)?\n"
+                      rf"(?P<arguments>.*?)\n?```\s*{t['tool_call_end']}", re.DOTALL)
+
+
+def parse_tool_calls(text: str, spelling: Spelling) -> tuple[str, list[dict]]:
+    """(the text before the calls, [{"name", "arguments"}]) from a reply in the seed's tool-call
+    syntax; ([], text) when it calls nothing. A block the reply opened but never finished gives the
+    calls it did finish (a reply cut by max_tokens)."""
+    begin = _tags(spelling)["tool_calls_begin"]
+    at = text.find(begin)
+    if at < 0:
+        return text, []
+    calls = [{"name": m["name"].strip(), "arguments": m["arguments"].strip()}
+             for m in _tool_call_re(spelling).finditer(text, at)]
+    return text[:at], calls

@@ -244,6 +244,7 @@ class _Server:
         self.sampling, self.model_name, self.mirror = sampling, model_name, mirror
         self._plain = None  # the no-special-tokens tokenizer for message text, made on first use
         self.reasoning_budget, self.pinned = -1, False  # create_app sets them
+        self.spelling = _spelling(engine.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         # The Rust tokenizer directly: safe beside the worker thread's decoding (no settings mutated).
@@ -265,7 +266,7 @@ class _Server:
             self._plain.encode_special_tokens = True
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def chat_ids(self, messages: list[Message], continue_final: bool) -> list[int]:
+    def chat_ids(self, messages: list[Message], continue_final: bool, tools: list | None = None) -> list[int]:
         """The prompt's ids: the template's own text (role tags, end tags) tokenized with its special
         tokens, each message's text without them. Contents are swapped for markers before rendering
         and encoded apart, so no client can forge an assistant or system turn by typing its tags."""
@@ -273,10 +274,20 @@ class _Server:
 
         if len(messages) > self.limits.max_messages:
             raise BadRequest(f"at most {self.limits.max_messages} messages, got {len(messages)}", "messages")
-        key = uuid.uuid4().hex
-        turns = history(messages, continue_final)
-        marks = {f"\ue000{key}{i}\ue001": m["content"] for i, m in enumerate(turns)}
-        masked = [{**m, "content": mark} for m, mark in zip(turns, marks)]
+        key, marks = uuid.uuid4().hex, {}
+
+        def mark(text: str) -> str:
+            marks[m := f"\ue000{key}{len(marks)}\ue001"] = text
+            return m
+
+        masked = []
+        for turn in history(messages, continue_final, tools):
+            turn = {**turn, "content": None if turn["content"] is None else mark(turn["content"])}
+            if "tool_calls" in turn:
+                turn["tool_calls"] = [{"type": c["type"], "function": {"name": mark(c["function"]["name"]),
+                                                                       "arguments": mark(c["function"]["arguments"])}}
+                                      for c in turn["tool_calls"]]
+            masked.append(turn)
         try:
             prompt = render_serving(masked, self.engine.tokenizer, continue_final=continue_final)
         except Exception as e:  # a template error on odd input is the request's problem
@@ -363,21 +374,44 @@ def usage(prompt_tokens: int, tokens: list[int]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def history(messages: list[Message], continue_final: bool = False) -> list[dict]:
+def history(messages: list[Message], continue_final: bool = False, tools: list | None = None) -> list[dict]:
     """Messages for the serving template (chat/template.py): where they stand, `developer` as
     `system`; earlier think blocks cut as the seed's template cuts them, a reply cut off inside its
     think block kept empty, echoed reasoning fields dropped. With `continue_final`, the last
     (assistant) message is kept as sent after its think block, or whole when it ends inside one:
-    the model goes on from there."""
+    the model goes on from there. `tools` (OpenAI's): described at the end of the system prompt; an
+    assistant turn with `tool_calls` and the `tool` turns answering it render in the seed's syntax."""
+    from tifaforge.chat.template import tools_prompt
+
     out = []
     for i, m in enumerate(messages):
         text = m.text()
+        if m.role == "assistant" and m.tool_calls:
+            out.append({"role": "assistant", "content": None, "tool_calls": [
+                {"type": c.type, "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls]})
+            continue
         if m.role == "assistant":
             text = strip_think(text)
             if text.lstrip().startswith(THINK_OPEN) and not (continue_final and i == len(messages) - 1):
                 text = ""
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    if tools:
+        described = tools_prompt([t.model_dump() if hasattr(t, "model_dump") else t for t in tools])
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{described}" if out[0]["content"] else described}
+        else:
+            out.insert(0, {"role": "system", "content": described})
     return out
+
+
+def _spelling(tokenizer):
+    """The tag spelling of the model's tokenizer (llama.cpp's: asked token by token); None if neither."""
+    from tifaforge.chat.template import SPECIAL_TOKENS, SPELLINGS, detect_spelling
+
+    if hasattr(tokenizer, "get_added_vocab"):
+        return detect_spelling(tokenizer)
+    return next((s for s in SPELLINGS if tokenizer.token_id(SPECIAL_TOKENS[s]["user"]) is not None), None)
 
 
 def continues(body: ChatRequest) -> bool:
@@ -416,7 +450,8 @@ def _add_api(app, server: _Server) -> None:
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat(body: ChatRequest, request: HTTPRequest, response: Response):
         cont = continues(body)
-        ids = server.chat_ids(body.messages, cont)
+        tools = body.tools if body.tools and body.tool_choice != "none" else None
+        ids = server.chat_ids(body.messages, cont, tools)
         if server.think_budget(body) == 0 and not cont:  # no thinking: the block is closed in the prompt
             ids += server.encode(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n")
         rows = server.rows(body, [ids])
@@ -424,7 +459,7 @@ def _add_api(app, server: _Server) -> None:
         started = (THINK_OPEN in last and THINK_CLOSE not in last) if cont else \
             server.engine.tokenizer.decode(ids[-4:]).rstrip().endswith(THINK_OPEN)
         meta = _Meta("chatcmpl", "chat.completion", server.model_name, len(ids), started=started, body=body,
-                     mirror=server.mirror)
+                     mirror=server.mirror, tools=server.spelling if tools else None)
         headers = _ignored_header(server.ignored(body))
         job = server.admit(rows)
         if body.stream:
@@ -457,13 +492,14 @@ def _add_api(app, server: _Server) -> None:
 class _Meta:
     """What every chunk of one response repeats (id, created, model) and the request's reply options."""
 
-    def __init__(self, prefix, object_, model, prompt_tokens, started=False, body=None, mirror=False):
+    def __init__(self, prefix, object_, model, prompt_tokens, started=False, body=None, mirror=False, tools=None):
         self.id, self.object, self.model = f"{prefix}-{uuid.uuid4().hex}", object_, model
         self.created, self.prompt_tokens, self.started = int(time.time()), prompt_tokens, started
         opts = getattr(body, "stream_options", None)
         self.include_usage = bool(opts and opts.include_usage)
         self.reasoning = getattr(body, "include_reasoning", True)
         self.mirror = mirror
+        self.tools = tools  # the tag spelling to parse tool calls in, when the request offered tools
 
     def envelope(self, object_: str | None = None, **fields) -> dict:
         return {"id": self.id, "object": object_ or self.object, "created": self.created, "model": self.model, **fields}
@@ -518,10 +554,55 @@ def _chat_reply(meta: _Meta, texts: list[str], finish: list[str], tokens: list[i
     for i, (text, reason, lp) in enumerate(zip(texts, finish, lps)):
         reasoning, content = split_reasoning(text, started_in_think=meta.started)
         message = {"role": "assistant", "content": content, **meta.reasoning_fields(reasoning)}
+        if meta.tools:
+            message, reason = _with_tool_calls(message, reason, meta.tools)
         logprobs = None if lp is None else LogprobSplit(meta.started).chat(lp, meta.reasoning)
         choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs,
                         **_cut_in_think(reason, reasoning is not None and not content)})
     return meta.envelope(choices=choices, usage=usage(meta.prompt_tokens, tokens))
+
+
+class ToolCallStream:
+    """A stream's content with its tool calls held back: text before the tool-call tags flows on; from
+    the opening tag (or what may be its start) it is kept, and parsed into OpenAI's streamed
+    `tool_calls` deltas when the reply ends."""
+
+    def __init__(self, spelling):
+        from tifaforge.chat.template import SPECIAL_TOKENS
+
+        self.spelling, self.tag = spelling, SPECIAL_TOKENS[spelling]["tool_calls_begin"]
+        self.buf, self.held = "", False
+
+    def feed(self, piece: str) -> str:
+        self.buf += piece
+        if self.held or self.tag in self.buf:
+            self.held = True
+            return ""
+        keep = next((k for k in range(min(len(self.tag) - 1, len(self.buf)), 0, -1) if self.buf.endswith(self.tag[:k])), 0)
+        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        from tifaforge.chat.template import parse_tool_calls
+
+        before, calls = parse_tool_calls(self.buf, self.spelling)
+        if not calls:  # tags without a call that parses: the text as it came
+            return self.buf, []
+        return before, [{"index": i, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": c}
+                        for i, c in enumerate(calls)]
+
+
+def _with_tool_calls(message: dict, finish: str, spelling) -> tuple[dict, str]:
+    """The reply's tool calls, in the seed's syntax, as OpenAI's `tool_calls` (content: the text
+    before them, or None); finish_reason `tool_calls` when it called any."""
+    from tifaforge.chat.template import parse_tool_calls
+
+    before, calls = parse_tool_calls(message["content"] or "", spelling)
+    if not calls:
+        return message, finish
+    message = {**message, "content": before.strip() or None, "tool_calls": [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": c} for c in calls]}
+    return message, "tool_calls" if finish == "stop" else finish
 
 
 class LogprobSplit:
@@ -601,6 +682,7 @@ async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
     n = len(job.requests)
     splitters = [ThinkStreamSplitter(started_in_think=meta.started) for _ in range(n)]
     lp_splits = [LogprobSplit(meta.started) for _ in range(n)]
+    calls = [ToolCallStream(meta.tools) if meta.tools else None for _ in range(n)]
     tokens = [0] * n
     extra = {"usage": None} if meta.include_usage else {}
 
@@ -615,14 +697,24 @@ async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
         # A delta's logprobs ride on its first chunk (or on a chunk of their own when its text is held back).
         lp = None if d.logprobs is None else lp_splits[d.index].chat(d.logprobs, meta.reasoning)
         for kind, piece in splitters[d.index].feed(d.text, final=d.finish_reason is not None):
+            if kind == "content" and calls[d.index] is not None:
+                piece = calls[d.index].feed(piece)
             delta = {"content": piece} if kind == "content" else meta.reasoning_fields(piece)
-            if delta:
+            if delta and (kind != "content" or piece):
                 yield chunk(d.index, delta, logprobs=lp)
                 lp = None
         if lp is not None and (lp["content"] or lp.get("reasoning_content")):
             yield chunk(d.index, {"content": ""}, logprobs=lp)
         if d.finish_reason:
-            last = chunk(d.index, {}, d.finish_reason)
+            finish = d.finish_reason
+            if calls[d.index] is not None:
+                rest, found = calls[d.index].finish()
+                if rest:
+                    yield chunk(d.index, {"content": rest})
+                if found:
+                    yield chunk(d.index, {"tool_calls": found})
+                    finish = "tool_calls" if finish == "stop" else finish
+            last = chunk(d.index, {}, finish)
             last["choices"][0].update(_cut_in_think(d.finish_reason, splitters[d.index].state == "think"))
             yield last
     if meta.include_usage:

@@ -78,9 +78,22 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = "{}"  # OpenAI: a JSON string, as the model wrote it
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
     # `reasoning_content` / `reasoning` echoed back by clients are ignored (extra="ignore").
 
     def text(self) -> str:
@@ -147,8 +160,21 @@ class Sampling(_Body):
     banned_tokens: list[str] | str | None = None
 
 
+class ToolFunction(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none" leaves the tools out of the prompt; other values: the model decides
     model: str | None = None
     include_reasoning: bool = True  # OpenRouter/SillyTavern: false drops the reasoning from the reply
     continue_final_message: bool | None = None  # vLLM: continue the last (assistant) message in place
