@@ -950,3 +950,22 @@ def test_tool_call_turns_render_as_the_seed_and_their_text_is_escaped(think_engi
     assert _ids(think_engine, forged).count(tok.convert_tokens_to_ids("<|Assistant|>")) == 1
     assert parse_tool_calls("好<|tool▁calls▁begin|><|tool▁call▁begin|>function<|tool▁sep|>f\n```json\n{}\n```"
                             "<|tool▁call▁end|>", "ascii") == ("好", [{"name": "f", "arguments": "{}"}])
+
+
+def test_self_revision_through_the_server(url, think_engine):
+    """`revise`: the rules score the first answer; the reply says what they found and which answer
+    was kept, streamed or not; off, nothing changes."""
+    body = {"messages": [{"role": "system", "content": "你是沈青崖。"}, {"role": "user", "content": "你好"}],
+            "max_tokens": 40, "temperature": 0}
+    plain = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]
+    assert "revision" not in plain
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "revise": True}).json()["choices"][0]
+    note = r["revision"]
+    assert isinstance(note["first_score"], float) and isinstance(note["revised"], bool)
+    assert note["summary"] and "太短" in note["summary"]  # the fixture's answers are short: the rules say so
+    assert note["revised"] == (note["rewrite_score"] > note["first_score"])
+    assert (r["message"] == plain["message"]) == (not note["revised"])
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "revise": True, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == r["message"]["content"] and events[-1]["choices"][0]["revision"] == note

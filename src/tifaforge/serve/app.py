@@ -17,6 +17,7 @@ against the context, then admission (429 past the concurrency limit). A client m
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -55,6 +56,8 @@ def create_app(
     stream_interval: float = 0.02,
     reasoning_budget: int = -1,
     pin_sampling: bool = False,
+    revise: bool = False,
+    reward=None,
 ):
     """The FastAPI app over `engine`: an `Engine` (decoding in a worker thread of this process, closed
     with the app) or a `serve.engine_process.EngineProcess` (the engine in its own process, so the
@@ -63,7 +66,9 @@ def create_app(
     `stream_interval`: a stream's text is sent at most this often (seconds; its first and last piece at
     once), see `Scheduler._send`. `reasoning_budget`: think tokens before the server closes the block
     (-1 unlimited, 0 no thinking; a request's `reasoning_budget` wins). `pin_sampling`: the server's
-    temperature, top_p and repetition penalty win over a client's (`--sampling model`)."""
+    temperature, top_p and repetition penalty win over a client's (`--sampling model`). `revise`: every
+    chat answer is revised once by the rules (`tifa chat --revise`; a request's `revise` wins), scored
+    with `reward` (a RewardConfig; None: the defaults)."""
     require("serve")
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
@@ -81,6 +86,7 @@ def create_app(
     app.state.server = _Server(engine, app.state.scheduler, limits, sampling or SamplingConfig(),
                                model_name, mirror_reasoning)
     app.state.server.reasoning_budget, app.state.server.pinned = reasoning_budget, pin_sampling
+    app.state.server.revise, app.state.server.reward_config = revise, reward
     _add_errors(app)
     _add_api(app, app.state.server)
     _add_page(app, cards)
@@ -244,6 +250,7 @@ class _Server:
         self.sampling, self.model_name, self.mirror = sampling, model_name, mirror
         self._plain = None  # the no-special-tokens tokenizer for message text, made on first use
         self.reasoning_budget, self.pinned = -1, False  # create_app sets them
+        self.revise, self.reward_config, self._reward = False, None, None
         self.spelling = _spelling(engine.tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -318,6 +325,56 @@ class _Server:
             out += [Request(ids, sampling_for(body, self.sampling, max_new, i, self.pinned), stop, k,
                             think if think and think > 0 else None) for i in range(body.n)]
         return out
+
+    def reward(self):
+        """The rules that score answers for self-revision (made on first use)."""
+        if self._reward is None:
+            from tifaforge.rewards.literary import LogicReward
+
+            self._reward = LogicReward(self.reward_config)
+        return self._reward
+
+    async def revised(self, body: ChatRequest, cont: bool, tools, texts: list[str], finish: list[str],
+                      tokens: list[int], request) -> tuple | None:
+        """MGRPO's pass 2 at inference, per choice: the rules score the first answer; where they
+        complain, their messages ask for a rewrite (`rl/revise.py`'s prompt), and the better-scoring
+        of the two is the answer. (texts, finish, tokens, notes), or None if the client left."""
+        import asyncio
+
+        from tifaforge.rl.revise import revision_note
+
+        reward = self.reward()
+        msgs = [{"role": m["role"], "content": m["content"] or ""} for m in history(body.messages, cont, tools)]
+        ctx = reward.context(msgs, None)
+        firsts = await asyncio.to_thread(lambda: [reward.score(ctx, t) for t in texts])
+        notes = [{"first_score": round(f.total, 4), "summary": f.summary, "revised": False} for f in firsts]
+        redo = [i for i, f in enumerate(firsts) if f.summary]
+        if not redo:
+            return texts, finish, tokens, notes
+        rows = []
+        for i in redo:
+            asked = [*body.messages, Message(role="assistant", content=texts[i]),
+                     Message(role="user", content=revision_note(firsts[i].summary, ctx.language, ctx.character))]
+            ids = self.chat_ids(asked, False, tools)
+            rows += self.rows(body.model_copy(update={"n": 1}), [ids])[:1]
+            seed = rows[-1].sampling.seed  # choice i's own seed, as its first answer had
+            rows[-1].sampling = dataclasses.replace(rows[-1].sampling, seed=None if seed is None else seed + i)
+        try:
+            job = self.admit(rows)
+        except Exception:  # no slot for pass 2: the first answers stand, and say so
+            for i in redo:
+                notes[i]["rewrite"] = "skipped: the server is busy"
+            return texts, finish, tokens, notes
+        got = await _collect(job, request)
+        if got[0] is None:
+            return None
+        seconds = await asyncio.to_thread(lambda: [reward.score(ctx, t) for t in got[0]])
+        texts, finish, tokens = list(texts), list(finish), list(tokens)
+        for j, i in enumerate(redo):
+            notes[i]["rewrite_score"] = round(seconds[j].total, 4)
+            if seconds[j].total > firsts[i].total:
+                texts[i], finish[i], tokens[i], notes[i]["revised"] = got[0][j], got[1][j], got[2][j], True
+        return texts, finish, tokens, notes
 
     def think_budget(self, body) -> int | None:
         """The request's reasoning budget (its own, else the server's); None: unlimited. Text
@@ -462,11 +519,32 @@ def _add_api(app, server: _Server) -> None:
                      mirror=server.mirror, tools=server.spelling if tools else None)
         headers = _ignored_header(server.ignored(body))
         job = server.admit(rows)
+        if server.revise if body.revise is None else body.revise:
+            return await _revised_reply(server, body, cont, tools, job, meta, request, response, headers)
         if body.stream:
             return _sse(_chat_events(job, meta), job, headers)
         texts, finish, tokens, lps = await _collect(job, request)
         response.headers.update(headers)
         return _chat_reply(meta, texts, finish, tokens, lps) if texts is not None else _gone()
+
+    async def _revised_reply(server, body, cont, tools, job, meta, request, response, headers):
+        """The first answers whole, then pass 2 (`_Server.revised`); a stream sends the final answers
+        once chosen. Each choice says what the revision did (`revision`); logprobs are not given."""
+        texts, finish, tokens, _ = await _collect(job, request)
+        if texts is None:
+            return _gone()
+        got = await server.revised(body, cont, tools, texts, finish, tokens, request)
+        if got is None:
+            return _gone()
+        texts, finish, tokens, notes = got
+        if body.stream:
+            done = _Finished(texts, finish, tokens, notes)
+            return _sse(_chat_events(done, meta), done, headers)
+        response.headers.update(headers)
+        reply = _chat_reply(meta, texts, finish, tokens, [None] * len(texts))
+        for choice, note in zip(reply["choices"], notes):
+            choice["revision"] = note
+        return reply
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(body: CompletionRequest, request: HTTPRequest, response: Response):
@@ -487,6 +565,25 @@ def _add_api(app, server: _Server) -> None:
         choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": legacy_logprobs(lp)}
                    for i, (t, f, lp) in enumerate(zip(texts, finish, lps))]
         return meta.envelope(choices=choices, usage=usage(meta.prompt_tokens, tokens))
+
+
+class _Finished:
+    """Answers already complete (self-revision chose them) as a job's deltas, so a stream of them goes
+    through the same events as any other; each choice's last chunk carries its `revision`."""
+
+    def __init__(self, texts, finish, tokens, notes):
+        from tifaforge.engine.generate import Delta
+
+        self.requests = texts
+        self.notes = notes
+        self._deltas = [Delta(i, t, f, n) for i, (t, f, n) in enumerate(zip(texts, finish, tokens))]
+
+    async def deltas(self):
+        for d in self._deltas:
+            yield d
+
+    def close(self) -> None:
+        pass
 
 
 class _Meta:
@@ -716,6 +813,8 @@ async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
                     finish = "tool_calls" if finish == "stop" else finish
             last = chunk(d.index, {}, finish)
             last["choices"][0].update(_cut_in_think(d.finish_reason, splitters[d.index].state == "think"))
+            if isinstance(job, _Finished):
+                last["choices"][0]["revision"] = job.notes[d.index]
             yield last
     if meta.include_usage:
         yield meta.envelope("chat.completion.chunk", choices=[], usage=usage(meta.prompt_tokens, tokens))
@@ -810,6 +909,10 @@ def add_arguments(p) -> None:
     p.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
                    help="think tokens before the server closes the block and the model answers (llama.cpp's "
                         "meaning: -1 unlimited, the default; 0 no thinking); a request's reasoning_budget wins")
+    p.add_argument("--revise", action="store_true",
+                   help="revise every chat answer once before sending it (MGRPO's pass 2, as tifa chat --revise): the "
+                        "rules score the first answer and, if they complain, a rewrite is asked for and the better "
+                        "one sent (a request's `revise` field wins; the rules: --config's reward section)")
     p.add_argument("--sampling", choices=["client", "model"], default="client",
                    help="model: the card's temperature, top_p and repetition penalty (or --config's) win over what a "
                         "client sends (SillyTavern's chat mode sends 1.0 / 1.0); max_tokens, stop, seed and logprobs "
@@ -841,7 +944,8 @@ def run(args) -> int:
         raise TifaError(f"--stream-interval must be 0 to 1 seconds, got {args.stream_interval}")
     if args.reasoning_budget < -1:
         raise TifaError(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more, got {args.reasoning_budget}")
-    sampling = load_config(args.config, args.set).sampling
+    cfg = load_config(args.config, args.set)
+    sampling = cfg.sampling
     if args.backend == "llamacpp":
         from tifaforge.engine.llamacpp import LlamaCppEngine
 
@@ -860,7 +964,8 @@ def run(args) -> int:
                      max_concurrency=args.max_concurrency, sampling=sampling,
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,
                      mirror_reasoning=args.reasoning_mirror, stream_interval=args.stream_interval,
-                     reasoning_budget=args.reasoning_budget, pin_sampling=args.sampling == "model")
+                     reasoning_budget=args.reasoning_budget, pin_sampling=args.sampling == "model",
+                     revise=args.revise, reward=cfg.reward)
     print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")

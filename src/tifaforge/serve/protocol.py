@@ -174,6 +174,7 @@ class Tool(_Body):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
+    revise: bool | None = None  # self-revision (MGRPO's pass 2) for this request; None: the server's --revise
     tool_choice: Any = None  # "none" leaves the tools out of the prompt; other values: the model decides
     model: str | None = None
     include_reasoning: bool = True  # OpenRouter/SillyTavern: false drops the reasoning from the reply
