@@ -4,11 +4,18 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 VOCAB   := .cache/llama.cpp/models/ggml-vocab-qwen2.gguf
+ST      := .cache/sillytavern/node_modules/sillytavern/server.js
+ST_VERSION := 1.19.0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(STAMP) $(VOCAB)
+setup: $(STAMP) $(VOCAB) $(ST)
+
+# SillyTavern from npm (pinned), the real front end tests/test_sillytavern.py drives against `tifa serve`.
+$(ST):
+	npm install --prefix .cache/sillytavern sillytavern@$(ST_VERSION) --no-audit --no-fund --loglevel=error
+	touch $(ST)
 
 # llama.cpp's real Qwen2 tokenizer (151,643 tokens and merges, no weights) and chat templates, for the
 # tests: inside llama-cpp-python's source distribution (the pinned version), which pip does not keep.

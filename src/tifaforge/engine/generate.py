@@ -455,7 +455,8 @@ class Batch:
             r = self.live[s]
             rivals = [{**spell(int(t)), "logprob": v} for t, v in zip(top_i[j, :r.req.logprobs].tolist(),
                                                                       top_v[j, :r.req.logprobs].tolist()) if v > -math.inf]
-            r.note({**spell(int(self.last[s])), "logprob": max(chosen[j], -9999.0), "top_logprobs": rivals})
+            lp_chosen = chosen[j] if math.isfinite(chosen[j]) else -9999.0  # a forced token the samplers had removed
+            r.note({**spell(int(self.last[s])), "logprob": lp_chosen, "top_logprobs": rivals})
 
     def _forward(self):
         """The live rows' last tokens through the cache: logits (B, V)."""
@@ -556,6 +557,9 @@ class Batch:
         """Each cohort's processors over its rows' scores, then every live row's pick: (B,) next tokens."""
         import torch
 
+        for s, r in enumerate(self.live):
+            if banned := r.banned_here():  # where a banned string began: the samplers choose among the rest
+                logits[s, list(banned)] = -math.inf
         slot_of = {id(r): s for s, r in enumerate(self.live)}
         slots = [[slot_of[id(r)] for r in c.rows] for c in self.cohorts]
         if slots == [list(range(len(self.live)))]:  # one cohort, in cache order: no gather
@@ -566,9 +570,6 @@ class Batch:
             orders = [torch.tensor(o, device=logits.device) for o in slots]
             for c, order in zip(self.cohorts, orders):
                 scores.index_copy_(0, order, c.procs(c.ids, logits.index_select(0, order)))
-        for s, r in enumerate(self.live):
-            if banned := r.banned_here():  # where a banned string began: another token this time
-                scores[s, list(banned)] = -math.inf
         nxt = _pick(self.live, scores)
         close = [s for s, r in enumerate(self.live) if r.must_close_think()]
         if close:  # the reasoning budget: the block is closed for the model, which then answers

@@ -742,9 +742,16 @@ CUT_IN_THINK = ("the answer was cut off inside its think block (finish_reason le
                 "or set a reasoning budget (reasoning_budget, or tifa serve --reasoning-budget N)")
 
 
+ENDED_IN_THINK = ("the model ended its reply inside its think block, without an answer: regenerate, or set a "
+                  "reasoning budget (reasoning_budget, or tifa serve --reasoning-budget N) so it answers in time")
+
+
 def _cut_in_think(finish: str | None, thinking: bool) -> dict:
-    """A note on a choice that ran out of tokens while still thinking: never an empty reply in silence."""
-    return {"note": CUT_IN_THINK} if finish == "length" and thinking else {}
+    """A note on a choice with reasoning and no answer (out of tokens, or ended while still thinking):
+    never an empty reply in silence."""
+    if not thinking:
+        return {}
+    return {"note": CUT_IN_THINK if finish == "length" else ENDED_IN_THINK}
 
 
 def _ignored_header(fields: list[str]) -> dict:
@@ -780,6 +787,7 @@ async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
     splitters = [ThinkStreamSplitter(started_in_think=meta.started) for _ in range(n)]
     lp_splits = [LogprobSplit(meta.started) for _ in range(n)]
     calls = [ToolCallStream(meta.tools) if meta.tools else None for _ in range(n)]
+    answered = [False] * n  # a choice sent some answer text (else a reply that only thought gets a note)
     tokens = [0] * n
     extra = {"usage": None} if meta.include_usage else {}
 
@@ -798,6 +806,7 @@ async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
                 piece = calls[d.index].feed(piece)
             delta = {"content": piece} if kind == "content" else meta.reasoning_fields(piece)
             if delta and (kind != "content" or piece):
+                answered[d.index] |= kind == "content" and bool(piece.strip())
                 yield chunk(d.index, delta, logprobs=lp)
                 lp = None
         if lp is not None and (lp["content"] or lp.get("reasoning_content")):
@@ -812,7 +821,8 @@ async def _chat_events(job: Job, meta: _Meta) -> AsyncIterator[dict]:
                     yield chunk(d.index, {"tool_calls": found})
                     finish = "tool_calls" if finish == "stop" else finish
             last = chunk(d.index, {}, finish)
-            last["choices"][0].update(_cut_in_think(d.finish_reason, splitters[d.index].state == "think"))
+            last["choices"][0].update(_cut_in_think(d.finish_reason, splitters[d.index].state == "think"
+                                                    or (splitters[d.index].state == "post" and not answered[d.index])))
             if isinstance(job, _Finished):
                 last["choices"][0]["revision"] = job.notes[d.index]
             yield last
