@@ -6,6 +6,10 @@ Prints tokens/s for batch 1 and 8 and the ratio ours / transformers (target >= 1
 and loop must not slow generation down). Both sides generate exactly --new-tokens per row (stop
 tokens off) with the seed's sampling (temperature 0.4, top_p 0.6, repetition_penalty 1.17).
 
+It also prints what token probabilities (`logprobs` with 5 rivals) and banned strings (ten phrases
+that never occur: the cost of watching for them and holding text back) cost against the same
+engine without them (target: each at most 10% fewer tokens/s).
+
 With llama-cpp-python installed it also runs the llama.cpp backend (`LlamaCppEngine`) against
 llama-cpp-python's own generation loop (`Llama.generate`, its sampler chain) on the same GGUF file
 (the model exported to q8_0), batch 1 (llama.cpp holds one sequence), the same threads and sampling:
@@ -81,6 +85,10 @@ def main() -> int:
     for batch in (1, 8):
         ours, hf = bench(engine, batch, args.new_tokens, args.repeats)
         print(f"{batch:>5} {ours:>11.1f} {hf:>19.1f} {ours / hf:>6.2f}")
+    print(f"\n{'batch':>5} {'plain tok/s':>12} {'logprobs':>9} {'ratio':>6} {'banned':>9} {'ratio':>6}")
+    for batch in (1, 8):
+        plain, lp, banned = bench_features(engine, batch, args.new_tokens, args.repeats)
+        print(f"{batch:>5} {plain:>12.1f} {lp:>9.1f} {lp / plain:>6.2f} {banned:>9.1f} {banned / plain:>6.2f}")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -94,6 +102,24 @@ def main() -> int:
     print(f"{'ours tok/s':>11} {'llama-cpp-python tok/s':>23} {'ratio':>6}")
     print(f"{ours:>11.1f} {theirs:>23.1f} {ours / theirs:>6.2f}")
     return 0
+
+
+def bench_features(engine: Engine, batch: int, n: int, repeats: int) -> tuple[float, float, float]:
+    """tokens/s of the engine plain, with logprobs (5 rivals), and with ten banned strings that never occur."""
+    import dataclasses
+
+    s = SamplingConfig(max_new_tokens=n, seed=0)
+    banned = dataclasses.replace(s, banned_strings=[f"从未出现的短语{i}" for i in range(10)])
+    prompts = [engine.render([{"role": "user", "content": p}]) for p in PROMPTS[:batch]]
+    engine.stop_ids = set()
+
+    def run(make):
+        def go():
+            assert all(r.completion_tokens == n for r in engine.generate([make(p) for p in prompts]))
+        return batch * n / time_it(go, repeats)
+
+    return (run(lambda p: Request(p, s)), run(lambda p: Request(p, s, logprobs=5)),
+            run(lambda p: Request(p, banned)))
 
 
 def bench_llamacpp(gguf, n: int, repeats: int) -> tuple[float, float]:

@@ -497,7 +497,8 @@ def _add_api(app, server: _Server) -> None:
             from fastapi.responses import JSONResponse
 
             return JSONResponse({"status": "error", "error": failed}, status_code=503)
-        return {"status": "ok", "running": s.active, "generating": s.busy, "max_concurrency": s.max_concurrency}
+        return {"status": "ok", "running": s.active, "generating": s.busy, "max_concurrency": s.max_concurrency,
+                "batching": "continuous" if getattr(server.engine, "continuous_batching", True) else "one at a time"}
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict:
@@ -977,6 +978,9 @@ def run(args) -> int:
                      reasoning_budget=args.reasoning_budget, pin_sampling=args.sampling == "model",
                      revise=args.revise, reward=cfg.reward)
     print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
+    if not getattr(engine, "continuous_batching", True):
+        print(f"tifa serve: --backend {args.backend} generates one request at a time; up to --max-concurrency "
+              f"({args.max_concurrency}) wait their turn, more get 429")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
