@@ -242,6 +242,7 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
         self._byte_map: dict | None = None  # token_text's byte-level alphabet, made on first use
+        self._token_texts: dict[int, dict] = {}
         close = tokenizer.convert_tokens_to_ids(THINK_CLOSE) if THINK_CLOSE in tokenizer.get_vocab() else None
         self.think_close_id = close  # None: no think tokens, so a think budget cannot apply
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
@@ -270,7 +271,10 @@ class Engine:
 
     def token_text(self, token: int) -> dict:
         """{"token": its text, "bytes": its UTF-8 bytes} as OpenAI's logprobs give them: a byte-level
-        BPE token that holds part of a character has no text of its own, so `bytes` is the truth."""
+        BPE token that holds part of a character has no text of its own, so `bytes` is the truth.
+        Remembered per token: logprobs ask for a few per row at every step."""
+        if (known := self._token_texts.get(token)) is not None:
+            return known
         if self._byte_map is None:
             backend = getattr(self.tokenizer, "backend_tokenizer", None)
             if backend is not None and type(backend.decoder).__name__ == "ByteLevel":
@@ -284,7 +288,8 @@ class Engine:
             raw = bytes(self._byte_map.get(c, 0) for c in self.tokenizer.convert_ids_to_tokens(token))
         else:
             raw = self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
-        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+        known = self._token_texts[token] = {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+        return known
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -450,13 +455,14 @@ class Batch:
         chosen = lp.gather(1, self.last.index_select(0, index)[:, None])[:, 0].tolist()
         k = max(self.live[s].req.logprobs for s in slots)
         top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        spell = self.engine.token_text
+        spell, last = self.engine.token_text, self.last.tolist()
+        top_i, top_v = top_i.tolist(), top_v.tolist()
         for j, s in enumerate(slots):
             r = self.live[s]
-            rivals = [{**spell(int(t)), "logprob": v} for t, v in zip(top_i[j, :r.req.logprobs].tolist(),
-                                                                      top_v[j, :r.req.logprobs].tolist()) if v > -math.inf]
+            k = r.req.logprobs
+            rivals = [{**spell(t), "logprob": v} for t, v in zip(top_i[j][:k], top_v[j][:k]) if v > -math.inf]
             lp_chosen = chosen[j] if math.isfinite(chosen[j]) else -9999.0  # a forced token the samplers had removed
-            r.note({**spell(int(self.last[s])), "logprob": lp_chosen, "top_logprobs": rivals})
+            r.note({**spell(last[s]), "logprob": lp_chosen, "top_logprobs": rivals})
 
     def _forward(self):
         """The live rows' last tokens through the cache: logits (B, V)."""
