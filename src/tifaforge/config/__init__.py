@@ -23,11 +23,14 @@ import yaml
 
 from tifaforge.errors import ConfigError
 from tifaforge.fields import opt, section  # noqa: F401  (re-exported: sections elsewhere use them)
-from tifaforge.config.sections import EvalConfig, LaunchConfig, LoopConfig, MiningConfig, RewardConfig
+from tifaforge.config.sections import (
+    EvalConfig, LaunchConfig, LoopConfig, MiningConfig, RewardConfig, RopeScalingConfig,
+)
 from tifaforge.config.training import CPTConfig, DPOConfig, LoraConfig, LossType, MGRPOConfig, SFTConfig, TrainConfig
 from tifaforge.utils import MAX_CONFIG_BYTES, atomic_write_text, read_text_bounded
 
 __all__ = ["Config", "ModelConfig", "SamplingConfig", "EvalConfig", "LaunchConfig", "LoopConfig", "MiningConfig",
+           "RopeScalingConfig",
            "RewardConfig", "CPTConfig", "DPOConfig", "LoraConfig", "LossType", "MGRPOConfig", "SFTConfig", "TrainConfig",
            "load_config", "apply_override", "to_dict", "dump_config", "save_resolved", "describe", "opt", "section"]
 
@@ -85,6 +88,9 @@ class ModelConfig:
     )
     allow_pickle: bool = opt(False, "Allow pickle (.bin/.pt) weights. Off: they can run code when loaded.")
     loop: LoopConfig = section(LoopConfig, "Looped decoder layers (DESIGN.md §5.4): off unless end > start.")
+    rope_scaling: RopeScalingConfig = section(
+        RopeScalingConfig, "Extend the context by scaling rotary positions (YaRN): applied at load in every stage, "
+        "chat and serve; saved in config.json and in exported GGUFs.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,17 @@ from tifaforge.fields import opt
 
 
 @dataclass
+class RopeScalingConfig:
+    """A longer context than the model was trained at, by scaling its rotary position embeddings."""
+
+    type: Literal["none", "yarn", "linear"] = opt(
+        "none", "yarn (as Qwen2.5 extends 32K to 128K), linear (position interpolation), or none.")
+    factor: float = opt(4.0, "How many times the original context the model should read (yarn, linear).", min=1.0)
+    original_max_position_embeddings: int = opt(
+        0, "The context the model was trained at; 0 = its config's max_position_embeddings.", min=0)
+
+
+@dataclass
 class LoopConfig:
     """Looped layers: decoder layers start..end-1 run k times per forward (DESIGN.md §5.4)."""
 

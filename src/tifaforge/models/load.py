@@ -40,6 +40,24 @@ def read_model_config(folder: str | Path) -> dict:
     return obj
 
 
+def scaled_config(config, rope, where: str = "model.rope_scaling"):
+    """`config` with its rotary embeddings scaled by `rope` (a RopeScalingConfig), in transformers' own
+    form (`rope_parameters`, which `save_pretrained` writes and plain transformers reads back):
+    max_position_embeddings becomes original x factor. A model already scaled keeps its original
+    context, so loading twice does not compound."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        raise TifaError(f"{where}: model.rope_scaling.type {rope.type}: this architecture "
+                        f"({getattr(config, 'model_type', '?')}) has no rotary position embeddings to scale; "
+                        "set model.rope_scaling.type: none")
+    original = (rope.original_max_position_embeddings or params.get("original_max_position_embeddings")
+                or config.max_position_embeddings)
+    config.rope_parameters = {**params, "rope_type": rope.type, "factor": float(rope.factor),
+                              **({"original_max_position_embeddings": int(original)} if rope.type == "yarn" else {})}
+    config.max_position_embeddings = int(original * rope.factor)
+    return config
+
+
 def check_safetensors(file: Path) -> None:
     """Check that a safetensors file's header parses and covers the file exactly, before any loader
     reads it: the safetensors crate's own errors ("incomplete metadata, file not fully covered") name
@@ -141,10 +159,12 @@ def load_model(
     allow_pickle: bool = False,
     spelling: str = "ascii",
     quantize: str = "none",
+    rope_scaling=None,
 ):
     """(model, tokenizer) from a HF folder or a .gguf file, ready for the template and training.
     `quantize` 4bit: the linear layers in 4-bit NF4 on the GPU (QLoRA's frozen base; train/device.py's
-    check_quantize has checked CUDA and bitsandbytes), computing in bf16."""
+    check_quantize has checked CUDA and bitsandbytes), computing in bf16. `rope_scaling` (the config's
+    `model.rope_scaling`): YaRN or linear scaling applied to the loaded config (see `scaled_config`)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -173,6 +193,11 @@ def load_model(
 
         # A looped folder's config.json names a type plain transformers refuses; read it as its base type.
         kwargs["config"] = saved_base_config(path)
+        if rope_scaling is not None and rope_scaling.type != "none":
+            from transformers import AutoConfig
+
+            kwargs["config"] = scaled_config(kwargs["config"] or AutoConfig.from_pretrained(str(path)), rope_scaling,
+                                             str(path / "config.json"))
         if quantize == "4bit":
             import os
 

@@ -968,9 +968,9 @@ def run(args) -> int:
     elif args.engine_process:
         from tifaforge.serve.engine_process import EngineProcess
 
-        engine = EngineProcess(args.model, allow_pickle=args.allow_pickle)
+        engine = EngineProcess(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling)
     else:
-        engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+        engine = Engine.load(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling)
     app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
                      max_concurrency=args.max_concurrency, sampling=sampling,
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,

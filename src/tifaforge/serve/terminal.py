@@ -35,7 +35,7 @@ def run(args) -> int:
 
         engine = VLLMEngine.load(args.model)
     else:
-        engine = Engine.load(args.model, allow_pickle=args.allow_pickle)
+        engine = Engine.load(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling)
     try:
         return _chat(args, cfg, console, engine)
     finally:

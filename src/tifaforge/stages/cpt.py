@@ -38,7 +38,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, mode=mode)
 
     # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
-    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc)
+    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc, cfg.model.rope_scaling)
 
     # --- data: packed blocks; the labels are the input ids ---------------------------------------
     dataset = data.cpt_dataset(tc.data, tokenizer, tc.max_length, run.out / "data", tc.dedup_threshold)

@@ -78,10 +78,10 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     before = evaluate_once(cfg, base_model_dir, run.out / "report_before.json") if tc.report else None
 
     # --- models: the policy, and a frozen reference unless LoRA (adapters off) or precomputed -------
-    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc)
+    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc, cfg.model.rope_scaling)
     ref = None
     if not tc.lora.enabled and not tc.precompute_ref:
-        ref, _ = stage.load_for_training(base_model_dir, cfg.model.loop)
+        ref, _ = stage.load_for_training(base_model_dir, cfg.model.loop, rope=cfg.model.rope_scaling)
         ref.eval().requires_grad_(False)
 
     # --- data ------------------------------------------------------------------------------------

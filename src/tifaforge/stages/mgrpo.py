@@ -102,7 +102,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
         return run.model
     # --- model, data, optimizer
     torch.manual_seed(cfg.seed)
-    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop, precision)
+    policy, tok, ref = build_models(base_model_dir, m, cfg.model.loop, precision, cfg.model.rope_scaling)
     if mode == "fsdp2":  # each rank keeps 1/N of the weights, gradients and AdamW states
         for model in (policy, ref):
             if model is not None:
@@ -134,12 +134,13 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
         if engine is not None:
             engine.close()
     # --- save: a plain transformers folder (LoRA merged), then the manifest, last
-    final = unsharded(policy, base_model_dir, m, cfg.model.loop) if sharding.is_sharded(policy) else policy
+    final = unsharded(policy, base_model_dir, m, cfg.model.loop, cfg.model.rope_scaling) if sharding.is_sharded(policy) else policy
     if m.quantize == "4bit" and stage.is_main():  # QLoRA: the adapters merged into the full-precision base
         from peft import get_peft_model_state_dict
 
         final = set_full_precision(build_models(base_model_dir, dataclasses_replace(m, quantize="none", beta=0.0),
-                                                cfg.model.loop)[0], get_peft_model_state_dict(policy))
+                                                cfg.model.loop, rope=cfg.model.rope_scaling)[0],
+                                   get_peft_model_state_dict(policy))
     if stage.is_main():
         final = final.merge_and_unload() if m.lora_r > 0 else final
         save_model(final.eval(), tok, run.model)
@@ -287,7 +288,7 @@ def prompts_for_step(prompts: list[Prompt], step: int, per_step: int, seed: int)
 # Model: policy (+ LoRA), frozen reference when beta > 0
 
 
-def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str = "fp32"):
+def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str = "fp32", rope=None):
     """(policy, tokenizer, reference or None). With LoRA the reference is the base, adapters off.
     `loop` (the config's `model.loop`) loops the block; use a fixed k here: rollouts and old
     log-probs run without autograd, where a sampled k is not drawn.
@@ -302,7 +303,7 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str
 
     quantize = m.quantize if m.lora_r > 0 else "none"
     policy, tok = load_model(base_dir, dtype="float32", device="cpu" if not torch.cuda.is_available() else "cuda",
-                             quantize=quantize)
+                             quantize=quantize, rope_scaling=rope)
     apply_configured_loop(policy, loop)
     if quantize == "4bit":  # QLoRA: the 4-bit base frozen, norms in fp32, inputs that carry gradients
         from peft import prepare_model_for_kbit_training
@@ -326,12 +327,13 @@ def build_models(base_dir: str | Path, m: MGRPOConfig, loop=None, precision: str
     return policy, tok, ref
 
 
-def unsharded(policy, base_dir, m: MGRPOConfig, loop):
+def unsharded(policy, base_dir, m: MGRPOConfig, loop, rope=None):
     """The sharded policy's weights gathered into a whole copy on rank 0 (None elsewhere); every rank calls it."""
     state = sharding.full_state_dict(policy)
     if dist.rank() != 0:
         return None
-    whole, _, _ = build_models(base_dir, dataclasses_replace(m, beta=0.0, gradient_checkpointing=False), loop)
+    whole, _, _ = build_models(base_dir, dataclasses_replace(m, beta=0.0, gradient_checkpointing=False), loop,
+                               rope=rope)
     missing, unexpected = whole.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k}  # tied to the embeddings: restored with them
     if unexpected or set(missing) - tied:

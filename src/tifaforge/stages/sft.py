@@ -39,7 +39,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, mode=mode)
 
     # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
-    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc)
+    model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc, cfg.model.rope_scaling)
 
     # --- data: one example per assistant turn; labels only on the final assistant turn -----------
     dataset, chats = data.sft_examples(tc.data, tokenizer, tc)

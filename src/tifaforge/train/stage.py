@@ -156,15 +156,16 @@ def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_confi
     return trl_config(**common, **extra)
 
 
-def load_for_training(base_model_dir: str | Path, loop=None, tc: TrainConfig | None = None):
+def load_for_training(base_model_dir: str | Path, loop=None, tc: TrainConfig | None = None, rope=None):
     """(model, tokenizer) in fp32 on CPU: the Trainer moves it; bf16 runs as mixed precision over
     fp32 master weights. `loop` (the config's `model.loop`), when it names a block, makes those
     layers run k times; a base saved with a loop keeps its own otherwise. `tc.lora.quantize` 4bit:
-    QLoRA's frozen 4-bit base on the GPU, prepared for adapter training (peft)."""
+    QLoRA's frozen 4-bit base on the GPU, prepared for adapter training (peft). `rope` (the config's
+    `model.rope_scaling`) scales the rotary positions (YaRN); the model saved after training keeps it."""
     from tifaforge.models.load import load_model
 
     quantize = tc.lora.quantize if tc is not None and tc.lora.enabled else "none"
-    model, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu", quantize=quantize)
+    model, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu", quantize=quantize, rope_scaling=rope)
     model.config.use_cache = False  # no KV cache while training (the engine passes its own)
     apply_configured_loop(model, loop)
     if quantize == "4bit":
@@ -307,7 +308,7 @@ def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir
     if is_main():
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config says it all
         if tc.lora.enabled and tc.lora.merge:
-            _merge_lora(base_model_dir, tmp)
+            _merge_lora(base_model_dir, tmp, trainer.accelerator.unwrap_model(trainer.model).config)
         for f in tmp.rglob("*"):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask())  # run outputs are shared
         if run.model.exists():
@@ -318,14 +319,18 @@ def save_final(trainer, tc: TrainConfig, base_model_dir: str | Path, run: RunDir
     return run.model
 
 
-def _merge_lora(base_model_dir: str | Path, adapter_dir: Path) -> None:
-    """Base weights + adapter -> one plain folder, replacing the adapter folder's contents."""
+def _merge_lora(base_model_dir: str | Path, adapter_dir: Path, trained=None) -> None:
+    """Base weights + adapter -> one plain folder, replacing the adapter folder's contents. `trained`:
+    the config the adapter trained under, whose rotary scaling (model.rope_scaling) the folder keeps."""
     from peft import PeftModel
 
     from tifaforge.models.load import load_model, save_model
 
     base, tokenizer = load_model(base_model_dir, dtype="float32", device="cpu")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if trained is not None and getattr(trained, "rope_parameters", None):
+        merged.config.rope_parameters = dict(trained.rope_parameters)
+        merged.config.max_position_embeddings = trained.max_position_embeddings
     save_model(merged, tokenizer, adapter_dir)
 
 
