@@ -969,3 +969,38 @@ def test_self_revision_through_the_server(url, think_engine):
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert text == r["message"]["content"] and events[-1]["choices"][0]["revision"] == note
+
+
+# ---------------------------------------------------------------------------------------------
+# The context and the KV-cache budget: a 400 or a 429 before any work, never an out-of-memory crash
+
+def test_max_context_is_a_400_naming_the_prompt_and_the_limit(think_engine):
+    with live(create_app(think_engine, max_context=40)) as base:
+        assert httpx.get(base + "/v1/models").json()["data"][0]["max_model_len"] == 40
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "你好" * 30}]})
+        assert r.status_code == 400 and "context of 40" in r.json()["error"]["message"], r.text
+        ok = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "你好"}],
+                                                             "max_tokens": 8})
+        assert ok.status_code == 200
+
+
+def test_kv_budget_refuses_what_would_not_fit(long_engine):
+    per_token = long_engine.kv_bytes_per_token
+    cfg = long_engine.model.config
+    assert per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 200, "stream": True}
+    with live(create_app(long_engine, kv_budget_mb=300 * per_token / 2**20, max_concurrency=4)) as base:
+        big = httpx.post(base + "/v1/chat/completions", json={**body, "max_tokens": 400, "stream": False})
+        assert big.status_code == 400 and "KV cache" in big.json()["error"]["message"]
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body) as first:
+            lines = first.iter_lines()
+            next(lines)  # running, holding prompt + 200 tokens of the 300
+            second = httpx.post(base + "/v1/chat/completions", json=body)
+            assert second.status_code == 429 and "KV cache" in second.json()["error"]["message"], list(lines)[-3:]
+            health = httpx.get(base + "/health").json()["kv_cache_mb"]
+            assert health["reserved"] > 0 and health["reserved"] <= health["budget"]
+        deadline = time.monotonic() + 30  # the first one ended: its reservation is back
+        while httpx.get(base + "/health").json()["kv_cache_mb"]["reserved"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.post(base + "/v1/chat/completions", json={**body, "stream": False}).status_code == 200

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -232,6 +233,36 @@ def _ends_in_think(tokenizer, prompt_ids: list[int]) -> bool:
     return tail.rstrip().endswith(THINK_OPEN)
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token holds: keys and values of every executed layer (a looped block's
+    extra iterations have cache slots of their own), in the weights' dtype."""
+    from tifaforge.models.looping import get_loop
+
+    c = model.config
+    layers = c.num_hidden_layers
+    loop = get_loop(model)
+    if loop is not None:
+        layers += (loop.cfg.k - 1) * len(loop.block)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def free_memory_bytes(device) -> int:
+    """What a KV cache may take by default: 90% of the GPU's free memory once the weights are loaded,
+    or half of the machine's available RAM on CPU (the rest is the process's and the system's)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return avail // 2
+
+
 class Engine:
     """Batched, streaming generation over a transformers causal LM (CPU or GPU)."""
 
@@ -246,6 +277,7 @@ class Engine:
         close = tokenizer.convert_tokens_to_ids(THINK_CLOSE) if THINK_CLOSE in tokenizer.get_vocab() else None
         self.think_close_id = close  # None: no think tokens, so a think budget cannot apply
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
         self.stop_ids = self._default_stop_ids()
 
     @classmethod

@@ -58,6 +58,8 @@ def create_app(
     pin_sampling: bool = False,
     revise: bool = False,
     reward=None,
+    max_context: int | None = None,
+    kv_budget_mb: float | None = None,
 ):
     """The FastAPI app over `engine`: an `Engine` (decoding in a worker thread of this process, closed
     with the app) or a `serve.engine_process.EngineProcess` (the engine in its own process, so the
@@ -68,7 +70,10 @@ def create_app(
     (-1 unlimited, 0 no thinking; a request's `reasoning_budget` wins). `pin_sampling`: the server's
     temperature, top_p and repetition penalty win over a client's (`--sampling model`). `revise`: every
     chat answer is revised once by the rules (`tifa chat --revise`; a request's `revise` wins), scored
-    with `reward` (a RewardConfig; None: the defaults)."""
+    with `reward` (a RewardConfig; None: the defaults). `max_context`: tokens a request's prompt and
+    answer may take together (None: the model's context). `kv_budget_mb`: KV cache the transformers
+    engine may hold for all running requests (None: 90% of the GPU's free memory, half the free RAM
+    on CPU); a request over it is a 400, one that would push the running ones over it a 429."""
     require("serve")
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
@@ -87,6 +92,7 @@ def create_app(
                                model_name, mirror_reasoning)
     app.state.server.reasoning_budget, app.state.server.pinned = reasoning_budget, pin_sampling
     app.state.server.revise, app.state.server.reward_config = revise, reward
+    app.state.server.limit_context(max_context, kv_budget_mb)
     _add_errors(app)
     _add_api(app, app.state.server)
     _add_page(app, cards)
@@ -251,6 +257,7 @@ class _Server:
         self._plain = None  # the no-special-tokens tokenizer for message text, made on first use
         self.reasoning_budget, self.pinned = -1, False  # create_app sets them
         self.revise, self.reward_config, self._reward = False, None, None
+        self.context, self.kv_per_token, self.kv_budget, self.kv_reserved = engine.context, None, None, 0
         self.spelling = _spelling(engine.tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -324,7 +331,34 @@ class _Server:
             max_new = self.budget(body, len(ids))
             out += [Request(ids, sampling_for(body, self.sampling, max_new, i, self.pinned), stop, k,
                             think if think and think > 0 else None) for i in range(body.n)]
+        need = self.kv_need(out)
+        if self.kv_budget is not None and need > self.kv_budget:
+            tokens = sum(len(r.prompt) + r.sampling.max_new_tokens for r in out)
+            raise BadRequest(f"the prompt and answer need {tokens} tokens of KV cache ({need / 2**20:.1f} MiB), over "
+                             f"the server's budget of {self.kv_budget / 2**20:.1f} MiB (--kv-budget-mb): lower "
+                             "max_tokens or n, or shorten the conversation", "max_tokens")
         return out
+
+    def limit_context(self, max_context: int | None, kv_budget_mb: float | None) -> None:
+        """The context and KV-cache limits (see create_app); checked before any work."""
+        from tifaforge.engine.generate import free_memory_bytes
+
+        if max_context is not None and max_context < 1:
+            raise ValueError(f"max_context must be at least 1, got {max_context}")
+        self.context = min(self.engine.context, max_context or self.engine.context)
+        self.kv_per_token = getattr(self.engine, "kv_bytes_per_token", None)  # llama.cpp, vLLM: allocated up front
+        if self.kv_per_token is None:
+            self.kv_budget = None
+        elif kv_budget_mb is not None:
+            self.kv_budget = int(kv_budget_mb * 2**20)
+        else:
+            free = getattr(self.engine, "kv_free", None)  # the engine process measured it where the model is
+            self.kv_budget = free if free is not None else free_memory_bytes(self.engine.model.device)
+        self.kv_reserved = 0
+
+    def kv_need(self, rows: list[Request]) -> int:
+        """The KV bytes `rows` hold at most: every prompt and answer token, per row."""
+        return sum(len(r.prompt) + r.sampling.max_new_tokens for r in rows) * (self.kv_per_token or 0)
 
     def reward(self):
         """The rules that score answers for self-revision (made on first use)."""
@@ -400,17 +434,19 @@ class _Server:
         return out
 
     def budget(self, body: Sampling, prompt_tokens: int) -> int:
-        context = self.engine.context
+        context = self.context
+        whose = "the model's" if context == self.engine.context else "the server's (--max-context)"
         if not prompt_tokens:
             raise BadRequest("the prompt is empty", "prompt")
         room = context - prompt_tokens
         if room < 1:
-            raise BadRequest(f"the prompt is {prompt_tokens} tokens; the model's context is {context}", "messages")
+            raise BadRequest(f"the prompt is {prompt_tokens} tokens; {whose} context of {context} tokens leaves no "
+                             "room for an answer", "messages")
         asked = requested_max_tokens(body)
         if asked is None:
             return min(self.sampling.max_new_tokens, room)
         if asked > room:
-            raise BadRequest(f"max_tokens {asked} + the prompt's {prompt_tokens} tokens exceeds the model's "
+            raise BadRequest(f"max_tokens {asked} + the prompt's {prompt_tokens} tokens exceeds {whose} "
                              f"context of {context} tokens", "max_tokens")
         return asked
 
@@ -419,10 +455,24 @@ class _Server:
 
         if failed := getattr(self.scheduler, "failed", None):  # the engine process died
             raise HTTPException(503, f"the model cannot answer: {failed}; restart the server")
+        need = self.kv_need(rows)
+        if self.kv_budget is not None and self.kv_reserved + need > self.kv_budget:
+            raise HTTPException(429, f"server busy: the running requests hold {self.kv_reserved / 2**20:.1f} of "
+                                     f"{self.kv_budget / 2**20:.1f} MiB of KV cache; retry shortly",
+                                headers={"Retry-After": "1"})
         if not self.scheduler.try_admit():
             raise HTTPException(429, f"server busy: {self.scheduler.max_concurrency} requests already running; "
                                      "retry shortly", headers={"Retry-After": "1"})
-        return self.scheduler.submit(rows)
+        self.kv_reserved += need
+        job = self.scheduler.submit(rows)
+        close = job._on_close
+
+        def release() -> None:  # the job's slot and its KV reservation go back together
+            self.kv_reserved -= need
+            close()
+
+        job._on_close = release
+        return job
 
 
 def usage(prompt_tokens: int, tokens: list[int]) -> dict:
@@ -498,12 +548,14 @@ def _add_api(app, server: _Server) -> None:
 
             return JSONResponse({"status": "error", "error": failed}, status_code=503)
         return {"status": "ok", "running": s.active, "generating": s.busy, "max_concurrency": s.max_concurrency,
-                "batching": "continuous" if getattr(server.engine, "continuous_batching", True) else "one at a time"}
+                "batching": "continuous" if getattr(server.engine, "continuous_batching", True) else "one at a time",
+                "context": server.context, "kv_cache_mb": None if server.kv_budget is None else
+                {"budget": round(server.kv_budget / 2**20, 1), "reserved": round(server.kv_reserved / 2**20, 1)}}
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict:
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                            "owned_by": "tifaforge", "max_model_len": server.engine.context}]}
+                                            "owned_by": "tifaforge", "max_model_len": server.context}]}
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat(body: ChatRequest, request: HTTPRequest, response: Response):
@@ -920,6 +972,13 @@ def add_arguments(p) -> None:
     p.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
                    help="think tokens before the server closes the block and the model answers (llama.cpp's "
                         "meaning: -1 unlimited, the default; 0 no thinking); a request's reasoning_budget wins")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="tokens a request's prompt and answer may take together (default: the model's context); "
+                        "past it, a 400 naming the prompt's tokens and the limit")
+    p.add_argument("--kv-budget-mb", type=float, default=None, metavar="MB",
+                   help="KV cache all running requests may hold (transformers backend; default: 90%% of the GPU's free "
+                        "memory after loading, half the free RAM on CPU): a request over it gets a 400, one that "
+                        "would push the running ones over it a 429, never an out-of-memory crash")
     p.add_argument("--revise", action="store_true",
                    help="revise every chat answer once before sending it (MGRPO's pass 2, as tifa chat --revise): the "
                         "rules score the first answer and, if they complain, a rewrite is asked for and the better "
@@ -953,6 +1012,10 @@ def run(args) -> int:
         raise TifaError(f"--max-concurrency must be 1 to 1024, got {args.max_concurrency}")
     if not 0 <= args.stream_interval <= 1:
         raise TifaError(f"--stream-interval must be 0 to 1 seconds, got {args.stream_interval}")
+    if args.max_context is not None and args.max_context < 1:
+        raise TifaError(f"--max-context must be at least 1, got {args.max_context}")
+    if args.kv_budget_mb is not None and args.kv_budget_mb <= 0:
+        raise TifaError(f"--kv-budget-mb must be above 0, got {args.kv_budget_mb}")
     if args.reasoning_budget < -1:
         raise TifaError(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more, got {args.reasoning_budget}")
     cfg = load_config(args.config, args.set)
@@ -976,7 +1039,8 @@ def run(args) -> int:
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,
                      mirror_reasoning=args.reasoning_mirror, stream_interval=args.stream_interval,
                      reasoning_budget=args.reasoning_budget, pin_sampling=args.sampling == "model",
-                     revise=args.revise, reward=cfg.reward)
+                     revise=args.revise, reward=cfg.reward, max_context=args.max_context,
+                     kv_budget_mb=args.kv_budget_mb)
     print(f"tifa serve: http://{args.host}:{args.port}/  (OpenAI base URL: http://{args.host}:{args.port}/v1)")
     if not getattr(engine, "continuous_batching", True):
         print(f"tifa serve: --backend {args.backend} generates one request at a time; up to --max-concurrency "

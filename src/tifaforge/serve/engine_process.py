@@ -86,7 +86,7 @@ class EngineProcess(Admission):
         if msg[0] == "error":
             self._proc.join(5)
             raise msg[1]
-        _, self.tokenizer, self.context = msg
+        _, self.tokenizer, self.context, self.kv_bytes_per_token, self.kv_free = msg
         self._reader = threading.Thread(target=self._read, name="tifa-engine-reader", daemon=True)
         self._reader.start()
         self._sender = threading.Thread(target=self._send_loop, name="tifa-engine-sender", daemon=True)
@@ -272,7 +272,10 @@ def _child_main(conn, path: str, load_kwargs: dict, threads: int, configure) -> 
     except BaseException as e:  # the server reports it and exits
         conn.send(("error", _picklable(e)))
         return
-    conn.send(("ready", engine.tokenizer, engine.context))
+    from tifaforge.engine.generate import free_memory_bytes
+
+    conn.send(("ready", engine.tokenizer, engine.context, engine.kv_bytes_per_token,
+               free_memory_bytes(engine.model.device)))
     try:
         _ChildWorker(engine, conn, 0.02)._work()  # the server's ("config", interval) follows
     except (BrokenPipeError, ConnectionResetError):
