@@ -328,3 +328,45 @@ def test_banned_strings_step_back_and_never_appear(engine):
     assert both[0].text == out.text and both[1].text == engine.generate([beside])[0].text
     sampled = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=40, seed=2, banned_strings=list("的了"))
     assert not set(engine.generate([Request(p, sampled)])[0].text) & {"的", "了"}
+
+
+def _chat_turns(engine, turns: int, sampling) -> list[str]:
+    """A role-play chat of `turns` turns, each prompt the whole history again (as front ends send it)."""
+    from tifaforge.chat.template import strip_think
+
+    history = [{"role": "system", "content": "你是沈青崖，青石镇的剑客。" * 4}]
+    said = []
+    for i in range(turns):
+        history.append({"role": "user", "content": f"第{i}句：外面的雨这么大，你要去哪里？"})
+        out = engine.generate([Request(engine.render(history), sampling)])[0]
+        said.append(out.text)
+        history.append({"role": "assistant", "content": strip_think(out.text)})
+    return said
+
+
+def test_prefix_cache_reuses_history_and_changes_nothing(engine):
+    """The next turn of a chat starts from the kept KV of the last one: greedy and seeded answers are
+    token for token those without the cache, the reuse is counted, and the byte budget holds."""
+    from tifaforge.engine.prefix_cache import PrefixCache
+
+    greedy = dataclasses.replace(GREEDY, max_new_tokens=16, repetition_penalty=1.17)
+    seeded = SamplingConfig(max_new_tokens=16, seed=7)
+    try:
+        engine.prefix_cache = None
+        plain = [_chat_turns(engine, 4, s) for s in (greedy, seeded)]
+        engine.prefix_cache = PrefixCache(64 << 20)
+        cached = [_chat_turns(engine, 4, s) for s in (greedy, seeded)]
+        stats = engine.prefix_cache.stats()
+        assert cached == plain
+        assert stats["hits"] >= 6 and stats["reused_tokens"] > 6 * 60, stats  # every later turn reused the history
+        small = PrefixCache(engine.prefix_cache.bytes // 3)
+        engine.prefix_cache = small
+        _chat_turns(engine, 3, greedy)
+        assert small.bytes <= small.budget and small.entries  # kept within its budget, oldest out first
+        engine.weights_changed()
+        assert not small.entries and small.bytes == 0
+        engine.prefix_cache = PrefixCache(0)  # a budget of 0 keeps nothing
+        _chat_turns(engine, 2, greedy)
+        assert not engine.prefix_cache.entries and engine.prefix_cache.hits == 0
+    finally:
+        engine.prefix_cache = None

@@ -1004,3 +1004,37 @@ def test_kv_budget_refuses_what_would_not_fit(long_engine):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert httpx.post(base + "/v1/chat/completions", json={**body, "stream": False}).status_code == 200
+
+
+def test_prefix_cache_through_the_server_in_both_engine_modes(think_dir):
+    """Each turn of a chat resends the history; the server's engine (in a thread or its own process)
+    prefills only what is new, answers as without the cache, and /health shows the reuse."""
+    from tifaforge.engine.generate import Engine
+    from tifaforge.serve.engine_process import EngineProcess
+
+    def chat(base):
+        history, said = [{"role": "system", "content": "你是沈青崖，青石镇的剑客。" * 4}], []
+        for u in USERS[:3]:
+            history.append({"role": "user", "content": u})
+            r = httpx.post(base + "/v1/chat/completions", json={"messages": history, "max_tokens": 24, "temperature": 0})
+            msg = r.json()["choices"][0]["message"]
+            said.append(msg["content"])
+            history.append({"role": "assistant", "content": msg["content"]})
+        return said
+
+    with live(create_app(Engine.load(think_dir, device="cpu"))) as base:
+        plain = chat(base)
+        assert httpx.get(base + "/health").json()["prefix_cache"] is None
+    with live(create_app(Engine.load(think_dir, device="cpu", prefix_cache_mb=64))) as base:
+        assert chat(base) == plain
+        assert httpx.get(base + "/health").json()["prefix_cache"]["hits"] >= 2
+    proc = EngineProcess(think_dir, device="cpu", prefix_cache_mb=64)
+    try:
+        with live(create_app(proc)) as base:
+            assert chat(base) == plain
+            deadline = time.monotonic() + 10
+            while not (httpx.get(base + "/health").json()["prefix_cache"] or {}).get("hits"):
+                assert time.monotonic() < deadline, httpx.get(base + "/health").json()
+                time.sleep(0.1)
+    finally:
+        proc.close()

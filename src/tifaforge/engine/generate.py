@@ -279,12 +279,27 @@ class Engine:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
         self.stop_ids = self._default_stop_ids()
+        self.prefix_cache = None  # engine.prefix_cache.PrefixCache, when enabled (tifa serve, tifa chat)
 
     @classmethod
-    def load(cls, path, **kwargs) -> Engine:
+    def load(cls, path, prefix_cache_mb: float = 0, **kwargs) -> Engine:
         from tifaforge.models.load import load_model
 
-        return cls(*load_model(path, **kwargs))
+        engine = cls(*load_model(path, **kwargs))
+        engine.enable_prefix_cache(prefix_cache_mb)
+        return engine
+
+    def enable_prefix_cache(self, mb: float) -> None:
+        """Reuse the KV of recent requests (engine/prefix_cache.py), up to `mb` MiB; 0 turns it off. A
+        model whose cache cannot be cut and padded (sliding-window layers) keeps it off."""
+        from tifaforge.engine.prefix_cache import PrefixCache
+
+        self.prefix_cache = PrefixCache(int(mb * 2**20)) if mb > 0 and _paddable(_new_cache(self.model)) else None
+
+    def weights_changed(self) -> None:
+        """Call after changing the model's weights in place: kept KV is stale."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def _default_stop_ids(self) -> set[int]:
         """End of sentence plus the template's role tags: a model never writes the next turn's tag."""
@@ -473,6 +488,17 @@ class Batch:
                 if r in c.rows:
                     c.ids[c.rows.index(r), c.ids.shape[1] - drop:] = again
 
+    def _remember(self, slot: int) -> None:
+        """The leaving row's KV (its fed tokens: the columns its mask keeps) into the prefix cache."""
+        import torch
+
+        r = self.live[slot]
+        with torch.inference_mode():
+            cols = self.mask[slot].nonzero()[:, 0]
+            layers = [(layer.keys[slot:slot + 1].index_select(-2, cols).clone(),
+                       layer.values[slot:slot + 1].index_select(-2, cols).clone()) for layer in self.cache.layers]
+        self.engine.prefix_cache.store(tuple(r.prompt_ids + r.ids)[:len(cols)], layers)
+
     def _note_logprobs(self) -> None:
         """Log-probabilities of the tokens just picked, and each request's k best, for the rows that
         asked: log-softmax of the scores after their samplers (a token a sampler removed has none).
@@ -523,8 +549,13 @@ class Batch:
         # once; its KV cache and first logits are then copied to each of its rows.
         first: dict[tuple[int, ...], int] = {}
         which = [first.setdefault(tuple(r.prompt_ids), len(first)) for r in rows]  # row -> its unique prompt
-        shared = _shared_prefixes(list(first), model)
-        if shared is not None:  # distinct prompts that open alike (MGRPO's revision prompts): see _prefill_shared
+        pc = self.engine.prefix_cache
+        hits = [pc.lookup(p) for p in first] if pc is not None and pc.entries else []
+        shared = None if any(hits) else _shared_prefixes(list(first), model)
+        if any(hits):  # prompts that open as a recent request did: only the rest is prefilled
+            cache, logits, umask = _prefill_cached(model, list(first), hits, self.pad)
+            mask = umask.index_select(0, torch.tensor(which, device=device))
+        elif shared is not None:  # distinct prompts that open alike (MGRPO's revision prompts): see _prefill_shared
             cache, logits, umask = _prefill_shared(model, list(first), *shared, self.pad)
             mask = umask.index_select(0, torch.tensor(which, device=device))
         else:
@@ -573,6 +604,11 @@ class Batch:
 
         if len(slots) == len(self.live):
             return
+        if self.engine.prefix_cache is not None and self.cache is not None and _paddable(self.cache):
+            kept = set(slots)
+            for s in range(len(self.live)):
+                if s not in kept:
+                    self._remember(s)
         self.live, self.index = [self.live[s] for s in slots], [self.index[s] for s in slots]
         live = set(self.live)
         self.cohorts = [c for c in self.cohorts if not live.isdisjoint(c.rows)]
@@ -741,6 +777,38 @@ def _prefill_shared(model, prompts: list[tuple[int, ...]], group_of: list[int], 
     tails, tail_mask = left_padded([q[lcps[g]:] for q, g in zip(prompts, group_of)])
     mask = torch.cat([head_mask.index_select(0, spread), tail_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -tails.shape[1]:]
+    out = model(input_ids=tails, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.cache, out.logits[:, -1, :], mask
+
+
+def _prefill_cached(model, prompts: list[tuple[int, ...]], hits: list, pad: int):
+    """Each prompt's kept opening (a prefix-cache hit: n tokens and their KV, or None) left-padded into
+    one cache, then each prompt's rest prefilled on top: (cache, first logits (n, V), mask (n, W)), as
+    `_prefill_shared` does with an opening it computed itself."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    device = model.device
+    lens = [h[0] if h else 0 for h in hits]
+    width = max(lens)
+    ref = next(h[1] for h in hits if h)
+    cache = _new_cache(model)
+    for i, (k0, v0) in enumerate(ref):
+        keys = [_pad_left((h[1][i][0] if h else k0[..., :0, :]).to(device), width, -2) for h in hits]
+        values = [_pad_left((h[1][i][1] if h else v0[..., :0, :]).to(device), width, -2) for h in hits]
+        while i >= len(cache.layers):
+            cache.layers.append(DynamicLayer())
+        cache.layers[i].update(torch.cat(keys), torch.cat(values))
+    lengths = torch.tensor(lens, device=device)
+    head_mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
+    rest = [q[n:] for q, n in zip(prompts, lens)]
+    tail_w = max(map(len, rest))
+    tails = torch.tensor([[pad] * (tail_w - len(q)) + list(q) for q in rest], device=device)
+    tail_mask = (torch.arange(tail_w, device=device)[None, :] >= (tail_w - torch.tensor([len(q) for q in rest],
+                                                                                         device=device))[:, None]).long()
+    mask = torch.cat([head_mask, tail_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -tail_w:]
     out = model(input_ids=tails, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1)
     return out.cache, out.logits[:, -1, :], mask

@@ -512,6 +512,12 @@ def history(messages: list[Message], continue_final: bool = False, tools: list |
     return out
 
 
+def _prefix_stats(engine) -> dict | None:
+    """The prefix cache's hits and bytes (the engine process reports them when it goes idle)."""
+    pc = getattr(engine, "prefix_cache", None)
+    return pc.stats() if pc is not None else getattr(engine, "prefix_stats", None)
+
+
 def _spelling(tokenizer):
     """The tag spelling of the model's tokenizer (llama.cpp's: asked token by token); None if neither."""
     from tifaforge.chat.template import SPECIAL_TOKENS, SPELLINGS, detect_spelling
@@ -549,6 +555,7 @@ def _add_api(app, server: _Server) -> None:
             return JSONResponse({"status": "error", "error": failed}, status_code=503)
         return {"status": "ok", "running": s.active, "generating": s.busy, "max_concurrency": s.max_concurrency,
                 "batching": "continuous" if getattr(server.engine, "continuous_batching", True) else "one at a time",
+                "prefix_cache": _prefix_stats(server.engine),
                 "context": server.context, "kv_cache_mb": None if server.kv_budget is None else
                 {"budget": round(server.kv_budget / 2**20, 1), "reserved": round(server.kv_reserved / 2**20, 1)}}
 
@@ -972,6 +979,9 @@ def add_arguments(p) -> None:
     p.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
                    help="think tokens before the server closes the block and the model answers (llama.cpp's "
                         "meaning: -1 unlimited, the default; 0 no thinking); a request's reasoning_budget wins")
+    p.add_argument("--prefix-cache-mb", type=float, default=256, metavar="MB",
+                   help="keep the KV of recent requests, so the next turn of a chat prefills only what is new "
+                        "(transformers backend; default 256; 0 turns it off); /health shows hits and bytes")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="tokens a request's prompt and answer may take together (default: the model's context); "
                         "past it, a 400 naming the prompt's tokens and the limit")
@@ -1012,6 +1022,8 @@ def run(args) -> int:
         raise TifaError(f"--max-concurrency must be 1 to 1024, got {args.max_concurrency}")
     if not 0 <= args.stream_interval <= 1:
         raise TifaError(f"--stream-interval must be 0 to 1 seconds, got {args.stream_interval}")
+    if args.prefix_cache_mb < 0:
+        raise TifaError(f"--prefix-cache-mb must be 0 (off) or more, got {args.prefix_cache_mb}")
     if args.max_context is not None and args.max_context < 1:
         raise TifaError(f"--max-context must be at least 1, got {args.max_context}")
     if args.kv_budget_mb is not None and args.kv_budget_mb <= 0:
@@ -1031,9 +1043,11 @@ def run(args) -> int:
     elif args.engine_process:
         from tifaforge.serve.engine_process import EngineProcess
 
-        engine = EngineProcess(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling)
+        engine = EngineProcess(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling,
+                               prefix_cache_mb=args.prefix_cache_mb)
     else:
-        engine = Engine.load(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling)
+        engine = Engine.load(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling,
+                             prefix_cache_mb=args.prefix_cache_mb)
     app = create_app(engine, api_key=args.api_key or os.environ.get("TIFA_API_KEY") or None,
                      max_concurrency=args.max_concurrency, sampling=sampling,
                      model_name=args.model_name or Path(args.model).name, cors_origins=args.cors_origin,

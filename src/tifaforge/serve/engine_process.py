@@ -63,6 +63,7 @@ class EngineProcess(Admission):
 
         self.max_concurrency = 4
         self.active, self.busy = 0, False
+        self.prefix_stats = None  # the child's prefix cache, as of its last idle moment
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # to the child, sent by `_sender`
         self._jobs: dict[int, Job] = {}
@@ -178,7 +179,7 @@ class EngineProcess(Admission):
                 if (job := self._jobs.get(msg[1])) is not None:
                     job.fail(msg[2])
             elif msg[0] == "busy":
-                self.busy = msg[1]
+                self.busy, self.prefix_stats = msg[1], msg[2]
         self._proc.join(5)
         code = self._proc.exitcode
         if code not in (0, None):
@@ -232,7 +233,8 @@ class _ChildWorker(Worker):
     def _set_busy(self, busy: bool) -> None:
         if busy != self.busy:
             self.busy = busy
-            self._conn.send(("busy", busy))
+            pc = getattr(self.engine, "prefix_cache", None)
+            self._conn.send(("busy", busy, pc.stats() if pc is not None else None))
 
     def _handle(self, msg) -> list:
         if msg[0] == "add":

@@ -35,7 +35,8 @@ def run(args) -> int:
 
         engine = VLLMEngine.load(args.model)
     else:
-        engine = Engine.load(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling)
+        engine = Engine.load(args.model, allow_pickle=args.allow_pickle, rope_scaling=cfg.model.rope_scaling,
+                             prefix_cache_mb=256)  # each turn prefills only what is new (engine/prefix_cache.py)
     try:
         return _chat(args, cfg, console, engine)
     finally:
