@@ -495,8 +495,8 @@ class Batch:
         r = self.live[slot]
         with torch.inference_mode():
             cols = self.mask[slot].nonzero()[:, 0]
-            layers = [(layer.keys[slot:slot + 1].index_select(-2, cols).clone(),
-                       layer.values[slot:slot + 1].index_select(-2, cols).clone()) for layer in self.cache.layers]
+            layers = [(layer.keys[slot:slot + 1].index_select(-2, cols),  # index_select copies: the batch
+                       layer.values[slot:slot + 1].index_select(-2, cols)) for layer in self.cache.layers]  # moves on
         self.engine.prefix_cache.store(tuple(r.prompt_ids + r.ids)[:len(cols)], layers)
 
     def _note_logprobs(self) -> None:
@@ -795,11 +795,14 @@ def _prefill_cached(model, prompts: list[tuple[int, ...]], hits: list, pad: int)
     ref = next(h[1] for h in hits if h)
     cache = _new_cache(model)
     for i, (k0, v0) in enumerate(ref):
-        keys = [_pad_left((h[1][i][0] if h else k0[..., :0, :]).to(device), width, -2) for h in hits]
-        values = [_pad_left((h[1][i][1] if h else v0[..., :0, :]).to(device), width, -2) for h in hits]
+        if len(hits) == 1:  # one prompt (a chat's next turn): its kept KV as it is, copied once by update
+            keys, values = k0.to(device), v0.to(device)
+        else:
+            keys = torch.cat([_pad_left((h[1][i][0] if h else k0[..., :0, :]).to(device), width, -2) for h in hits])
+            values = torch.cat([_pad_left((h[1][i][1] if h else v0[..., :0, :]).to(device), width, -2) for h in hits])
         while i >= len(cache.layers):
             cache.layers.append(DynamicLayer())
-        cache.layers[i].update(torch.cat(keys), torch.cat(values))
+        cache.layers[i].update(keys, values)
     lengths = torch.tensor(lens, device=device)
     head_mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).long()
     rest = [q[n:] for q, n in zip(prompts, lens)]
