@@ -415,3 +415,8 @@ def test_repetition_penalty_range_looks_back_n_tokens_only():
     last2 = PaddedRepetitionPenalty(2.0, last_n=2)(seq, torch.ones(1, V))[0]
     assert [float(full[ID[w]]) for w in "ABCD"] == [0.5] * 4
     assert [float(last2[ID[w]]) for w in "ABCD"] == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_typical_p_of_zero_or_one_is_off():
+    for off in (0.0, 1.0):
+        assert TypicalLogitsWarper not in kinds(build_logits_processors(SamplingConfig(typical_p=off), TOK))

@@ -132,10 +132,11 @@ def browser(tmp_path_factory):
 
 
 class Page:
-    """SillyTavern's page, driven as a user would: the input box, Enter, the options menu."""
+    """SillyTavern's page, driven as a user would: the input box, Enter, the options menu. Each action
+    waits for its request to reach the server (`sent()` counts them), then for the page to be idle."""
 
-    def __init__(self, driver):
-        self.d = driver
+    def __init__(self, driver, sent=lambda: 0):
+        self.d, self.sent = driver, sent
 
     def find(self, css):
         from selenium.webdriver.common.by import By
@@ -149,21 +150,31 @@ class Page:
             assert time.monotonic() < deadline, "generation did not end"
             time.sleep(0.2)
 
-    def send(self, text: str) -> None:
+    def _after(self, before: int, act) -> None:
+        """Do `act`, wait until a new request reached the server, then until generation ended."""
+        act()
+        deadline = time.monotonic() + 60
+        while self.sent() <= before:
+            assert time.monotonic() < deadline, "no request reached the server"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        self.idle()
+
+    def send(self, text: str, generates: bool = True) -> None:
         from selenium.webdriver.common.keys import Keys
 
         box = self.find("#send_textarea")[0]
         box.clear()
-        box.send_keys(text, Keys.ENTER)
-        time.sleep(0.5)
-        self.idle()
+        if not generates:  # a slash command: no request to wait for
+            box.send_keys(text, Keys.ENTER)
+            time.sleep(1)
+            return
+        self._after(self.sent(), lambda: box.send_keys(text, Keys.ENTER))
 
     def option(self, name: str) -> None:
         self.find("#options_button")[0].click()
         time.sleep(0.3)
-        self.find(f"#option_{name}")[0].click()
-        time.sleep(0.5)
-        self.idle()
+        self._after(self.sent(), lambda: self.find(f"#option_{name}")[0].click())
 
     def messages(self) -> list[str]:
         return [m.text for m in self.find("#chat .mes .mes_text")]
@@ -182,14 +193,13 @@ def _rendered(body: dict, engine) -> str:
 
 def test_sillytavern_chat_continue_impersonate_logprobs_and_stop(tavern, browser, think_engine):
     base, recorder, ours = tavern
-    page = Page(browser)
+    page = Page(browser, lambda: len(recorder.bodies))
     browser.get(base + "/")
     deadline = time.monotonic() + 60
     while "Type a message" not in (page.find("#send_textarea") or [None])[0].get_attribute("placeholder") or "":
         assert time.monotonic() < deadline, "SillyTavern never connected to the server"
         time.sleep(0.5)
-    page.send("/go Seraphina")  # the character SillyTavern ships
-    time.sleep(1)
+    page.send("/go Seraphina", generates=False)  # the character SillyTavern ships
 
     # A 3-turn chat: replies appear, think blocks stay in their fold and never go back in the history.
     for turn, text in enumerate(["你好", "今天天气如何", "讲个故事"]):  # lines the think fixture was taught
@@ -241,10 +251,14 @@ def test_sillytavern_chat_continue_impersonate_logprobs_and_stop(tavern, browser
     from selenium.webdriver.common.keys import Keys
 
     box.send_keys("讲个很长的故事", Keys.ENTER)
-    time.sleep(2)
+    deadline = time.monotonic() + 30
+    while not httpx.get(ours + "/health").json()["running"]:  # generating 4,000 tokens: half a minute or more
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.1)
+    time.sleep(1)
     page.find("#mes_stop")[0].click()
     page.idle(30)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 8
     while httpx.get(ours + "/health").json()["running"]:
         assert time.monotonic() < deadline, "the server kept generating after Stop"
         time.sleep(0.2)

@@ -62,7 +62,8 @@ class SamplingConfig:
     xtc_probability: float = opt(0.0, "XTC: chance per step to exclude the top candidates; 0 = off.", min=0.0, max=1.0)
     repetition_penalty_range: int = opt(
         0, "How many recent tokens the repetition penalty looks at; 0 = the whole context (the seed's).", min=0)
-    typical_p: float = opt(1.0, "Locally typical sampling mass (llama.cpp's typ_p); 1.0 turns it off.", min=0.0, max=1.0)
+    typical_p: float = opt(1.0, "Locally typical sampling mass (llama.cpp's typ_p); 1.0 (or 0) turns it off.",
+                           min=0.0, max=1.0)
     top_n_sigma: float = opt(0.0, "Keep tokens whose logit is within n standard deviations of the top one "
                                   "(top-nσ); 0 = off.", min=0.0)
     min_tokens: int = opt(0, "The end token and role tags cannot end an answer before this many tokens.", min=0)

@@ -111,7 +111,7 @@ def build_logits_processors(
         procs.append(TopNSigma(cfg.top_n_sigma))
     if cfg.top_k > 0:
         procs.append(TopKLogitsWarper(cfg.top_k))
-    if cfg.typical_p < 1.0:
+    if 0 < cfg.typical_p < 1.0:  # 1.0 (and 0, which transformers' warper refuses) is off
         procs.append(TypicalLogitsWarper(cfg.typical_p))
     if cfg.top_p < 1.0:
         procs.append(TopPLogitsWarper(cfg.top_p))
