@@ -86,3 +86,23 @@ def test_llama_cpp_agrees_with_transformers_past_the_original_window(yarn_dir, t
     spread = hf.max() - hf.min()
     assert np.abs(lc[64:] - hf[64:]).max() < 0.01 * spread, np.abs(lc[64:] - hf[64:]).max()
     assert (lc[64:].argmax(-1) == hf[64:].argmax(-1)).mean() > 0.95
+
+
+def test_eval_long_reports_perplexity_by_position_and_recall(trained_tiny_dir, tmp_path, capsys):
+    import json
+
+    from tifaforge import cli
+
+    assert cli.main(["eval", str(trained_tiny_dir), "--long", "--lengths", "256,512", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "long.json").read_text(encoding="utf-8"))
+    buckets = res["perplexity_by_position"]
+    assert len(buckets) == 8 and buckets[0]["from"] == 0 and buckets[-1]["to"] == 512
+    assert all(0 < b["ppl"] < 1e5 for b in buckets)
+    assert [r["length"] for r in res["recall"]] == [256, 512]
+    for r in res["recall"]:
+        assert 0 <= r["accuracy"] <= 1 and all(t <= r["length"] for t in r["prompt_tokens"])
+    assert res["recall"][1]["prompt_tokens"][0] > res["recall"][0]["prompt_tokens"][0] + 50  # filler grew it
+    assert (tmp_path / "long.png").stat().st_size > 1000 and "recall at 512 tokens" in capsys.readouterr().out
+    for bad, words in (("99999", "past the model's context"), ("abc", "expected token counts"), ("8", "at least 64")):
+        assert cli.main(["eval", str(trained_tiny_dir), "--long", "--lengths", bad, "--out", str(tmp_path)]) == 2
+        assert words in capsys.readouterr().err

@@ -248,6 +248,11 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="a config file (its `eval` and `sampling` sections; default for a run "
                                     "folder: the run's own config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.limit=5")
+    p.add_argument("--long", action="store_true",
+                   help="long-context eval instead (eval/long.py): perplexity by position on a long held-out text, "
+                        "and recall of an early detail in a role-play chat at each of --lengths; long.json, long.png")
+    p.add_argument("--lengths", default="512,1024,2048", help="with --long: conversation lengths in tokens")
+    p.add_argument("--long-text", help="with --long: the long text (default: eval.ppl_text, else the demo novel)")
 
 
 def run_config(target: str | Path, given: str | None) -> str | Path | None:
@@ -268,6 +273,8 @@ def run(args) -> int:
     if config is not None and args.config is None:
         print(f"settings: {config} (the run's own; --config to use others)")
     cfg = load_config(config, args.set)
+    if args.long:
+        return _run_long(args, cfg)
     if args.prompts:
         cfg.eval.prompts = args.prompts
     res = run_eval(args.target, args.out, cfg.eval, cfg.sampling, reward=cfg.reward)
@@ -276,6 +283,25 @@ def run(args) -> int:
     save_resolved(cfg, res["out"], "eval_config.yaml")  # what produced these numbers, beside them
     print(res["table"])
     print(f"\nwrote {res['out'] / 'report.md'}, eval.json and plots/")
+    return 0
+
+
+def _run_long(args, cfg) -> int:
+    from tifaforge.errors import TifaError
+    from tifaforge.eval.long import evaluate_long, format_long
+    from tifaforge.models.load import run_model
+
+    try:
+        lengths = sorted({int(n) for n in args.lengths.split(",") if n.strip()})
+    except ValueError:
+        raise TifaError(f"--lengths {args.lengths!r}: expected token counts separated by commas, e.g. 512,1024") from None
+    if not lengths or lengths[0] < 64:
+        raise TifaError(f"--lengths {args.lengths!r}: give lengths of at least 64 tokens")
+    model = run_model(Path(args.target))
+    out = Path(args.out) if args.out else model.parent / "eval-long" if model != Path(args.target) else model / "eval-long"
+    res = evaluate_long(model, out, lengths, args.long_text or cfg.eval.ppl_text or None, cfg.model.rope_scaling)
+    print(format_long(res))
+    print(f"\nwrote {out / 'long.json'} and {out / 'long.png'}")
     return 0
 
 
