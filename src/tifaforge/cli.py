@@ -323,5 +323,6 @@ def _out_disk_full(args: argparse.Namespace) -> bool:
     except OSError:
         return False
 
+
 if __name__ == "__main__":
     sys.exit(main())

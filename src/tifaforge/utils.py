@@ -99,6 +99,25 @@ def printable_path(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def unencodable_path(value, path: tuple = ()) -> tuple | None:
+    """The key path of the first string (or key) in JSON data that UTF-8 cannot encode (a lone
+    surrogate: JSON's escaped pairs decode to one code point, so what is left is lone), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = unencodable_path(k, (*path, k)) if isinstance(k, str) else None
+        if found is None:
+            found = unencodable_path(v, (*path, k))
+        if found is not None:
+            return found
+    return None
+
+
 def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 

@@ -123,7 +123,7 @@ def read_png_text_chunks(path: str | Path, keywords: tuple[str, ...] = CARD_KEYW
     that rewrite cards sometimes get them wrong and the JSON carries its own structure.
     """
     path = Path(path)
-    blob = _read_capped(path, MAX_PNG_BYTES)
+    blob = read_bounded(path, MAX_PNG_BYTES, "card")
     if not blob.startswith(PNG_MAGIC):
         raise TifaError(f"{path}: not a PNG file (bad signature)")
     found: dict[str, bytes] = {}
@@ -156,11 +156,6 @@ def _iter_chunks(blob: bytes, path: Path):
         pos = end
 
 
-def _read_capped(path: Path, cap: int) -> bytes:
-    """Read a file after checking its size, so a huge file (or a FIFO, or /dev/zero) is refused before it is read."""
-    return read_bounded(path, cap, "card")
-
-
 def _card_from_png(path: Path) -> Card:
     """Prefer `ccv3`; if it is missing or unreadable, use `chara` (with a warning if ccv3 was bad)."""
     chunks = read_png_text_chunks(path)
@@ -190,7 +185,7 @@ def load_card(path: str | Path) -> Card:
     blob_head = _read_head(path)
     if blob_head.startswith(PNG_MAGIC):
         return _card_from_png(path)
-    raw = _read_capped(path, MAX_JSON_BYTES)
+    raw = read_bounded(path, MAX_JSON_BYTES, "card")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

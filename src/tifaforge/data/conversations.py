@@ -13,7 +13,6 @@ Nothing is dropped silently: a skipped line is always in the report.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +20,7 @@ from typing import Any, Literal
 from tifaforge.chat.cards import Card, card_to_system_prompt, resolve_card
 from tifaforge.chat.template import THINK_CLOSE, THINK_OPEN, split_reasoning
 from tifaforge.errors import TifaError
-from tifaforge.utils import MAX_JSON_DEPTH, json_depth, open_regular
+from tifaforge.utils import MAX_JSON_DEPTH, json_depth, open_regular, unencodable_path
 
 Kind = Literal["sft", "prompts", "prefs"]
 KINDS = ("sft", "prompts", "prefs")
@@ -143,22 +142,12 @@ def _parse_json(text: str) -> dict:
     return obj
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's escaped pairs decode to one code point; what is left is lone
-
-
-def _lone_surrogate(obj: Any, where: str = "") -> str | None:
-    """The field path of the first string (or key) holding a lone surrogate, else None."""
-    if isinstance(obj, str):
-        return where if _SURROGATE.search(obj) else None
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    for k, v in items:
-        path = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
-        if isinstance(k, str) and _SURROGATE.search(k):
-            return path
-        found = _lone_surrogate(v, path)
-        if found is not None:
-            return found
-    return None
+def _lone_surrogate(obj: Any) -> str | None:
+    """The field path (`messages[1].content`) of the first string holding a lone surrogate, else None."""
+    path = unencodable_path(obj)
+    if path is None:
+        return None
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
 
 
 # --- normalising one record ----------------------------------------------------------------

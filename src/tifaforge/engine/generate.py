@@ -81,7 +81,8 @@ class Row:
         self.finish: FinishReason | None = None
         self.logprobs: list[dict] | None = [] if req.logprobs is not None else None
         self.lp_sent = 0
-        self.in_think = _ends_in_think(tokenizer, prompt_ids)  # the prompt opened the block itself
+        # The think block is tracked only for a reasoning budget (a decode and a lookup per token otherwise).
+        self.in_think = req.think_budget is not None and _ends_in_think(tokenizer, prompt_ids)
         self.think_tokens = 0
         # Banned strings (see _back_off): the state after each token, to step back to; the tokens banned
         # at a position; how many tokens the last push took back (the batch drops them from its cache).
@@ -103,9 +104,9 @@ class Row:
             self.text += self._detokenize(force=True)
             return self._flush(final=True)
         self.ids.append(token)
-        if self.in_think:
-            self.think_tokens += 1
-        self._track_think(token)
+        if self.req.think_budget is not None:
+            self.think_tokens += self.in_think
+            self._track_think(token)
         checked = len(self.text)
         self.text += self._detokenize()
         if self.banned:
@@ -134,7 +135,7 @@ class Row:
         n = len(self.ids)
         self.bans.setdefault(j, set()).add(self.ids[j])
         del self.ids[j:], self.marks[j:], self.ends[j:]
-        start = (0, 0, 0, _ends_in_think(self.tok, self.prompt_ids), 0)
+        start = (0, 0, 0, self.req.think_budget is not None and _ends_in_think(self.tok, self.prompt_ids), 0)
         self.prefix_at, self.read_at, length, self.in_think, self.think_tokens = self.marks[j - 1] if j else start
         self.text = self.text[:length]
         if self.logprobs is not None:

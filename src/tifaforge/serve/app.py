@@ -32,7 +32,7 @@ from tifaforge.config import SamplingConfig
 from tifaforge.engine.generate import Engine, Request
 from tifaforge.extras import require
 from tifaforge.serve.protocol import (
-    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, first, logit_bias, requested_max_tokens,
+    BadRequest, ChatRequest, CompletionRequest, Limits, Message, Sampling, first, requested_max_tokens,
     sampling_for, stops, unsupported,
 )
 from tifaforge.serve.scheduler import Job, Scheduler
@@ -317,13 +317,6 @@ class _Server:
             raise BadRequest(f"at most {self.limits.max_n} choices per request (n x prompts), got "
                              f"{len(prompts) * body.n}", "n")
         stop = stops(body, self.limits)
-        banned = sampling_for(body, SamplingConfig(), 1, 0).banned_strings
-        if len(banned) > self.limits.max_banned or any(len(s) > self.limits.max_stop_chars for s in banned):
-            raise BadRequest(f"banned_strings: at most {self.limits.max_banned}, each at most "
-                             f"{self.limits.max_stop_chars} characters", "banned_strings")
-        vocab = len(self.engine.tokenizer)
-        if any(not 0 <= t < vocab for t in logit_bias(body.logit_bias)):
-            raise BadRequest(f"logit_bias: token ids must be in [0, {vocab}) for this model", "logit_bias")
         k = body.logprob_count() if getattr(self.engine, "supports_logprobs", True) else None
         think = self.think_budget(body)
         out = []
@@ -331,6 +324,14 @@ class _Server:
             max_new = self.budget(body, len(ids))
             out += [Request(ids, sampling_for(body, self.sampling, max_new, i, self.pinned), stop, k,
                             think if think and think > 0 else None) for i in range(body.n)]
+        s = out[0].sampling  # the body's samplers, parsed once: every row shares them
+        if len(s.banned_strings) > self.limits.max_banned or any(len(b) > self.limits.max_stop_chars
+                                                                  for b in s.banned_strings):
+            raise BadRequest(f"banned_strings: at most {self.limits.max_banned}, each at most "
+                             f"{self.limits.max_stop_chars} characters", "banned_strings")
+        vocab = len(self.engine.tokenizer)
+        if any(not 0 <= t < vocab for t in s.logit_bias):
+            raise BadRequest(f"logit_bias: token ids must be in [0, {vocab}) for this model", "logit_bias")
         need = self.kv_need(out)
         if self.kv_budget is not None and need > self.kv_budget:
             tokens = sum(len(r.prompt) + r.sampling.max_new_tokens for r in out)
@@ -418,13 +419,13 @@ class _Server:
         budget = first(body.reasoning_budget, body.thinking_budget_tokens, self.reasoning_budget)
         return None if budget < 0 else budget
 
-    def ignored(self, body) -> list[str]:
+    def ignored(self, body, rows: list[Request]) -> list[str]:
         """The fields of `body` this server knows but does not honour (with this backend): named in
         the X-Tifa-Ignored header and a warning, never silently dropped."""
         out = unsupported(body)
-        cfg = sampling_for(body, SamplingConfig(), 1, 0)
-        off = SamplingConfig()
-        out += [f for f in getattr(self.engine, "unsupported_sampling", ()) if getattr(cfg, f) != getattr(off, f)]
+        off = self.sampling
+        out += [f for f in getattr(self.engine, "unsupported_sampling", ())
+                if getattr(rows[0].sampling, f) != getattr(off, f)]
         if body.logprob_count() is not None and not getattr(self.engine, "supports_logprobs", True):
             out.append("logprobs")
         if (self.think_budget(body) or 0) > 0 and not getattr(self.engine, "supports_think_budget", True):
@@ -577,7 +578,7 @@ def _add_api(app, server: _Server) -> None:
             server.engine.tokenizer.decode(ids[-4:]).rstrip().endswith(THINK_OPEN)
         meta = _Meta("chatcmpl", "chat.completion", server.model_name, len(ids), started=started, body=body,
                      mirror=server.mirror, tools=server.spelling if tools else None)
-        headers = _ignored_header(server.ignored(body))
+        headers = _ignored_header(server.ignored(body, rows))
         job = server.admit(rows)
         if server.revise if body.revise is None else body.revise:
             return await _revised_reply(server, body, cont, tools, job, meta, request, response, headers)
@@ -614,7 +615,7 @@ def _add_api(app, server: _Server) -> None:
         ids = [server.encode(p) for p in prompts]
         rows = server.rows(body, ids)
         meta = _Meta("cmpl", "text_completion", server.model_name, sum(map(len, ids)), body=body)
-        headers = _ignored_header(server.ignored(body))
+        headers = _ignored_header(server.ignored(body, rows))
         job = server.admit(rows)
         if body.stream:
             return _sse(_completion_events(job, meta), job, headers)

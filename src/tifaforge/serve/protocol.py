@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tifaforge.config import SamplingConfig
+from tifaforge.utils import unencodable_path
 
 
 class Limits(BaseModel):
@@ -48,29 +49,11 @@ class _Body(BaseModel):
     def _encodable(cls, data: Any) -> Any:
         """JSON lets a string hold a lone surrogate (`"\\ud800"`), which no UTF-8 tokenizer or response
         can encode: a 400 naming the field, not a 500 later."""
-        bad = _unencodable(data)
+        bad = unencodable_path(data)
         if bad is not None:
-            raise ValueError(f"{bad or 'body'}: text that is not valid Unicode (a lone surrogate such as \\ud800)")
+            raise ValueError(f"{'.'.join(map(str, bad)) or 'body'}: text that is not valid Unicode (a lone surrogate "
+                             "such as \\ud800)")
         return data
-
-
-def _unencodable(value: Any, path: str = "") -> str | None:
-    """The path of the first string (or key) that UTF-8 cannot encode, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        where = f"{path}.{k}" if path else str(k)
-        found = _unencodable(k, where) if isinstance(k, str) else None
-        if found is None:
-            found = _unencodable(v, where)
-        if found is not None:
-            return found
-    return None
 
 
 class TextPart(_Body):
