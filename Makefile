@@ -8,7 +8,7 @@ ST      := .cache/sillytavern/node_modules/sillytavern/server.js
 ST_VERSION := 1.19.0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo ablate test test-fast bench clean
 
 setup: $(STAMP) $(VOCAB) $(ST)
 
@@ -43,6 +43,11 @@ $(STAMP): pyproject.toml setup.py src/tifaforge/data/_bpe.c
 
 demo: setup
 	$(BIN)/python -m tifaforge.demo --runs runs --name demo
+
+# The demo over three training seeds (effects pooled, runs/ablate/seeds.md), then GRPO against MGRPO from
+# each seed's SFT model at 1200 sampled sequences each (runs/ablate/ablate/report.md). About 45 min here.
+ablate: setup
+	$(BIN)/python -m tifaforge.demo --runs runs --name ablate --seeds 0,1,2 --ablate grpo,mgrpo --budget 1200
 
 # GPU tests (marker gpu) are deselected, not skipped: run them on a CUDA machine, see docs/gpu.md.
 test: setup

@@ -25,7 +25,7 @@ LAYERS = [
     {"rl", "train"},
     {"eval"},
     {"stages"},
-    {"pipeline", "serve", "doctor"},
+    {"pipeline", "ablate", "serve", "doctor"},
     {"demo", "cli"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

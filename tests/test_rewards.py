@@ -135,6 +135,39 @@ def test_user_lines():
     assert r.score == 0.0 and r.message == 'writes the user\'s lines: "Alex: Fine, I\'ll come with you."'
 
 
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_the_users_name_is_read_from_the_transcript_when_not_configured(lang):
+    """The user speaks as 旅人/Traveler (their turns open with the name) and no config names them: an
+    answer that writes the traveller's lines scores below a clean one, and the summary says why."""
+    reward = LogicReward(RewardConfig())
+    if lang == "zh":
+        msgs = [{"role": "user", "content": "旅人：楚夜，这座城为什么没有人？"}]
+        body, line = ZH_BODY, "\n旅人：原来如此，那你为何留下？"
+    else:
+        msgs = [{"role": "user", "content": "Traveler: Chu Ye, why is this town empty?"}]
+        body, line = EN_BODY, "\nTraveler: I see. Then why did you stay?"
+    ctx = reward.context(msgs, CARD_ZH if lang == "zh" else CARD_EN)
+    assert ctx.user == ("旅人" if lang == "zh" else "Traveler")
+    clean, lines = reward.score(ctx, think(body)), reward.score(ctx, think(body + line))
+    assert lines.total < clean.total and lines.rules["user_lines"].score == 0.0
+    assert ("替用户说了话：「旅人：原来如此" if lang == "zh" else 'writes the user\'s lines: "Traveler: I see.') in lines.summary
+
+
+def test_infer_user_name_sources():
+    assert R.infer_user_name([{"role": "user", "name": "Bob", "content": "hi"}]) == "Bob"  # SillyTavern's name field
+    assert R.infer_user_name([{"role": "system", "content": "你是楚夜，正在与小林进行角色扮演。"}]) == "小林"
+    st_main = "Write Seraphina's next reply in a fictional chat between Seraphina and Alex."
+    assert R.infer_user_name([{"role": "system", "content": st_main}], "Seraphina") == "Alex"
+    # the prefix must open at least half of the user's turns, and never names the character
+    turns = [{"role": "user", "content": "注意：别出声。"}, {"role": "user", "content": "你听见了吗？"},
+             {"role": "user", "content": "他来了。"}]
+    assert R.infer_user_name(turns) == ""
+    assert R.infer_user_name([{"role": "user", "content": "楚夜：我自言自语。"}], "楚夜") == ""
+    # a configured name stays, and the transcript's name is caught too
+    ctx = R.RewardContext.from_messages([{"role": "user", "content": "旅人：你好。"}], CARD_ZH, user="小林")
+    assert ctx.user == "小林" and R.user_lines(ctx, think(ZH_BODY + "\n旅人：走吧。")).score == 0.0
+
 def test_refusal():
     r = R.refusal(zh(), think("抱歉，我无法继续这个话题。"))
     assert r.score == 0.0 and r.message == "拒绝了请求：「抱歉，我无法继续这个话题。」"

@@ -97,6 +97,15 @@ class EvalConfig:
                                    "the seed's repetition_penalty 1.17 hides it). Doubles generation.")
     samples: int = opt(1, "Answers per prompt, each with its own seed: more answers, narrower intervals "
                           "(the bootstrap resamples prompts, so a prompt's answers count together).", min=1)
+    slop_reference: str = opt("data/demo/novels", "Human prose the slop metric compares phrase frequencies "
+                              "with: .txt/.epub files or a folder (your own novels; '' = no slop metric).")
+    judge_url: str | None = opt(None, "OpenAI-compatible base URL of a pairwise LLM judge (e.g. `tifa serve` or any "
+                                "API): each model's answers against the previous model's, both orders; null = none.")
+    judge_model: str = opt("default", "Model name sent to the eval judge.")
+    judge_api_key_env: str = opt("", "Environment variable holding the eval judge's API key (not the key).")
+    judge_timeout: float = opt(60.0, "Seconds before an eval judge call counts as missing.", min=0.0)
+    judge_concurrency: int = opt(8, "Judge calls in flight at once.", min=1)
+    judge_max_tokens: int = opt(16, "Tokens the judge may answer with (its verdict is the first 1 or 2).", min=1)
 
 
 @dataclass

@@ -122,6 +122,9 @@ class MGRPOConfig:
     prompts: str = opt("data/demo/prompts.jsonl", "Prompts JSONL (DESIGN §2a): messages ending with a user turn.")
     split: Literal["train", "eval", "all"] = opt("train", "Which prompts to train on (lines without a split count as train).")
     steps: int = opt(100, "Updates (rollout batches) in the stage.", min=1)
+    max_sequences: int = opt(0, "Stop once this many sequences have been sampled (pass 1, resampled groups and "
+                             "pass-2 revisions all count; the update that reaches it is the last), or at `steps`; "
+                             "0 = `steps` only. What `tifa ablate` equalises between arms.", min=0)
     prompts_per_step: int = opt(4, "Prompts per update.", min=1)
     group_size: int = opt(4, "G: answers sampled per prompt in pass 1.", min=2)
     revisions: int = opt(2, "M: revisions sampled per revised answer in pass 2 (M = 1: advantage r2 - r1).", min=1)

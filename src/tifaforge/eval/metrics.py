@@ -4,7 +4,9 @@
 
 Per answer (then averaged with bootstrap 95% intervals): think-format rate, the logic reward and
 each rule's score, character n-gram repetition, cross-turn overlap with earlier assistant turns,
-refusal rate, in-character rate, answer length; over all answers: distinct-1/2; and perplexity on
+refusal rate, in-character rate, answer length, and the held-out metrics no rule trains on
+(eval/heldout.py: MATTR, self-overlap among a prompt's answers; slop is added by the report, over
+every model at once); over all answers: distinct-1/2 and the compression ratio; and perplexity on
 held-out novel text. Generation uses the seed's sampling with a fixed seed (per prompt), so two
 evaluations of one model give the same numbers.
 """
@@ -21,7 +23,7 @@ from tifaforge.utils import resolve_path
 
 
 PER_ANSWER = ("think_format", "reward", "repetition_4gram", "cross_turn_overlap", "refusal", "in_character",
-              "answer_length")
+              "answer_length", "mattr", "self_overlap", "slop")
 
 
 def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0,
@@ -52,6 +54,7 @@ def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0,
 def answer_metrics(reward, ctx, answer: str) -> dict[str, float]:
     """Per-answer metrics of one generated text (think block included) in its context."""
     from tifaforge.chat.template import split_reasoning
+    from tifaforge.eval.heldout import mattr
     from tifaforge.rewards import rules
 
     res = reward.score(ctx, answer)
@@ -64,6 +67,7 @@ def answer_metrics(reward, ctx, answer: str) -> dict[str, float]:
         "refusal": float((rules.refusal(ctx, answer).score or 0.0) < 0.5),
         "in_character": float(rules.in_character(ctx, answer).score == 1.0),
         "answer_length": float(len(rules.units(content))),
+        "mattr": mattr(content),
     }
     out.update({f"rule/{name}": r.score for name, r in res.rules.items() if r.score is not None})
     return out
@@ -72,7 +76,8 @@ def answer_metrics(reward, ctx, answer: str) -> dict[str, float]:
 def summarise(rows: list[dict[str, float]], contents: list[str], n_boot: int, seed: int = 0,
               groups: list | None = None) -> dict:
     """Means with 95% intervals for every per-answer metric (resampling `groups`, one label per row,
-    when given); corpus-level distinct-n."""
+    when given); corpus-level distinct-n and compression ratio."""
+    from tifaforge.eval.heldout import compression_ratio
     from tifaforge.rewards.rules import distinct_n
 
     keys = sorted({k for r in rows for k in r})
@@ -84,7 +89,22 @@ def summarise(rows: list[dict[str, float]], contents: list[str], n_boot: int, se
         out[k] = {"mean": mean, "low": lo, "high": hi}
     for n in (1, 2):
         out[f"distinct_{n}"] = {"mean": distinct_n(contents, n)}
+    out["compression_ratio"] = {"mean": compression_ratio(contents)}
     return out
+
+
+def add_self_overlap(rows: list[dict], samples: list[dict], contents: list[str], groups: list) -> None:
+    """Each answer's self-overlap with the other answers to its prompt (eval.samples > 1), in place."""
+    from tifaforge.eval.heldout import self_overlap
+
+    by_prompt: dict = {}
+    for i, g in enumerate(groups):
+        by_prompt.setdefault(g, []).append(i)
+    for idx in by_prompt.values():
+        if len(idx) < 2:
+            continue
+        for i, v in zip(idx, self_overlap([contents[i] for i in idx])):
+            rows[i]["self_overlap"] = samples[i]["self_overlap"] = v
 
 
 def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
@@ -190,6 +210,7 @@ def evaluate(engine, cfg: EvalConfig, sampling, progress: bool = True, reward=No
 
         parts = [x for part in dist.gather(list(zip(mine, rows, contents, samples, groups))) for x in part]
         _, rows, contents, samples, groups = (list(c) for c in zip(*sorted(parts, key=lambda x: x[0])))
+    add_self_overlap(rows, samples, contents, groups)
     metrics = summarise(rows, contents, cfg.bootstrap, cfg.seed, groups)
     if cfg.ppl_text and resolve_path(cfg.ppl_text).exists():
         text = resolve_path(cfg.ppl_text).read_text(encoding="utf-8")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from tifaforge.errors import TifaError
@@ -32,7 +33,30 @@ SHOWN = {
     "in_character": ("in-character rate", True),
     "answer_length": ("answer length (units)", None),
     "perplexity": ("perplexity (held-out novel)", False),
+    "mattr": ("MATTR (lexical diversity)", True),
+    "self_overlap": ("self-overlap among a prompt's answers", False),
+    "compression_ratio": ("compression ratio", False),
+    "slop": ("slop phrases per 100 units", False),
+    "judge_score": ("LLM judge rubric (1-10)", True),
 }
+
+# metric -> the reward rules it measures: the report marks a metric "trained on" when MGRPO's reward
+# weighs (or vetoes on) one of them, since a policy can raise such a metric by gaming the rule itself.
+TRAINED_BY = {
+    "think_format": ("think_format",), "reward": ("*",), "repetition_4gram": ("repetition",),
+    "repetition_4gram_unpenalised": ("repetition",), "cross_turn_overlap": ("repetition",),
+    "refusal": ("refusal",), "in_character": ("in_character",), "answer_length": ("answer_length",),
+    "judge_score": ("judge",),
+}
+
+
+def trained_metrics(reward) -> set[str]:
+    """The metrics a run's reward section trains on (the defaults when None)."""
+    from tifaforge.config import RewardConfig
+
+    reward = reward or RewardConfig()
+    used = {n for n, w in reward.weights.items() if w} | set(reward.vetoes)
+    return {k for k, rules in TRAINED_BY.items() if rules == ("*",) or used & set(rules)}
 
 
 def models_of(path: str | Path) -> list[tuple[str, Path]]:
@@ -49,14 +73,15 @@ def models_of(path: str | Path) -> list[tuple[str, Path]]:
     return found
 
 
-def format_table(results: dict[str, dict], max_new_tokens: int, sampling=None) -> str:
+def format_table(results: dict[str, dict], max_new_tokens: int, sampling=None, reward=None) -> str:
     labels = list(results)
-    lines = [f"| metric | {' | '.join(labels)} |", "|---|" + "---|" * len(labels)]
+    trained = trained_metrics(reward)
+    lines = [f"| metric | {' | '.join(labels)} | trained on |", "|---|" + "---|" * (len(labels) + 1)]
     for key, (name, better) in SHOWN.items():
         cells = [_cell(results[lb]["metrics"].get(key)) for lb in labels]
         if any(c != "–" for c in cells):
             arrow = "" if better is None else (" ↑" if better else " ↓")
-            lines.append(f"| {name}{arrow} | {' | '.join(cells)} |")
+            lines.append(f"| {name}{arrow} | {' | '.join(cells)} | {'yes' if key in trained else ''} |")
     first = next(iter(results.values()))
     n, k = first["n"], first.get("samples_per_prompt", 1)
     how = ("the seed's sampling (temperature 0.4, top_p 0.6, repetition_penalty 1.17)" if sampling is None else
@@ -66,13 +91,33 @@ def format_table(results: dict[str, dict], max_new_tokens: int, sampling=None) -
     boot = "" if k == 1 else ", resampling prompts"
     lines.append(f"\n{n} held-out prompts{answers}, at most {max_new_tokens} new tokens per answer, {how}, "
                  f"with fixed seeds; [95% bootstrap interval{boot}].")
+    lines.append("\"trained on\": MGRPO's reward weighs a rule this metric measures, so a policy can raise it by "
+                 "gaming the rule; the other metrics (eval/heldout.py, the judge) are held out.")
     if len(results) > 1:
         lines.append(format_effects(stage_effects(results)))
+    lines.append(format_judge(results))
     return "\n".join(lines).rstrip()
 
 
+def format_judge(results: dict[str, dict]) -> str:
+    """The pairwise judge's win rates, one line per model judged against the one before it."""
+    rows = [(lb, r["judge"]) for lb, r in results.items() if r.get("judge")]
+    if not rows:
+        return ""
+    lines = ["\nLLM judge, pairwise (each slot judged twice, the answers' positions swapped; 1 = the later model "
+             "wins both orders, 0.5 = split):\n", "| pair | win rate of the later model | agreement | missing | wall time |",
+             "|---|---|---|---|---|"]
+    for lb, j in rows:
+        w = j["win_rate"]
+        rate = "–" if w["mean"] != w["mean"] else f"{w['mean']:.3g} [{w['low']:.3g}, {w['high']:.3g}]"
+        agree = "–" if j["agreement"] is None else f"{j['agreement']:.2f}"
+        lines.append(f"| {lb} vs {j['vs']} | {rate} | {agree} | {j['missing']} of {j['slots']} | {j['wall_s']:.1f} s |")
+    return "\n".join(lines)
+
+
 # per-answer metrics whose change each stage makes is shown paired (the recipe's three claims and more)
-EFFECTS = ("think_format", "reward", "repetition_4gram", "repetition_4gram_unpenalised", "answer_length")
+EFFECTS = ("think_format", "reward", "repetition_4gram", "repetition_4gram_unpenalised", "answer_length", "mattr",
+           "self_overlap", "slop", "judge_score")
 
 
 def stage_effects(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, dict]]:
@@ -97,6 +142,64 @@ def stage_effects(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -
                 row[key] = {"mean": mean, "low": lo, "high": hi}
         out[f"{b} vs {a}"] = row
     return out
+
+
+def pooled_effects(runs: list[dict[str, dict]], pairs: list[tuple[str, str]] | None = None,
+                   keys: tuple[str, ...] = EFFECTS, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Stage effects over several training seeds: `runs` holds one {label: eval result} per seed.
+
+    For each pair (a, b) (default: consecutive labels) and metric: the slot-by-slot change b - a of
+    every seed pooled into one paired 95% interval (resampling prompts, a prompt's slots of every seed
+    together), each seed's own mean change, their spread (sample sd), and `holds`: the pooled interval
+    excludes 0 and every seed's change has the same sign as the pooled mean."""
+    import statistics
+
+    from tifaforge.eval.metrics import bootstrap_ci
+
+    labels = list(runs[0])
+    pairs = pairs or list(zip(labels, labels[1:]))
+    out = {}
+    for a, b in pairs:
+        row = {}
+        for key in keys:
+            diffs, clusters, per_seed = [], [], []
+            for res in runs:
+                sa, sb = res.get(a, {}).get("samples") or [], res.get(b, {}).get("samples") or []
+                slots = [(x.get("id"), x.get("sample", 0)) for x in sa]
+                if not sa or slots != [(x.get("id"), x.get("sample", 0)) for x in sb] or \
+                        not all(key in x and key in y for x, y in zip(sa, sb)):
+                    break
+                d = [y[key] - x[key] for x, y in zip(sa, sb)]
+                diffs += d
+                clusters += [x.get("id") for x in sa]
+                per_seed.append(sum(d) / len(d))
+            else:
+                mean, lo, hi = bootstrap_ci(diffs, n_boot, seed, clusters)
+                sign = (mean > 0) - (mean < 0)
+                row[key] = {"mean": mean, "low": lo, "high": hi, "per_seed": per_seed,
+                            "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
+                            "holds": (lo > 0 or hi < 0) and all((v > 0) - (v < 0) == sign for v in per_seed)}
+        out[f"{b} vs {a}"] = row
+    return out
+
+
+def format_pooled(effects: dict[str, dict[str, dict]], keys: tuple[str, ...] = EFFECTS) -> str:
+    """Pooled effects as one table per metric group: mean [interval], each seed's change, ✓/✗ where it holds."""
+    keys = [k for k in keys if any(k in row for row in effects.values())]
+    lines = ["| change | metric | pooled change [95% interval] | each seed's change | sd over seeds | holds |",
+             "|---|---|---|---|---|---|"]
+    for name, row in effects.items():
+        for k in keys:
+            m = row.get(k)
+            if m is None:
+                continue
+            better = SHOWN[k][1]
+            mark = "" if not m["holds"] else ("yes" if better is None else ("yes ✓" if (m["mean"] > 0) == better else "yes ✗"))
+            lines.append(f"| {name} | {SHOWN[k][0]} | {m['mean']:+.3g} [{m['low']:+.3g}, {m['high']:+.3g}] | "
+                         + ", ".join(f"{v:+.3g}" for v in m["per_seed"]) + f" | {m['sd']:.2g} | {mark} |")
+    return ("Paired changes pooled over the training seeds (the same prompts and eval seeds; 95% bootstrap "
+            "interval resampling prompts); \"holds\": the interval excludes 0 and every seed moved the same way "
+            "(✓ the better way, ✗ the worse):\n\n" + "\n".join(lines))
 
 
 def format_effects(effects: dict[str, dict[str, dict]]) -> str:
@@ -228,9 +331,11 @@ def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress
             results[label]["key"] = key
             del engine
         results[label]["model"] = str(folder)
+    add_slop(results, cfg, out)
+    add_judge(results, cfg, progress)
     atomic_write_json(out / "eval.json", results)
     plots = plot(results, out / "plots")
-    table = format_table(results, cfg.max_new_tokens, sampling)
+    table = format_table(results, cfg.max_new_tokens, sampling, reward)
     body = f"# Evaluation of {target}\n\n{table}\n\n" + "".join(f"![{p.stem}](plots/{p.name})\n" for p in plots)
     curves = training_curves(Path(target), out / "plots") if len(pairs) > 1 else None
     if curves is not None:
@@ -239,6 +344,86 @@ def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress
             + "\n" for d in _stage_dirs(Path(target)) if (d / "plots").is_dir())
     atomic_write_text(out / "report.md", body)
     return {"out": out, "table": table, "results": results}
+
+
+def _contents(result: dict) -> list[str]:
+    from tifaforge.chat.template import split_reasoning
+
+    return [split_reasoning(x["answer"])[1] for x in result.get("samples") or []]
+
+
+def _set_metric(result: dict, key: str, values: list[float | None], n_boot: int, seed: int) -> None:
+    """Per-sample values (None = missing) into the samples and the metric's mean and interval."""
+    from tifaforge.eval.metrics import bootstrap_ci
+
+    have = [(x, v) for x, v in zip(result["samples"], values) if v is not None]
+    for x, v in zip(result["samples"], values):
+        if v is not None:
+            x[key] = v
+    if have:
+        mean, lo, hi = bootstrap_ci([v for _, v in have], n_boot, seed, [x.get("id") for x, _ in have])
+        result["metrics"][key] = {"mean": mean, "low": lo, "high": hi}
+
+
+def add_slop(results: dict[str, dict], cfg, out: Path) -> None:
+    """The slop list over every model's answers (eval/heldout.py) into slop.json, and each answer's slop rate."""
+    from tifaforge.eval.heldout import SLOP_RATIO, reference_counts, slop_list, slop_rate
+    from tifaforge.utils import resolve_path
+
+    if not cfg.slop_reference:
+        return
+    paths = [resolve_path(p.strip()) for p in cfg.slop_reference.split(",") if p.strip()]
+    counts, units = reference_counts(paths)
+    contents = {lb: _contents(r) for lb, r in results.items()}
+    phrases = slop_list([c for v in contents.values() for c in v], counts, units)
+    names = [p["phrase"] for p in phrases]
+    for lb, r in results.items():
+        if r.get("samples"):
+            _set_metric(r, "slop", [slop_rate(c, names) for c in contents[lb]], cfg.bootstrap, cfg.seed)
+    atomic_write_json(out / "slop.json", {
+        "reference": [str(p) for p in paths], "reference_units": units, "min_ratio": SLOP_RATIO,
+        "models": list(results), "phrases": phrases,
+        "per_model": {lb: {p: sum(c.count(p) for c in contents[lb]) for p in names[:20]} for lb in results}})
+
+
+def add_judge(results: dict[str, dict], cfg, progress: bool = True) -> None:
+    """With eval.judge_url: each answer's rubric score, and each model against the one before it,
+    pairwise and position-swapped (eval/judge.py). Prints the judge's wall time."""
+    from tifaforge.data.conversations import to_chat
+    from tifaforge.eval.judge import client, pairwise, rubric
+    from tifaforge.eval.metrics import bootstrap_ci, load_prompts
+    from tifaforge.rewards.literary import LogicReward, reward_with_user
+
+    if not cfg.judge_url:
+        return
+    records, _ = load_prompts(cfg)
+    reward = LogicReward(reward_with_user(None, cfg.user_name))
+    ask, t0 = client(cfg), time.perf_counter()
+    labels = list(results)
+    for lb in labels:
+        r = results[lb]
+        recs = [records[k % len(records)] for k in range(len(r.get("samples") or []))]
+        chats = [to_chat(rec, cfg.user_name) for rec in recs]
+        ctxs = [reward.context(c, rec.card.to_dict() if rec.card is not None else None) for c, rec in zip(chats, recs)]
+        scores, wall = rubric(cfg, ctxs, [x["answer"] for x in r["samples"]], cfg.judge_concurrency)
+        _set_metric(r, "judge_score", scores, cfg.bootstrap, cfg.seed)
+        r["judge_rubric"] = {"missing": scores.count(None), "answers": len(scores), "wall_s": round(wall, 2)}
+        if progress:
+            print(f"judge: {lb}: rubric on {len(scores)} answers in {wall:.1f} s ({scores.count(None)} missing)")
+        prev = labels[labels.index(lb) - 1] if labels.index(lb) else None
+        if prev is None or [(x.get("id"), x.get("sample")) for x in results[prev].get("samples") or []] != \
+                [(x.get("id"), x.get("sample")) for x in r["samples"]]:
+            continue  # the first model, or other slots than the model before it: nothing to pair
+        wins, info = pairwise(ask, chats, [c.language for c in ctxs], _contents(results[prev]), _contents(r),
+                              cfg.judge_concurrency)
+        have = [(w, x.get("id")) for w, x in zip(wins, r["samples"]) if w is not None]
+        mean, lo, hi = bootstrap_ci([w for w, _ in have], cfg.bootstrap, cfg.seed, [g for _, g in have])
+        r["judge"] = {"vs": prev, "win_rate": {"mean": mean, "low": lo, "high": hi}, "slots": len(wins), **info}
+        if progress:
+            print(f"judge: {lb} vs {prev}: {info['calls']} pairwise calls in {info['wall_s']:.1f} s "
+                  f"({info['missing']} slots missing)")
+    if progress:
+        print(f"judge: done in {time.perf_counter() - t0:.1f} s")
 
 
 def add_arguments(p) -> None:

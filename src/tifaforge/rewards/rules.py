@@ -55,6 +55,8 @@ class RewardContext:
         name = (card.get("data") or card).get("name") or ""
         if language == "auto":
             language = detect_language(messages)
+        if not fields.get("user"):  # not configured: read it from the transcript, so user_lines still sees it
+            fields["user"] = infer_user_name(messages, name)
         return cls(messages=tuple(messages), character=name, language=language, **fields)
 
     @property
@@ -94,6 +96,44 @@ def detect_language(messages: Sequence[Mapping[str, Any]]) -> str:
     if not re.search(r"[A-Za-z]", text):
         return "zh"
     return "zh" if cjk_ratio(text) >= 0.3 else "en"
+
+
+# Where a transcript names the user's persona when no config does. A front end either prefixes the
+# user's turns with the name (SillyTavern's "Message content" names behaviour, most chat logs), sends it
+# in the message's `name` field (its "Completion object" behaviour), or substitutes {{user}} in a
+# system prompt: ours (chat/cards.py) and SillyTavern's default main prompt.
+_NAME = r"[^\s:：,，.。!！?？\"“”「」<>()（）\[\]]{1,16}(?: [A-Z][a-z]{1,15})?"
+_PREFIX_RE = re.compile(rf"^[ \t*_]*({_NAME})[ \t]*[：:]", re.M)
+_SYSTEM_NAME_RES = (
+    re.compile(rf"正在与({_NAME})进行角色扮演"), re.compile(rf"不要替({_NAME})说话"),
+    re.compile(rf"\brole-playing with ({_NAME})[.,;]"), re.compile(rf"\bnever speak or act for ({_NAME})[.,;]"),
+    re.compile(rf"\bchat between .{{1,40}}? and ({_NAME})\."),
+)
+
+
+def infer_user_name(messages: Sequence[Mapping[str, Any]], character: str = "") -> str:
+    """The user's persona name as the transcript shows it, or "" when it does not.
+
+    In order: a `name` field on the user's turns; the name that opens at least half of the user's
+    turns as `NAME：`/`NAME:` (not the character's); a system prompt's "正在与NAME进行角色扮演",
+    "role-playing with NAME." or "a fictional chat between CHAR and NAME."."""
+    users = [m for m in messages if m.get("role") == "user"]
+    for m in users:
+        if isinstance(m.get("name"), str) and m["name"].strip() and m["name"].strip() != character:
+            return m["name"].strip()
+    openers = Counter()
+    for m in users:
+        if hit := _PREFIX_RE.match(m.get("content") or ""):
+            openers[hit.group(1)] += 1
+    for name, n in openers.most_common():
+        if name != character and 2 * n >= len(users) and name.lower() not in ("user", "用户", "system", "note"):
+            return name
+    for m in messages:
+        if m.get("role") == "system":
+            for pattern in _SYSTEM_NAME_RES:
+                if (hit := pattern.search(m.get("content") or "")) and hit.group(1) != character:
+                    return hit.group(1)
+    return ""
 
 
 def sentences(text: str) -> list[tuple[int, str]]:
@@ -287,7 +327,7 @@ def _user_line_re(names: Iterable[str]) -> re.Pattern:
 def user_lines(ctx: RewardContext, answer: str) -> RuleResult:
     """The answer must not write the user's lines (`{user}：…`, `<{user}>`, `你说：“…”`)."""
     content = answer_content(ctx, answer)
-    names = [ctx.user, "{{user}}", "用户", "user", "你", "you"]
+    names = [ctx.user, infer_user_name(ctx.messages, ctx.character), "{{user}}", "用户", "user", "你", "you"]
     if m := _user_line_re(names).search(content):
         line = content[m.start():].lstrip(" \t*_>")
         return RuleResult(0.0, say(ctx, f"替用户说了话：{quoted(ctx, line)}", f"writes the user's lines: {quoted(ctx, line)}"))

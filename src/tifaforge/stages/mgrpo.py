@@ -111,25 +111,33 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)
     start = load_checkpoint(resume_from, policy, opt, sched)
+    sampled = sampled_before(run, start)
+    done = start
+    last = start if m.max_sequences and sampled >= m.max_sequences else m.steps  # a resume after the budget's end
     engine = (rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out, precision)
-              if start < m.steps else None)
+              if start < last else None)
     # --- the loop
     try:
-        bar = tqdm(range(start, m.steps), initial=start, total=m.steps, desc=STAGE, unit="update",
+        bar = tqdm(range(start, last), initial=start, total=m.steps, desc=STAGE, unit="update",
                    disable=not stage.is_main())
         for step in bar:
             row = update(policy, tok, ref, reward, prompts, opt, sched, m, cfg.seed, step, pad, run, engine,
-                         lambda: autocast(precision, policy))
-            bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}")
+                         lambda: autocast(precision, policy), sampled)
+            sampled = row["sampled_total"]
+            bar.set_postfix(reward=f"{row['reward/pass1']:.3f}", gain=f"{row.get('pass2_gain') or 0:+.3f}",
+                            sampled=sampled)
             done = step + 1
-            stopping = stop_after is not None and done - start >= stop_after and done < m.steps
-            if done % m.save_every == 0 or done == m.steps or stopping:
+            spent = bool(m.max_sequences) and sampled >= m.max_sequences  # the budget: this update is the last
+            stopping = stop_after is not None and done - start >= stop_after and done < m.steps and not spent
+            if done % m.save_every == 0 or done == m.steps or stopping or spent:
                 save_checkpoint(run, done, policy, opt, sched, m.keep_checkpoints)
                 if stage.is_main():
                     plot_curves(run.metrics.path, run.plots, PLOT_KEYS)
                 dist.barrier()  # no rank goes on (or returns) before the checkpoint is complete
             if stopping:
                 return run.checkpoints
+            if spent:
+                break
     finally:  # vLLM's GPU memory back before the next stage of a pipeline runs in this process
         if engine is not None:
             engine.close()
@@ -144,18 +152,20 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     if stage.is_main():
         final = final.merge_and_unload() if m.lora_r > 0 else final
         save_model(final.eval(), tok, run.model)
-        atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": m.steps,
+        atomic_write_json(run.out / "manifest.json", {"stage": STAGE, "status": "complete", "updates": done,
+                                                      "sequences_sampled": sampled,
                                                       "base": str(Path(base_model_dir).resolve())})
     dist.barrier()
     return run.model
 
 
 def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: int, step: int, pad: int,
-           run, rollouts=None, amp=contextlib.nullcontext) -> dict:
+           run, rollouts=None, amp=contextlib.nullcontext, sampled: int = 0) -> dict:
     """One MGRPO update: pass 1, pass 2, μ optimizer steps, one metrics row and a few samples.
     `rollouts`: a vLLM engine that samples with the policy's weights pushed in (else our engine).
     `amp()`: the compute precision's context, entered around forward passes only (autocast keeps its
-    bf16 weight copies until the context exits: around an optimizer step they would go stale)."""
+    bf16 weight copies until the context exits: around an optimizer step they would go stale).
+    `sampled`: sequences sampled by the updates before this one (the row's running total)."""
     from tifaforge.engine.generate import Engine
 
     t0 = time.perf_counter()
@@ -186,12 +196,26 @@ def update(policy, tok, ref, reward, prompts, opt, sched, m: MGRPOConfig, seed: 
            "world_size": dist.world_size(), "global_batch": m.prompts_per_step}
     if m.resample_zero_spread:
         row["resampled"] = sum(drawn)  # groups drawn in place of tied ones (frac_zero_std: after them)
+    # Every sequence the rollouts generated, over all ranks: the kept groups, the tied groups that fresh
+    # prompts replaced, and the revisions (what an equal-budget comparison of GRPO and MGRPO counts).
+    row["sampled"] = len(firsts) + sum(drawn) * m.group_size + len(revs)
+    row["sampled_total"] = sampled + row["sampled"]
     row["time"] = time.time()  # wall clock at the end of the update (bench/mgrpo.py times step to step)
     if dist.rank() == 0:
         for sample_row in sample_rows(step + 1, firsts, revs, m.samples_per_step):
             run.samples.write(sample_row)
         run.metrics.write(row)
     return row
+
+
+def sampled_before(run, start: int) -> int:
+    """Sequences sampled by the first `start` updates, from the metrics rows a resume kept."""
+    from tifaforge.train.metrics import JsonlLog
+
+    if not start or not run.metrics.path.exists():
+        return 0
+    rows = [r for r in JsonlLog(run.metrics.path).rows() if r.get("step") == start and "sampled_total" in r]
+    return int(rows[-1]["sampled_total"]) if rows else 0
 
 
 def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None,
