@@ -64,6 +64,10 @@ class RewardConfig:
     vetoes: list[str] = opt(["blocklist", "refusal"], "Rules whose failure sets the total to 0.")
     veto_below: float = opt(0.5, "A veto rule fails when its score is below this.", min=0.0, max=1.0)
     caps: dict[str, float] = opt({"texture": 0.8}, "Saturation: a rule earns min(score, cap) / cap.")
+    normalize: Literal["sum", "per_rule"] = opt(
+        "sum", "How MGRPO turns rules into advantages: sum = the weighted total, normalised per group (GRPO); "
+        "per_rule = each rule normalised within the group first, then weighted and summed (GDPO), so a rule "
+        "with a small spread is not drowned by one with a large spread.")
     think_length_zh: list[int] = opt([10, 1500], "Think block length band in characters (Chinese).")
     think_length_en: list[int] = opt([5, 800], "Think block length band in words (English).")
     answer_length_zh: list[int] = opt([50, 1500], "Answer length band in characters (Chinese).")

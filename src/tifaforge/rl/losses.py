@@ -44,12 +44,51 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return adv.view(-1).to(rewards.dtype), zero
 
 
+def per_rule_values(rules: list[dict[str, float | None]], vetoed: list[bool], weights: dict[str, float],
+                    caps: dict[str, float], group_size: int, eps: float = STD_EPS) -> torch.Tensor:
+    """GDPO-style rewards for group advantages (reward.normalize: per_rule).
+
+    Each weighted rule's scores (capped as the composite caps them) are normalised within each group of
+    `group_size` consecutive answers, (s - mean) / (std + eps), 0 where the rule ties or did not score
+    (a missing judge score counts as the group's mean, never as 0); the normalised scores are weighted
+    and summed. A vetoed answer is placed below every answer of its group that was not vetoed, as the
+    weighted total's 0 does. Returns (N * G,) values to pass to `group_advantages`.
+    (Liu et al. 2026, "GDPO": summed rewards let a rule with a large spread hide another's signal.)"""
+    n = len(rules)
+    out = torch.zeros(n, dtype=torch.float64)
+    wsum = sum(w for w in weights.values() if w) or 1.0
+    for name, w in weights.items():
+        if not w:
+            continue
+        cap = caps.get(name, 1.0)
+        raw = [r.get(name) for r in rules]
+        for g in range(0, n, group_size):
+            have = [(i, min(raw[i], cap) / cap) for i in range(g, g + group_size) if raw[i] is not None]
+            if len(have) < 2:
+                continue
+            vals = torch.tensor([v for _, v in have], dtype=torch.float64)
+            std = vals.std()
+            if torch.isclose(std, torch.zeros_like(std)):
+                continue
+            for (i, _), z in zip(have, ((vals - vals.mean()) / (std + eps)).tolist()):
+                out[i] += w / wsum * z
+    for g in range(0, n, group_size):
+        idx = range(g, g + group_size)
+        kept = [out[i].item() for i in idx if not vetoed[i]]
+        floor = (min(kept) if kept else 0.0) - 1.0
+        for i in idx:
+            if vetoed[i]:
+                out[i] = floor
+    return out.float()
+
+
 def revision_advantages(revised: torch.Tensor, first: torch.Tensor, scale: bool = True, bonus: float = 0.0,
-                        eps: float = STD_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+                        eps: float = STD_EPS, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass-2 advantages, normalised within the M revisions of one first answer.
 
     revised: (N, M) rewards of the revisions (scored against the ORIGINAL context); first: (N,) the
-    rewards of the answers they revise. M = 1: A = r2 - r1. M > 1: group-normalised like pass 1.
+    rewards of the answers they revise. M = 1: A = r2 - r1. M > 1: group-normalised like pass 1 (on
+    `values` (N, M) instead of `revised` when given: per_rule_values).
     `bonus` (α) adds α·(r2 - r1), so "change nothing" earns nothing (SCoRe). Returns (advantages
     (N, M), zero_signal (N,) bool: every advantage of that answer's revisions is 0).
     """
@@ -57,7 +96,7 @@ def revision_advantages(revised: torch.Tensor, first: torch.Tensor, scale: bool 
     if revised.size(1) == 1:
         adv = gain.clone()
     else:
-        adv, _ = group_advantages(revised.reshape(-1), revised.size(1), scale, eps)
+        adv, _ = group_advantages((revised if values is None else values).reshape(-1), revised.size(1), scale, eps)
         adv = adv.view_as(revised)
     adv = adv + bonus * gain
     zero = (adv == 0).all(dim=1)

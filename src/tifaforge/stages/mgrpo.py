@@ -437,10 +437,23 @@ def pass1(engine, reward: LogicReward, prompts: list[Prompt], m: MGRPOConfig, se
     outs = sample(engine, [p.ids for p in rows], m, seed, seeds)
     scores = reward.score_batch([p.ctx for p in rows], [r.text for r, _ in outs])
     rolls = [Rollout(p, p.ids, ids, r.text, s) for p, (r, ids), s in zip(rows, outs, scores)]
-    adv, zero = group_advantages(torch.tensor([s.total for s in scores]), m.group_size, m.scale_rewards)
+    adv, zero = group_advantages(advantage_values(reward, scores, m.group_size), m.group_size, m.scale_rewards)
     for r, a in zip(rolls, adv.tolist()):
         r.advantage = a
     return rolls, zero.tolist()
+
+
+def advantage_values(reward: LogicReward, scores: list, group_size: int):
+    """What group advantages normalise: the weighted totals, or (reward.normalize: per_rule) each rule
+    normalised within its group, then weighted and summed (rl/losses.py: per_rule_values)."""
+    import torch
+
+    from tifaforge.rl.losses import per_rule_values
+
+    if reward.cfg.normalize != "per_rule":
+        return torch.tensor([s.total for s in scores])
+    return per_rule_values([{n: r.score for n, r in s.rules.items()} for s in scores], [s.vetoed for s in scores],
+                           reward.cfg.weights, reward.cfg.caps, group_size)
 
 
 def resample(engine, reward: LogicReward, prompts: list[Prompt], firsts: list[Rollout], zero: list[bool],
@@ -488,8 +501,9 @@ def pass2(engine, reward: LogicReward, firsts: list[Rollout], m: MGRPOConfig, se
     rolls = [Rollout(f.prompt, pids, ids, r.text, s, pass_=2, revises=f, revision_note=notes[i // m.revisions])
              for i, ((f, pids), (r, ids), s) in enumerate(zip(rows, outs, scores))]
     revised = torch.tensor([s.total for s in scores]).view(-1, m.revisions)
+    values = advantage_values(reward, scores, m.revisions).view(-1, m.revisions) if m.revisions > 1 else None
     adv, zero = revision_advantages(revised, torch.tensor([f.reward.total for f in chosen]), m.scale_rewards,
-                                    m.revision_bonus)
+                                    m.revision_bonus, values=values)
     for r, a in zip(rolls, adv.view(-1).tolist()):
         r.advantage = a
     return rolls, zero.tolist()
