@@ -30,6 +30,22 @@ def test_classify(reward, ctx):
     assert classify(reward, ctx, "没有思考块的回答，平平常常。", cfg) == "neither"
 
 
+
+def test_a_slop_list_rejects_answers_full_of_its_phrases(reward, ctx, tmp_path):
+    """With mining.slop_list, an answer that does not loop but leans on the listed phrases is the
+    rejected side of a natural pair, and the chosen side is the clean answer."""
+    sloppy = ("<think>\n他想起了往事。\n</think>\n\n沈青崖的眼中闪过一丝狡黠，嘴角勾起一抹微笑。"
+              "窗外的雨声中，他的眼中闪过一丝寒意，心中涌起一股暖流。")
+    (tmp_path / "slop.json").write_text(json.dumps({"phrases": [{"phrase": "闪过一丝"}, {"phrase": "勾起一抹"},
+                                                                {"phrase": "涌起一股"}]}, ensure_ascii=False))
+    plain = MiningConfig(synthesize=False)
+    assert classify(reward, ctx, sloppy, plain) == "good"  # no loop: repetition alone passes it
+    cfg = MiningConfig(synthesize=False, slop_list=str(tmp_path / "slop.json"))
+    assert classify(reward, ctx, sloppy, cfg) == "bad" and classify(reward, ctx, GOOD, cfg) == "good"
+    pairs, outcome = pick_pairs(reward, ctx, [sloppy, GOOD], cfg, random.Random(0))
+    assert outcome == "natural" and pairs[0]["chosen"] == GOOD and pairs[0]["rejected"] == sloppy
+    assert pick_pairs(reward, ctx, [sloppy, GOOD], plain, random.Random(0))[1].startswith("impossible")
+
 def test_injected_repetition_fails_the_rule(reward, ctx):
     for seed in range(5):
         looped = inject_repetition(GOOD, random.Random(seed))

@@ -9,6 +9,8 @@ the repetition and think-format rules, and pair a repetitive answer (rejected) w
 the model gave no natural pair, a rejected answer can be synthesised from a good one by injecting
 repetition (a repeated sentence or an n-gram loop, as in DITTO), marked `synthetic`. The summary
 says how many pairs there are, how many prompts gave natural pairs, synthetic ones or none, and why.
+With `mining.slop_list` (the over-used phrases `tifa eval` lists in slop.json), an answer full of them
+is rejected like a looping one, and a chosen answer must be free of them (Antislop's preference pairs).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def mine_shard(engine, prompts_path: str | Path, cfg: MiningConfig, sampling, pr
     records, _ = check_file(prompts_path, "prompts")
     records = select_split(records, cfg.split, prompts_path, "mining.split")
     reward = LogicReward(reward_with_user(reward, cfg.user_name))  # the run's `reward` section
+    if cfg.slop_list:
+        from tifaforge.eval.heldout import read_slop_list
+        from tifaforge.utils import resolve_path
+
+        cfg = dataclasses.replace(cfg, slop_list=tuple(read_slop_list(resolve_path(cfg.slop_list))))
     mine = dataclasses.replace(sampling, temperature=cfg.temperature, top_p=cfg.top_p,
                                repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens)
     lines, outcomes = [], Counter()
@@ -135,12 +142,29 @@ def inject_repetition(answer: str, rng: random.Random) -> str:
     return head + sep + text[:pos] + piece * 10
 
 
+def slop_of(ctx, answer: str, cfg: MiningConfig) -> float:
+    """The answer's slop-phrase hits per 100 units (0 without a slop list; `cfg.slop_list` read into phrases)."""
+    if not cfg.slop_list:
+        return 0.0
+    from tifaforge.chat.template import split_reasoning
+    from tifaforge.eval.heldout import slop_rate
+
+    phrases = cfg.slop_list
+    if isinstance(phrases, str):  # a path not yet read (mine_shard reads it once into a tuple of phrases)
+        from tifaforge.eval.heldout import read_slop_list
+        from tifaforge.utils import resolve_path
+
+        phrases = read_slop_list(resolve_path(phrases))
+    return slop_rate(split_reasoning(answer, started_in_think=ctx.started_in_think)[1], phrases)
+
+
 def classify(reward, ctx, answer: str, cfg: MiningConfig) -> str:
-    """'bad' (repetitive), 'good' (passes repetition and format) or 'neither'."""
+    """'bad' (repetitive, or slop with a slop list), 'good' (passes repetition and format, no slop) or 'neither'."""
     from tifaforge.rewards import rules
 
     rep = rules.repetition(ctx, answer).score
-    if rep is not None and rep < cfg.bad_below:
+    slop = slop_of(ctx, answer, cfg)
+    if (rep is not None and rep < cfg.bad_below) or (cfg.slop_list and slop >= cfg.slop_above):
         return "bad"
     if rep is not None and rep >= cfg.good_at_least and rules.think_format(ctx, answer).score == 1.0:
         return "good"
@@ -163,10 +187,13 @@ def pick_pairs(reward, ctx, answers: list[str], cfg: MiningConfig, rng: random.R
     from tifaforge.chat.template import split_reasoning
 
     rep = {a: (rules.repetition(ctx, a).score,
-               rules.ngram_repetition_rate(split_reasoning(a, started_in_think=ctx.started_in_think)[1], 4))
+               rules.ngram_repetition_rate(split_reasoning(a, started_in_think=ctx.started_in_think)[1], 4),
+               slop_of(ctx, a, cfg))
            for a in set(answers)}
-    good = sorted({a for a, k in zip(answers, kinds) if k == "good"}, key=lambda a: (rep[a][1], answers.index(a)))
-    bad = sorted({a for a, k in zip(answers, kinds) if k == "bad"}, key=lambda a: (rep[a][0], -rep[a][1], answers.index(a)))
+    good = sorted({a for a, k in zip(answers, kinds) if k == "good"},
+                  key=lambda a: (rep[a][1], rep[a][2], answers.index(a)))
+    bad = sorted({a for a, k in zip(answers, kinds) if k == "bad"},
+                 key=lambda a: (rep[a][0], -rep[a][1], -rep[a][2], answers.index(a)))
     if good and bad:
         n = min(len(good), len(bad), cfg.pairs_per_prompt)
         return [{"chosen": c, "rejected": r, "synthetic": False} for c, r in zip(good[:n], bad[:n])], "natural"
