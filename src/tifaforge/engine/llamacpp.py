@@ -108,15 +108,20 @@ class LlamaCppEngine(Engine):
     unsupported_sampling = ("typical_p", "top_n_sigma", "min_tokens", "ignore_eos", "logit_bias",
                             "repetition_penalty_range", "banned_strings")  # named in X-Tifa-Ignored when a request sets them
 
-    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None,
+                 kv_f32: bool = False):
+        """`kv_f32`: keep the KV cache in float32 instead of llama.cpp's f16 (twice its memory): an f32
+        file's logits then equal transformers' to float rounding (about 1e-5 instead of 0.002), what a
+        token-for-token comparison across backends needs on a model with near-ties."""
         from tifaforge.extras import require
         from tifaforge.models.gguf_file import default_threads, llama, read_gguf
 
         self.lc = require("llamacpp")
         info = read_gguf(path)  # validated before llama.cpp parses it
         train_ctx = int(info.metadata.get(f"{info.architecture}.context_length", 4096))
+        kv = {"type_k": self.lc.GGML_TYPE_F32, "type_v": self.lc.GGML_TYPE_F32} if kv_f32 else {}
         self.llm = llama(path, n_ctx=n_ctx or min(train_ctx, 8192), n_batch=512,
-                         n_threads=n_threads or default_threads(path))
+                         n_threads=n_threads or default_threads(path), **kv)
         self.model = None  # no transformers model behind this backend
         self.tokenizer = LlamaTokenizer(self.llm, info.metadata.get("tokenizer.chat_template"))
         self.context = self.llm.n_ctx()
