@@ -120,6 +120,12 @@ def test_in_character():
     r = R.in_character(zh(), think("<李四>\n“楚夜，你站住！”"))
     assert r.score == 0.0 and r.message == "以「李四」而不是「楚夜」的身份说话"
     assert R.in_character(zh(), think("<楚夜>\n" + ZH_BODY)).score == 1.0
+    # the think block's planning voice in the answer is out of character; in the think block it is fine
+    r = R.in_character(zh(), think("用户问这学期的课，楚夜想了想。"))
+    assert r.score == 0.0 and r.message == "在回答里谈论“用户”，跳出了角色：「用户问这学期的课，楚夜想了想。」"
+    assert R.in_character(zh(), think(ZH_BODY, plan="用户问我为什么跟着他，要冷一点。")).score == 1.0
+    r = R.in_character(en(), think("The user wants a duel, so Chu Ye draws."))
+    assert r.score == 0.0 and r.message.startswith('talks about "the user" in the answer')
     r = R.in_character(en(), think("As an AI language model, I don't have feelings."))
     assert r.score == 0.0 and r.message.startswith('breaks character: "As an AI language model')
 

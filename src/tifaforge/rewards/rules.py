@@ -299,13 +299,27 @@ _AI_BREAK = re.compile(
 )
 _SPEAKER_TAG = re.compile(r"^\s*[<＜]([^<>＜＞/\n]{1,20})[>＞]")
 
+# The think block's planning voice in the visible answer ("用户问……", "the user wants…"): no character
+# in a story calls the other party "the user". Seen on the demo: an MGRPO policy opened every answer with
+# 「用户问」 and the other rules still scored it 0.95; the held-out slop metric is what showed it.
+_META_TALK = re.compile(
+    r"用户(?:问|说|想|要|让|希望|提到|提出|试|在问|的(?:问题|请求|要求))"
+    r"|\bthe user(?:['’]s)? (?:asks?|asked|wants?|wanted|said|says|is asking|requests?|question|request)\b",
+    re.I,
+)
+
 
 def in_character(ctx: RewardContext, answer: str) -> RuleResult:
-    """No "作为AI…/As an AI…" break; no opening <Name> tag of someone other than the character."""
+    """No "作为AI…/As an AI…" break, no planning about "the user" in the answer; no opening <Name> tag
+    of someone other than the character."""
     content = answer_content(ctx, answer)
     if m := _AI_BREAK.search(content):
         return RuleResult(0.0, say(ctx, f"跳出了角色：{quoted(ctx, content[m.start():])}",
                                     f"breaks character: {quoted(ctx, content[m.start():])}"))
+    if m := _META_TALK.search(content):
+        return RuleResult(0.0, say(ctx, f"在回答里谈论“用户”，跳出了角色：{quoted(ctx, content[m.start():])}",
+                                    f'talks about "the user" in the answer, out of character: '
+                                    f"{quoted(ctx, content[m.start():])}"))
     tag = _SPEAKER_TAG.match(content)
     if ctx.character and tag and tag.group(1).strip() not in (ctx.character, "think"):
         name = tag.group(1).strip()
