@@ -181,16 +181,12 @@ def format_summary(summary: dict) -> str:
 def plot(summary: dict, runs: dict, out: Path) -> Path:
     """Training reward against sequences sampled (a line per arm and seed), and each held-out metric
     against the budget (mean over seeds, bars from the lowest to the highest seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tifaforge.eval.report import panels, save_panels
 
     arms, budgets = summary["arms"], summary["budgets"]
     keys = [k for k in SHOWN if any(summary["means"][lb].get(k) for lb in summary["means"])]
     n = 1 + len(keys)
-    cols = 4
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((n + cols - 1) // cols)), squeeze=False)
+    fig, axes = panels(n, 4, height=3)
     colors = dict(zip(arms, ["#5b7fb5", "#c8553d", "#4f9d69", "#8e6bbf"]))
     ax = axes.flat[0]
     for key, curve in summary["curves"].items():
@@ -220,14 +216,7 @@ def plot(summary: dict, runs: dict, out: Path) -> Path:
             ax.axhline(start[k]["mean"], color="grey", ls="--", lw=1, label="start")
         ax.set_title(NAMES[k][0], fontsize=9)
         ax.set_xlabel("sequences sampled", fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "ablate.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_panels(fig, axes, n, out / "ablate.png", dpi=100)
 
 
 def add_arguments(p) -> None:

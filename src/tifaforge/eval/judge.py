@@ -37,13 +37,10 @@ def parse_verdict(reply: str) -> int | None:
 
 def client(cfg) -> Callable[[str], str | None]:
     """ask(prompt) -> the endpoint's reply text, or None for a timeout, an HTTP error or a malformed body."""
-    import os
+    from tifaforge.rewards.judge import chat_endpoint
 
     httpx = require("serve", "httpx")
-    url = cfg.judge_url
-    endpoint = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
-    key = os.environ.get(cfg.judge_api_key_env, "") if cfg.judge_api_key_env else ""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    endpoint, headers = chat_endpoint(cfg.judge_url, cfg.judge_api_key_env)
     http = httpx.Client(timeout=cfg.judge_timeout, headers=headers,
                         limits=httpx.Limits(max_connections=cfg.judge_concurrency))
 
@@ -97,11 +94,10 @@ def pairwise(ask, chats: Sequence[Sequence[dict]], langs: Sequence[str], before:
 
 def rubric(cfg, ctxs, answers, concurrency: int) -> tuple[list[float | None], float]:
     """The reward's 1–10 judge rule on each answer (as 1–10; None = missing), and the wall time."""
-    import os
+    from tifaforge.rewards.judge import chat_endpoint, make_judge
 
-    from tifaforge.rewards.judge import make_judge
-
-    key = os.environ.get(cfg.judge_api_key_env, "") if cfg.judge_api_key_env else ""
+    headers = chat_endpoint(cfg.judge_url, cfg.judge_api_key_env)[1]
+    key = headers.get("Authorization", "").removeprefix("Bearer ")
     rule = make_judge(cfg.judge_url, cfg.judge_model, cfg.judge_timeout, key)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

@@ -235,16 +235,34 @@ def _cell(m: dict | None) -> str:
     return f"{m['mean']:.3g}"
 
 
-def plot(results: dict[str, dict], out: Path) -> list[Path]:
-    """One PNG of bar charts (a panel per metric, a bar per model, 95% intervals as error bars)."""
+def panels(n: int, cols: int, height: float = 2.8):
+    """(figure, axes) of a grid holding n panels, `cols` to a row (headless matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = (n + cols - 1) // cols
+    return plt.subplots(rows, cols, figsize=(4 * cols, height * rows), squeeze=False)
+
+
+def save_panels(fig, axes, used: int, path: Path, dpi: int = 110) -> Path:
+    """Blank the unused panels, write the PNG (its folder made), free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot(results: dict[str, dict], out: Path) -> list[Path]:
+    """One PNG of bar charts (a panel per metric, a bar per model, 95% intervals as error bars)."""
     keys = [k for k in SHOWN if any(k in r["metrics"] for r in results.values())]
-    cols = 3
-    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(4 * cols, 2.8 * ((len(keys) + cols - 1) // cols)))
+    fig, axes = panels(len(keys), 3)
     for ax, key in zip(axes.flat, keys):
         ms = [results[lb]["metrics"].get(key, {}) for lb in results]
         means = [m.get("mean", float("nan")) for m in ms]
@@ -253,14 +271,7 @@ def plot(results: dict[str, dict], out: Path) -> list[Path]:
         ax.bar(range(len(ms)), means, yerr=err, color="#5b7fb5", capsize=3)
         ax.set_xticks(range(len(ms)), list(results), rotation=20, fontsize=8)
         ax.set_title(SHOWN[key][0], fontsize=9)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "eval_metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_panels(fig, axes, len(keys), out / "eval_metrics.png")]
 
 
 # the curve shown per stage in the run's training_curves.png

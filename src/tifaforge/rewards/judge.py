@@ -28,10 +28,20 @@ def parse_score(reply: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def chat_endpoint(url: str, api_key_env: str = "") -> tuple[str, dict[str, str]]:
+    """(the /chat/completions URL of a base like http://host:port/v1, the headers carrying the API key
+    read from the environment variable `api_key_env`)."""
+    import os
+
+    endpoint = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    return endpoint, ({"Authorization": f"Bearer {key}"} if key else {})
+
+
 def make_judge(url: str, model: str = "default", timeout: float = 30.0, api_key: str = "") -> Rule:
     """A rule asking the endpoint at `url` (a base like http://host:port/v1) for a 1–10 score."""
     httpx = require("serve", "httpx")
-    endpoint = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+    endpoint, _ = chat_endpoint(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def judge(ctx: RewardContext, answer: str) -> RuleResult:
