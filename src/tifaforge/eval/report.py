@@ -473,12 +473,14 @@ def run(args) -> int:
         return _run_long(args, cfg)
     if args.prompts:
         cfg.eval.prompts = args.prompts
+    t0 = time.perf_counter()
     res = run_eval(args.target, args.out, cfg.eval, cfg.sampling, reward=cfg.reward)
     from tifaforge.config import save_resolved
 
     save_resolved(cfg, res["out"], "eval_config.yaml")  # what produced these numbers, beside them
     print(res["table"])
-    print(f"\nwrote {res['out'] / 'report.md'}, eval.json and plots/")
+    print(f"\nwrote {res['out'] / 'report.md'}, eval.json and plots/ in {time.perf_counter() - t0:.0f} s"
+          + (" (the judge's share is printed above)" if cfg.eval.judge_url else ""))
     return 0
 
 
