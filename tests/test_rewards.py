@@ -124,6 +124,8 @@ def test_in_character():
     r = R.in_character(zh(), think("用户问这学期的课，楚夜想了想。"))
     assert r.score == 0.0 and r.message == "在回答里谈论“用户”，跳出了角色：「用户问这学期的课，楚夜想了想。」"
     assert R.in_character(zh(), think(ZH_BODY, plan="用户问我为什么跟着他，要冷一点。")).score == 1.0
+    for prose in ("这款软件的用户说明书写得很清楚。", "平台有用户说这功能不好用，他笑了。", "He read the user manual twice."):
+        assert R.in_character(zh(), think(prose)).score == 1.0, prose
     r = R.in_character(en(), think("The user wants a duel, so Chu Ye draws."))
     assert r.score == 0.0 and r.message.startswith('talks about "the user" in the answer')
     r = R.in_character(en(), think("As an AI language model, I don't have feelings."))
@@ -170,6 +172,8 @@ def test_infer_user_name_sources():
              {"role": "user", "content": "他来了。"}]
     assert R.infer_user_name(turns) == ""
     assert R.infer_user_name([{"role": "user", "content": "楚夜：我自言自语。"}], "楚夜") == ""
+    for label in ("旁白：夜深了。", "我：你好。", "注意：别出声。", "OOC: keep it short.", "我看着她说：走吧。"):
+        assert R.infer_user_name([{"role": "user", "content": label}]) == "", label
     # a configured name stays, and the transcript's name is caught too
     ctx = R.RewardContext.from_messages([{"role": "user", "content": "旅人：你好。"}], CARD_ZH, user="小林")
     assert ctx.user == "小林" and R.user_lines(ctx, think(ZH_BODY + "\n旅人：走吧。")).score == 0.0

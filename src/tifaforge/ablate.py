@@ -105,6 +105,7 @@ def run_ablation(cfg, starts: dict[int, Path], arms: list[str], budgets: list[in
     """Train every (seed, budget, arm) from `starts[seed]`, evaluate, compare; returns the summary."""
     from tifaforge.eval.report import add_slop, format_pooled, pooled_effects
     from tifaforge.stages import mgrpo
+    from tifaforge.train.metrics import JsonlLog
     from tifaforge.utils import atomic_write_json, atomic_write_text
 
     check_budgets(budgets, cfg.mgrpo)
@@ -122,7 +123,7 @@ def run_ablation(cfg, starts: dict[int, Path], arms: list[str], budgets: list[in
                     print(f"ablate: seed {seed}, {label}: training into {folder}")
                 model = mgrpo.run_stage(arm_config(cfg, arm, budget, seed), starts[seed], folder)
                 manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-                rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x]
+                rows = list(JsonlLog(folder / "metrics.jsonl").rows())
                 trained[f"{seed}/{label}"] = {
                     "sequences": manifest.get("sequences_sampled"), "updates": manifest.get("updates"),
                     "curve": [(r["sampled_total"], r["reward/pass1"]) for r in rows if "sampled_total" in r]}

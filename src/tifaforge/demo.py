@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablate", metavar="ARMS", help="with --seeds: also GRPO vs MGRPO from each seed's SFT model")
     p.add_argument("--budget", default="960", help="with --ablate: sequences sampled per arm")
     args = p.parse_args(argv)
+    if args.ablate and not args.seeds:
+        p.error("--ablate needs --seeds (the ablation starts from each seed's SFT model)")
     if args.seeds:
         return seeds_main(args)
     from rich.console import Console

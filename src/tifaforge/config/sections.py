@@ -135,7 +135,7 @@ class MiningConfig:
     slop_list: str = opt("", "A slop list (the slop.json `tifa eval` writes, or one phrase per line): an answer "
                          "using its phrases at least slop_above times per 100 units is rejected, and a chosen one "
                          "must stay below; '' = repetition only.")
-    slop_above: float = opt(3.0, "Slop-phrase hits per 100 units from which an answer counts as slop.", min=0.0)
+    slop_above: float = opt(3.0, "Slop-phrase hits per 100 units from which an answer counts as slop.", min=0.01)
     split: str = opt("train", "Which split of the prompts file to mine ('' or all = every line; a line without "
                               "`split` is in train).")
     user_name: str = opt("小林", "The user's name in the role-play ({{user}} in cards).")

@@ -83,9 +83,23 @@ def phrase(gram: tuple[str, ...]) -> str:
     return "".join(gram) if all(len(u) == 1 and not u.isascii() for u in gram) else " ".join(gram)
 
 
-def reference_counts(paths: Sequence[str | Path], max_chars: int = REFERENCE_MAX_CHARS) -> tuple[Counter, int]:
+def candidates(answers: Sequence[str], min_answers: int = SLOP_MIN_ANSWERS, min_count: int = SLOP_MIN_COUNT) -> set:
+    """The n-grams that could be slop (often enough, in enough answers): all the reference needs counting."""
+    count: Counter = Counter()
+    where: Counter = Counter()
+    for a in answers:
+        for n in SLOP_NS:
+            grams = _grams(a, n)
+            count.update(grams)
+            where.update(set(grams))
+    return {g for g, c in count.items() if c >= min_count and where[g] >= min_answers}
+
+
+def reference_counts(paths: Sequence[str | Path], wanted: set | None = None,
+                     max_chars: int = REFERENCE_MAX_CHARS) -> tuple[Counter, int]:
     """(n-gram counts for SLOP_NS, units read) of human reference prose: .txt/.epub files or folders,
-    read and normalised by the novel ingest (encodings, EPUB), up to `max_chars` characters."""
+    read and normalised by the novel ingest (encodings, EPUB), up to `max_chars` characters. `wanted`:
+    count only these n-grams (`candidates`), so a large reference costs time, not memory."""
     from tifaforge.data.novels.read import FileReport, file_chapters, find_inputs
 
     counts: Counter = Counter()
@@ -97,7 +111,8 @@ def reference_counts(paths: Sequence[str | Path], max_chars: int = REFERENCE_MAX
             seen += len(chapter)
             total += len(toks)
             for n in SLOP_NS:
-                counts.update(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+                grams = (tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+                counts.update(grams if wanted is None else (g for g in grams if g in wanted))
             if seen >= max_chars:
                 return counts, total
     return counts, total
@@ -130,7 +145,9 @@ def slop_list(answers: Sequence[str], reference: Counter, reference_units: int, 
     longer = {x["gram"]: x["count"] for x in found if len(x["gram"]) == max(SLOP_NS)}
     def covered(x: dict) -> bool:  # a 3-gram counted only as part of a listed 4-gram says nothing new
         g = x["gram"]
-        return len(g) < max(SLOP_NS) and sum(c for h, c in longer.items() if h[:len(g)] == g or h[-len(g):] == g) >= x["count"]
+        k = len(g)
+        inside = max(sum(c for h, c in longer.items() if h[:k] == g), sum(c for h, c in longer.items() if h[-k:] == g))
+        return k < max(SLOP_NS) and inside >= x["count"]
     found = [x for x in found if not covered(x)]
     found.sort(key=lambda x: (-x["ratio"] * x["count"], x["phrase"]))
     return [{k: v for k, v in x.items() if k != "gram"} for x in found[:size]]

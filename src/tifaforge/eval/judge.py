@@ -36,7 +36,8 @@ def parse_verdict(reply: str) -> int | None:
 
 
 def client(cfg) -> Callable[[str], str | None]:
-    """ask(prompt) -> the endpoint's reply text, or None for a timeout, an HTTP error or a malformed body."""
+    """ask(prompt) -> the endpoint's reply text, or None for a timeout, an HTTP error or a malformed body;
+    `ask.close()` frees its connections. One httpx.Client (thread-safe) serves every concurrent call."""
     from tifaforge.rewards.judge import chat_endpoint
 
     httpx = require("serve", "httpx")
@@ -55,6 +56,7 @@ def client(cfg) -> Callable[[str], str | None]:
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             return None
 
+    ask.close = http.close  # the connection pool, closed by the caller when the judging is done
     return ask
 
 

@@ -148,7 +148,9 @@ def eval_key(model_dir: str | Path, cfg: EvalConfig, sampling, reward=None) -> s
 
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_dir).iterdir()
                      if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
-    what = {"eval": dataclasses.asdict(cfg), "sampling": dataclasses.asdict(sampling),
+    # what is measured after generation (the slop reference, the judge) is redone on every evaluation
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "slop_reference" and not k.startswith("judge")}
+    what = {"eval": settings, "sampling": dataclasses.asdict(sampling),
             "reward": dataclasses.asdict(reward) if reward is not None else None, "version": __version__,
             "weights": weights,
             "files": {name: hashlib.sha256(resolve_path(f).read_bytes()).hexdigest() if f and resolve_path(f).is_file() else None

@@ -322,6 +322,7 @@ def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress
 
     pairs = models_of(target)
     out = Path(out) if out else (Path(target) if len(pairs) > 1 else Path(target) / "eval")
+    slop_paths(cfg)  # a missing reference is said before the models generate
     earlier = {}
     for f in reuse:
         try:
@@ -335,7 +336,9 @@ def run_eval(target: str | Path, out: str | Path | None, cfg, sampling, progress
         key = eval_key(folder, cfg, sampling, reward)
         if key in earlier:
             log.info("eval: %s: reusing the evaluation made with the same settings and weights", label)
-            results[label] = dict(earlier[key])
+            results[label] = {k: v for k, v in earlier[key].items() if k not in ("judge", "judge_rubric")}
+            results[label]["metrics"] = {k: v for k, v in results[label]["metrics"].items()
+                                         if k not in ("slop", "judge_score")}  # recomputed below, over these models
         else:
             engine = Engine.load(folder)
             results[label] = evaluate(engine, cfg, sampling, progress=progress, reward=reward)
@@ -376,17 +379,32 @@ def _set_metric(result: dict, key: str, values: list[float | None], n_boot: int,
         result["metrics"][key] = {"mean": mean, "low": lo, "high": hi}
 
 
-def add_slop(results: dict[str, dict], cfg, out: Path) -> None:
-    """The slop list over every model's answers (eval/heldout.py) into slop.json, and each answer's slop rate."""
-    from tifaforge.eval.heldout import SLOP_RATIO, reference_counts, slop_list, slop_rate
+def slop_paths(cfg) -> list[Path]:
+    """The slop reference's files or folders; [] (with a warning) when none is set or one is missing,
+    so a missing reference costs the slop metric, never a finished evaluation."""
     from tifaforge.utils import resolve_path
 
-    if not cfg.slop_reference:
+    paths = [resolve_path(p.strip()) for p in (cfg.slop_reference or "").split(",") if p.strip()]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        log.warning("eval.slop_reference: %s not found; no slop metric (set it to your novels, or '' to silence this)",
+                    ", ".join(missing))
+        return []
+    return paths
+
+
+def add_slop(results: dict[str, dict], cfg, out: Path) -> None:
+    """The slop list over every model's answers (eval/heldout.py) into slop.json, and each answer's slop rate."""
+    from tifaforge.eval.heldout import SLOP_RATIO, candidates, reference_counts, slop_list, slop_rate
+
+    paths = slop_paths(cfg)
+    if not paths:
         return
-    paths = [resolve_path(p.strip()) for p in cfg.slop_reference.split(",") if p.strip()]
-    counts, units = reference_counts(paths)
     contents = {lb: _contents(r) for lb, r in results.items()}
-    phrases = slop_list([c for v in contents.values() for c in v], counts, units)
+    # one model's answers once, even when it stands under several labels (the start model of every seed)
+    pooled = [c for lb in {r.get("key") or lb: lb for lb, r in results.items()}.values() for c in contents[lb]]
+    counts, units = reference_counts(paths, candidates(pooled))
+    phrases = slop_list(pooled, counts, units)
     names = [p["phrase"] for p in phrases]
     for lb, r in results.items():
         if r.get("samples"):
@@ -400,9 +418,8 @@ def add_slop(results: dict[str, dict], cfg, out: Path) -> None:
 def add_judge(results: dict[str, dict], cfg, progress: bool = True) -> None:
     """With eval.judge_url: each answer's rubric score, and each model against the one before it,
     pairwise and position-swapped (eval/judge.py). Prints the judge's wall time."""
-    from tifaforge.data.conversations import to_chat
-    from tifaforge.eval.judge import client, pairwise, rubric
-    from tifaforge.eval.metrics import bootstrap_ci, load_prompts
+    from tifaforge.eval.judge import client
+    from tifaforge.eval.metrics import load_prompts
     from tifaforge.rewards.literary import LogicReward, reward_with_user
 
     if not cfg.judge_url:
@@ -410,6 +427,19 @@ def add_judge(results: dict[str, dict], cfg, progress: bool = True) -> None:
     records, _ = load_prompts(cfg)
     reward = LogicReward(reward_with_user(None, cfg.user_name))
     ask, t0 = client(cfg), time.perf_counter()
+    try:
+        _judge_models(results, cfg, records, reward, ask, progress)
+    finally:
+        ask.close()
+    if progress:
+        print(f"judge: done in {time.perf_counter() - t0:.1f} s")
+
+
+def _judge_models(results: dict[str, dict], cfg, records, reward, ask, progress: bool) -> None:
+    from tifaforge.data.conversations import to_chat
+    from tifaforge.eval.judge import pairwise, rubric
+    from tifaforge.eval.metrics import bootstrap_ci
+
     labels = list(results)
     for lb in labels:
         r = results[lb]
@@ -433,8 +463,6 @@ def add_judge(results: dict[str, dict], cfg, progress: bool = True) -> None:
         if progress:
             print(f"judge: {lb} vs {prev}: {info['calls']} pairwise calls in {info['wall_s']:.1f} s "
                   f"({info['missing']} slots missing)")
-    if progress:
-        print(f"judge: done in {time.perf_counter() - t0:.1f} s")
 
 
 def add_arguments(p) -> None:

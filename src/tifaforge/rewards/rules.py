@@ -111,6 +111,18 @@ _SYSTEM_NAME_RES = (
 )
 
 
+# Openers that label a line rather than name a speaker ("旁白：", "注意：", "OOC:"), and pronouns.
+_NOT_NAMES = {"我", "你", "他", "她", "它", "我们", "你们", "他们", "旁白", "注意", "场景", "时间", "地点", "背景", "提示",
+              "系统", "备注", "说明", "设定", "用户", "i", "me", "you", "he", "she", "we", "user", "system", "note",
+              "ooc", "narrator", "scene", "setting", "time", "place", "action", "context"}
+
+
+def _could_be_name(name: str) -> bool:
+    """A speaker's name, not a label, a pronoun, one CJK character or a clause ending in a speech verb."""
+    cjk = re.fullmatch(rf"[{_CJK}]+", name) is not None
+    return name.lower() not in _NOT_NAMES and not (cjk and len(name) < 2) and name[-1] not in "说道问答笑喊"
+
+
 def infer_user_name(messages: Sequence[Mapping[str, Any]], character: str = "") -> str:
     """The user's persona name as the transcript shows it, or "" when it does not.
 
@@ -126,7 +138,7 @@ def infer_user_name(messages: Sequence[Mapping[str, Any]], character: str = "") 
         if hit := _PREFIX_RE.match(m.get("content") or ""):
             openers[hit.group(1)] += 1
     for name, n in openers.most_common():
-        if name != character and 2 * n >= len(users) and name.lower() not in ("user", "用户", "system", "note"):
+        if name != character and 2 * n >= len(users) and _could_be_name(name):
             return name
     for m in messages:
         if m.get("role") == "system":
@@ -302,10 +314,11 @@ _SPEAKER_TAG = re.compile(r"^\s*[<＜]([^<>＜＞/\n]{1,20})[>＞]")
 # The think block's planning voice in the visible answer ("用户问……", "the user wants…"): no character
 # in a story calls the other party "the user". Seen on the demo: an MGRPO policy opened every answer with
 # 「用户问」 and the other rules still scored it 0.95; the held-out slop metric is what showed it.
+# Only where a clause starts, so story prose about an app's users ("这款软件的用户说明书") is not caught.
 _META_TALK = re.compile(
-    r"用户(?:问|说|想|要|让|希望|提到|提出|试|在问|的(?:问题|请求|要求))"
-    r"|\bthe user(?:['’]s)? (?:asks?|asked|wants?|wanted|said|says|is asking|requests?|question|request)\b",
-    re.I,
+    r"(?:^|(?<=[。！？!?\n，,：:；;“”「」\s]))用户(?:问|说(?!明)|想|让|希望|提到|提出|试图|在问|的(?:问题|请求|要求))"
+    r"|(?:^|(?<=[.!?\n])\s*)the user(?:['’]s)? (?:asks?|asked|wants?|wanted|is asking|requests?|question|request)\b",
+    re.I | re.M,
 )
 
 

@@ -63,7 +63,8 @@ def per_rule_values(rules: list[dict[str, float | None]], vetoed: list[bool], we
         cap = caps.get(name, 1.0)
         raw = [r.get(name) for r in rules]
         for g in range(0, n, group_size):
-            have = [(i, min(raw[i], cap) / cap) for i in range(g, g + group_size) if raw[i] is not None]
+            have = [(i, min(raw[i], cap) / cap) for i in range(g, g + group_size)
+                    if raw[i] is not None and not vetoed[i]]  # a vetoed answer goes below all, not into the scale
             if len(have) < 2:
                 continue
             vals = torch.tensor([v for _, v in have], dtype=torch.float64)

@@ -111,7 +111,7 @@ def run_stage(cfg: Config, base_model_dir: str | Path, out_dir: str | Path, *, r
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt, sched = make_optimizer(policy, m)
     start = load_checkpoint(resume_from, policy, opt, sched)
-    sampled = sampled_before(run, start)
+    sampled = sampled_before(run, start) if m.max_sequences else 0
     done = start
     last = start if m.max_sequences and sampled >= m.max_sequences else m.steps  # a resume after the budget's end
     engine = (rollout_engine(base_model_dir, m, cfg.model.loop, cfg.seed, policy, tok, run.out, precision)
@@ -212,10 +212,14 @@ def sampled_before(run, start: int) -> int:
     """Sequences sampled by the first `start` updates, from the metrics rows a resume kept."""
     from tifaforge.train.metrics import JsonlLog
 
-    if not start or not run.metrics.path.exists():
+    if not start:
         return 0
-    rows = [r for r in JsonlLog(run.metrics.path).rows() if r.get("step") == start and "sampled_total" in r]
-    return int(rows[-1]["sampled_total"]) if rows else 0
+    rows = [r for r in JsonlLog(run.metrics.path).rows() if r.get("step") == start and "sampled_total" in r] \
+        if run.metrics.path.exists() else []
+    if not rows:
+        raise TifaError(f"{run.metrics.path}: no row for update {start} with `sampled_total`, so the sequences "
+                        "sampled before the checkpoint are unknown; restart the stage (--restart-from mgrpo)")
+    return int(rows[-1]["sampled_total"])
 
 
 def rollout_engine(base_model_dir, m: MGRPOConfig, loop, seed: int, policy=None, tok=None, scratch: Path | None = None,
