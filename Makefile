@@ -45,7 +45,7 @@ demo: setup
 	$(BIN)/python -m tifaforge.demo --runs runs --name demo
 
 # The demo over three training seeds (effects pooled, runs/ablate/seeds.md), then GRPO against MGRPO from
-# each seed's SFT model at 1200 sampled sequences each (runs/ablate/ablate/report.md). About 45 min here.
+# each seed's SFT model at 1200 sampled sequences each (runs/ablate/ablate/report.md). About an hour here.
 ablate: setup
 	$(BIN)/python -m tifaforge.demo --runs runs --name ablate --seeds 0,1,2 --ablate grpo,mgrpo --budget 1200
 
