@@ -9,9 +9,7 @@ normalisation, effects pooled over seeds, and `tifa ablate` at tiny size.
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ import torch
 from tifaforge.config import EvalConfig, SamplingConfig, load_config
 from tifaforge.errors import TifaError
 from tifaforge.eval import heldout as H
+from test_rewards import judge_server  # noqa: F401  (fixture)
 
 LOOP = "她笑了笑说好的。" * 12
 DIVERSE = ("夜风掠过长安城的屋脊，檐角铜铃细碎作响。楚夜立在瓦上，衣袂猎猎，月光沿着刀鞘流成一道冷白的线。"
@@ -140,49 +139,14 @@ def test_per_rule_normalisation_in_the_stage(trained_tiny_dir, tmp_path):
 # The pairwise judge against real endpoints
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """A judge whose verdict is a function of the prompt; counts its calls."""
-
-    verdict = staticmethod(lambda prompt: "1")
-    calls: Counter
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
-        self.calls["n"] += 1
-        reply = self.verdict(prompt)
-        if reply is None:
-            self.send_response(500)
-            self.end_headers()
-            return
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def judge():
-    servers = []
-
+def judge(judge_server):
+    """start(verdict) -> (url, calls): a local endpoint answering verdict(prompt); None is an HTTP 500."""
     def start(verdict):
         calls = Counter()
-        handler = type("J", (_Judge,), {"verdict": staticmethod(verdict), "calls": calls})
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        srv.daemon_threads = True
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_port}/v1", calls
+        return judge_server(reply=staticmethod(verdict), calls=calls), calls
 
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+    return start
 
 
 def _pair(url, before, after):

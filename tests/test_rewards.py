@@ -5,6 +5,7 @@ and missing scores; the judge against a real local HTTP server; `score_file` on 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import io
 import json
 import subprocess
@@ -366,13 +367,20 @@ def test_to_json_and_batch():
 
 
 class _Judge(BaseHTTPRequestHandler):
-    reply, delay, status = "8\n画面感很强。", 0.0, 200
+    reply, delay, status = "8\n画面感很强。", 0.0, 200  # reply: a text, or staticmethod(prompt -> text or None)
+    calls = Counter()
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         assert body["messages"][0]["role"] == "user"
         time.sleep(self.delay)
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": self.reply}}]}).encode()
+        self.calls["n"] += 1
+        reply = self.reply(body["messages"][0]["content"]) if callable(self.reply) else self.reply
+        if reply is None:  # a reply function's way to fail the call
+            self.send_response(500)
+            self.end_headers()
+            return
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
