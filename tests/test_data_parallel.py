@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,9 +161,6 @@ def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted
     cmd = [sys.executable, "-m", "tifaforge.cli", "pipeline", str(config), "--no-eval", "--launcher", "torchrun",
            "--num-processes", "2", "--sharding", "fsdp2", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([*cmd, "--runs", str(tmp_path / "straight")], capture_output=True, text=True, env=env)
-    assert straight.returncode == 0, straight.stderr[-4000:]
-
     runs = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--runs", str(runs)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env)
@@ -180,6 +178,14 @@ def test_pipeline_on_two_processes_killed_mid_mgrpo_resumes_to_the_uninterrupted
     assert killed is not None, "MGRPO finished before a rank could be killed: " + err[-2000:]
     assert proc.returncode == 2 and "stage mgrpo" in err and "rerun the same command to resume" in err, err[-3000:]
     assert not (runs / "pipe" / "03-mgrpo" / "manifest.json").exists()
+
+    # The uninterrupted reference: the same finished CPT and SFT (copied; a stage is known by its
+    # contents), then MGRPO and DPO in one go.
+    for stage in ("01-cpt", "02-sft"):
+        shutil.copytree(runs / "pipe" / stage, tmp_path / "straight" / "pipe" / stage)
+    straight = subprocess.run([*cmd, "--runs", str(tmp_path / "straight")], capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    assert "sft: finished earlier" in straight.stdout and "mgrpo: resuming" not in straight.stdout
 
     again = subprocess.run([*cmd, "--runs", str(runs)], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-4000:]
@@ -226,3 +232,40 @@ def test_evaluation_split_over_two_processes_equals_one(trained_tiny_dir, tmp_pa
     assert b0 == b1 and len(a["samples"]) == 10
     assert [s["answer"] for s in b0["samples"]] == [s["answer"] for s in a["samples"]]
     assert b0["metrics"] == a["metrics"]
+
+
+def test_context_and_sequence_parallel_configs_are_checked_before_any_work(monkeypatch, tmp_path):
+    """The shipped long-context accelerate configs: accelerate reads their parallelism_config, whose
+    sizes multiply to num_processes; a launch with them is refused for MGRPO, with a process count
+    they do not split into, and on a machine without CUDA, each before any work; under the launcher a
+    stage pads every batch to the multiple the split needs."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from tifaforge.config import Config
+    from tifaforge.train import stage
+
+    cfg = load_config(None, ["mgrpo.prompts_per_step=8"], cls=Config)
+    cp = str(ROOT / "configs/accelerate/cp-fsdp2-1x8.yaml")
+    sp = str(ROOT / "configs/accelerate/sp-zero3-1x8.yaml")
+    for path, key in ((cp, "cp"), (sp, "sp")):
+        acc = load_config_from_file(path)
+        par = acc.parallelism_config
+        assert par[f"parallelism_config_{key}_size"] > 1
+        assert par["parallelism_config_dp_shard_size"] * par[f"parallelism_config_{key}_size"] == acc.num_processes
+    with pytest.raises(TifaError, match=r"cp-fsdp2-1x8.yaml: context parallelism \(cp_size 4\) .*MGRPO's own loop"):
+        stage.check_launch(cfg, ["sft", "mgrpo"], "accelerate", 0, cp)
+    with pytest.raises(TifaError, match=r"dp_replicate x dp_shard x tp x cp x sp = 8, but 4 processes"):
+        stage.check_launch(cfg, ["cpt"], "accelerate", 4, cp)
+    with pytest.raises(TifaError, match=r"context parallelism \(cp_size 4\) needs CUDA GPUs"):
+        stage.check_launch(cfg, ["cpt", "sft", "dpo"], "accelerate", 0, cp)
+    with pytest.raises(TifaError, match=r"sp-zero3-1x8.yaml: sequence parallelism \(sp_size 4\) needs CUDA GPUs"):
+        stage.check_launch(cfg, ["sft"], "accelerate", 0, sp)
+
+    run = stage.RunDir(tmp_path)
+    assert stage.training_args(cfg.sft, run, 0, "sft").pad_to_multiple_of is None
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "4")
+    assert stage.training_args(cfg.sft, run, 0, "sft").pad_to_multiple_of == 8  # the ring's 2 x cp_size halves
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "1")
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "4")
+    assert stage.training_args(cfg.cpt, run, 0, "cpt").pad_to_multiple_of == 4

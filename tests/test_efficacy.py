@@ -219,32 +219,32 @@ def test_ablation_runs_both_arms_on_the_same_prompts_and_seeds_at_an_equal_budge
 
     cfg = stage_cfg("mgrpo.pass2=below", "mgrpo.revise_below=1.0", "reward.answer_length_zh=[200, 400]",
                     "eval.limit=2", "eval.samples=2", "eval.max_new_tokens=8", "eval.bootstrap=50",
-                    "eval.unpenalised=false")
-    budget = 15  # one update of pass 1 is 2 x 3 = 6 sequences
+                    "eval.unpenalised=false", "mgrpo.save_every=100")
+    budget = 7  # one update of pass 1 is 2 x 3 = 6 sequences
     summary = run_ablation(cfg, {0: trained_tiny_dir, 1: trained_tiny_dir}, ["grpo", "mgrpo"], [budget],
                            tmp_path / "ab", progress=False)
     out = tmp_path / "ab"
     for seed in (0, 1):
-        g = [json.loads(x) for x in (out / f"seed-{seed}" / "grpo@15" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-        m = [json.loads(x) for x in (out / f"seed-{seed}" / "mgrpo@15" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+        g = [json.loads(x) for x in (out / f"seed-{seed}" / "grpo@7" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+        m = [json.loads(x) for x in (out / f"seed-{seed}" / "mgrpo@7" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
         first = lambda rows: [(r["prompt_id"], r["answer"]) for r in rows if r["step"] == 1]
         assert first(g) == first(m) and first(g)  # the same prompts and pass-1 samples at the first update
-        gm = [json.loads(x) for x in (out / f"seed-{seed}" / "mgrpo@15" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        gm = [json.loads(x) for x in (out / f"seed-{seed}" / "mgrpo@7" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
         assert all(r["sampled"] == r["sequences"] for r in gm)  # nothing resampled here: kept + revisions
     seqs = summary["sequences"]
     one_update = 6 + 6  # pass 1 plus a revision of each first answer
-    for arm in ("grpo@15", "mgrpo@15"):
+    for arm in ("grpo@7", "mgrpo@7"):
         assert all(budget <= n < budget + one_update for n in seqs[arm])
-    assert seqs["grpo@15"] == [18, 18] and summary["updates"]["grpo@15"] == [3, 3]
-    assert summary["updates"]["mgrpo@15"] == [2, 2]  # 12 per update: the budget buys fewer of them
+    assert seqs["grpo@7"] == [12, 12] and summary["updates"]["grpo@7"] == [2, 2]
+    assert summary["updates"]["mgrpo@7"] == [1, 1]  # 12 per update: the budget buys fewer of them
     ev = {lb: json.loads(p.read_text(encoding="utf-8")) for lb, p in
           ((p.name, p) for p in (out / "evals").glob("*.json"))}
     slots = {tuple((s["id"], s["sample"]) for s in r["samples"]) for r in ev.values()}
     assert len(slots) == 1  # every model answered the same eval slots: paired
-    assert "mgrpo@15 vs grpo@15" in summary["versus"] and "reward" in summary["versus"]["mgrpo@15 vs grpo@15"]
+    assert "mgrpo@7 vs grpo@7" in summary["versus"] and "reward" in summary["versus"]["mgrpo@7 vs grpo@7"]
     assert (out / "plots" / "ablate.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "| grpo@15 | 18, 18 | 3, 3 |" in report and "holds" in report
+    assert "| grpo@7 | 12, 12 | 2, 2 |" in report and "holds" in report
     # a rerun trains and evaluates nothing again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     run_ablation(cfg, {0: trained_tiny_dir, 1: trained_tiny_dir}, ["grpo", "mgrpo"], [budget], out, progress=False)

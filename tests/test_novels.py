@@ -352,6 +352,70 @@ def test_blocks_are_the_token_stream_with_eot_between_documents(tmp_path, tiny_t
     assert stats["separator"] == {"token": "<|endoftext|>", "id": eot}
 
 
+def test_chapters_packing_keeps_every_chapter_that_fits_whole_in_one_row(tmp_path, tiny_tokenizer):
+    """--pack chapters: the same tokens in the same order as the stream, but a row boundary falls only
+    between chapters (a document's separator stays with its last chapter); only a chapter longer than a
+    block is cut; a row is closed only when the next chapter does not fit (greedy)."""
+    import datasets
+
+    B = 64
+    sizes = [[1, 4, 2, 40], [3, 1, 5], [30, 2]]  # 40 and 30 sentences: longer than a block
+    docs = [[f"第{i}章\n" + "他走了，又回来。" * n + "\n" for i, n in enumerate(d)] for d in sizes]
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    units = []  # what must stay together: each chapter, the separator with the document's last one
+    for d in docs:
+        ids = [tiny_tokenizer(tx.clean_chapter(c, False)[0], add_special_tokens=False)["input_ids"] for c in d]
+        ids[-1] = ids[-1] + [eot]
+        units += ids
+    writer = pack.ShardWriter(tmp_path / "rows", B, shard_blocks=3)
+    with pack.Packer(tiny_tokenizer, eot, B, writer, pack.Timers(), pack="chapters") as packer:
+        for d in docs:
+            for c in d:
+                packer.add(c)
+            packer.end_document()
+    writer.finish()
+    rows = [r["input_ids"] for r in datasets.load_from_disk(str(tmp_path / "rows"))]
+    assert sum(rows, []) == sum(units, [])  # nothing lost, nothing reordered
+    assert all(0 < len(r) <= B for r in rows) and packer.blocks == len(rows)
+    starts = {0}
+    for r in rows:
+        starts.add(max(starts) + len(r))
+    at = 0
+    cut = 0
+    for u in units:
+        inside = [s for s in starts if at < s < at + len(u)]
+        if len(u) <= B:
+            assert not inside, f"a chapter of {len(u)} tokens was cut"
+        else:
+            cut += 1
+            assert len(inside) == (len(u) - 1) // B or len(inside) == len(u) // B
+        at += len(u)
+    assert cut == packer.chapters_cut >= 2 and cut < len(units) - 3
+    flat_starts = sorted(starts)
+    unit_starts = {sum(len(x) for x in units[:i]): len(u) for i, u in enumerate(units)}
+    for r, start in zip(rows[:-1], flat_starts[1:]):
+        if start in unit_starts and unit_starts[start] <= B:  # greedy: the next chapter did not fit
+            assert len(r) + unit_starts[start] > B
+    stream = [tiny_tokenizer(tx.clean_chapter(c, False)[0], add_special_tokens=False)["input_ids"] for d in docs for c in d]
+    assert len(sum(rows, [])) == len(sum(stream, [])) + len(docs)
+
+
+def test_chapters_packing_through_the_command(tmp_path, tiny_model_dir, capsys):
+    write_mixed_folder(tmp_path / "in")
+    parser = argparse.ArgumentParser()
+    novels.novels_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--tokenizer",
+                              str(tiny_model_dir), "--block-size", "256", "--pack", "chapters", "--no-progress"])
+    assert novels.novels_command(args) == 0
+    out = capsys.readouterr().out
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["pack"] == "chapters" and 0 < stats["fill"] <= 1 and "rows of whole chapters up to 256" in out
+    stream = ingest([tmp_path / "in"], tmp_path / "stream", tiny_model_dir, block_size=256)
+    assert stats["tokens"] == stream["tokens"] and stats["blocks"] >= stream["blocks"]
+    with pytest.raises(TifaError, match="--drop-tail: only with --pack stream"):
+        ingest([tmp_path / "in"], tmp_path / "bad", tiny_model_dir, block_size=256, pack="chapters", drop_tail=True)
+
+
 def test_a_fake_separator_in_the_text_is_removed_and_counted(tmp_path, tiny_tokenizer):
     (tmp_path / "a.txt").write_text("他写下<|endoftext|>几个字。\n" * 20, encoding="utf-8")
     stats = ingest([tmp_path / "a.txt"], tmp_path / "out", tiny_tokenizer, block_size=8)

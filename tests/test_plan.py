@@ -159,3 +159,17 @@ def test_bad_input_is_refused_or_said(tmp_path, capsys):
     assert "--stages: unknown stage 'rlhf'" in capsys.readouterr().err
     with pytest.raises(TifaError, match=r"model.base: /nowhere/MyModel: no config.json .* not a known name"):
         plan.model_shape("/nowhere/MyModel")
+
+
+def test_context_parallelism_divides_a_long_sequence_s_activations():
+    """A 7B full SFT at 64K tokens per sequence: one process per GPU holds the whole sequence's
+    activations unless the accelerate config splits it (cp_size 4: a quarter each)."""
+    cfg = load_config(None, ["model.base=Qwen/Qwen2.5-7B", "sft.max_length=65536", "sft.batch_size=1",
+                             "sft.gradient_checkpointing=true"])
+    fsdp = plan.machine(cfg, 8, 80, str(ROOT / "configs/accelerate/fsdp-1x8.yaml"))
+    cp = plan.machine(cfg, 8, 80, str(ROOT / "configs/accelerate/cp-fsdp2-1x8.yaml"))
+    assert (fsdp.seq_split, cp.seq_split) == (1, 4) and cp.sharding == "fsdp2"
+    shape = plan.model_shape("Qwen/Qwen2.5-7B")
+    whole, split = plan.estimate(cfg, "sft", shape, fsdp), plan.estimate(cfg, "sft", shape, cp)
+    assert split.parts["transient"] < whole.parts["transient"] / 2  # activations / 4; the LM head's chunk / 2
+    assert split.parts["weights"] == whole.parts["weights"]  # FSDP2 shards the weights over all 8 either way

@@ -76,6 +76,12 @@ class CPTConfig(TrainConfig):
     data: str = opt("data/demo/novels", "The packed dataset written by `tifa data novels`, or a folder/file of "
                     ".txt/.epub novels (ingested into OUT/data with the model's tokenizer, blocks of max_length).")
     dedup_threshold: float = opt(0.8, "When `data` is raw novels: near-duplicate threshold of the ingest.", min=0.01, max=1.0)
+    pack: Literal["stream", "chapters"] = opt(
+        "stream", "When `data` is raw novels: stream = blocks are consecutive slices of the text; chapters = rows "
+        "of whole chapters up to max_length (long-context training; `tifa data novels --pack`).")
+    length_curriculum: list[int] = opt(
+        [], "Shorter sequences first: e.g. [2048, 8192] trains the first third of the tokens cut into pieces of "
+        "2048, the next third of 8192, the rest at max_length (each epoch in that order). [] = none.")
 
 
 @dataclass
@@ -86,7 +92,12 @@ class SFTConfig(TrainConfig):
     learning_rate: float = opt(1e-5, "Peak learning rate.", min=0.0)
     data: str = opt("data/demo/sft.jsonl", "SFT dialogues (JSONL, DESIGN.md 2a).")
     per_turn: bool = opt(True, "One example per assistant turn of a multi-turn dialogue (false: the final turn only).")
-    too_long: Literal["drop", "error"] = opt("drop", "An example over max_length: drop it (counted and reported) or stop.")
+    too_long: Literal["drop", "error", "trim"] = opt(
+        "drop", "An example over max_length: drop it (counted and reported), stop, or trim = drop its oldest turns "
+        "after the system prompt until it fits, as `tifa chat` and the server do with a long session.")
+    length_curriculum: list[int] = opt(
+        [], "Shorter examples first: e.g. [1024, 4096] trains the examples up to 1024 tokens, then those up to "
+        "4096, then the rest (each phase shuffled). [] = none.")
     user_name: str | None = opt(None, "{{user}} in character cards (null: the card's default).")
     prime_new_tokens: bool = opt(True, "Before training, aim the output rows of template tags the loader added "
                                  "(<think>, </think>, the end tag) at where the data puts them (train/prime.py); "

@@ -4,7 +4,8 @@
 
 Next-token loss on every token of the packed blocks that `tifa data novels` writes (documents
 separated by the end-of-text token; attention crosses block-internal document boundaries, as in
-pretraining). Resumable: rerun with --resume after any interruption. `diff cpt.py sft.py` shows only
+pretraining). For long context: `cpt.pack: chapters` keeps chapters whole in rows up to max_length,
+and `cpt.length_curriculum` trains on shorter pieces first. Resumable: rerun with --resume after any interruption. `diff cpt.py sft.py` shows only
 the data and the loss mask.
 """
 
@@ -35,14 +36,17 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     tc = cfg.cpt
     mode = stage.sharding_mode(cfg, STAGE)  # ddp, or fsdp2: weights split over the ranks
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
+    data.check_curriculum(tc.length_curriculum, tc.max_length, "cpt.length_curriculum")
     args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, mode=mode)
 
     # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
     model, tokenizer = stage.load_for_training(base_model_dir, cfg.model.loop, tc, cfg.model.rope_scaling)
 
     # --- data: packed blocks; the labels are the input ids ---------------------------------------
-    dataset = data.cpt_dataset(tc.data, tokenizer, tc.max_length, run.out / "data", tc.dedup_threshold)
+    dataset = data.cpt_dataset(tc.data, tokenizer, tc.max_length, run.out / "data", tc.dedup_threshold, tc.pack)
     prompts = data.cpt_sample_prompts(dataset, tokenizer, tc.sample_prompts)
+    dataset, phases = data.cpt_curriculum(dataset, tc.length_curriculum, tc.max_length, args.seed, run.out / "data")
+    data.log_curriculum(phases, STAGE, run.out)
 
     # --- trainer ---------------------------------------------------------------------------------
     trainer = sharding.trainer_class(SFTTrainer, mode)(

@@ -36,6 +36,7 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     tc = cfg.sft
     mode = stage.sharding_mode(cfg, STAGE)  # ddp, or fsdp2: weights split over the ranks
     run, resume_from = stage.prepare_out(out_dir, cfg, STAGE, resume)
+    data.check_curriculum(tc.length_curriculum, tc.max_length, "sft.length_curriculum")
     args = stage.training_args(tc, run, stage.seed_of(cfg, tc), STAGE, mode=mode)
 
     # --- model (LoRA adapters are added by the trainer from lora_config) -------------------------
@@ -44,6 +45,8 @@ def run_stage(cfg: Any, base_model_dir: str | Path, out_dir: str | Path, *, resu
     # --- data: one example per assistant turn; labels only on the final assistant turn -----------
     dataset, chats = data.sft_examples(tc.data, tokenizer, tc)
     prompts = data.sft_sample_prompts(chats, tokenizer, tc.sample_prompts)
+    dataset, phases = data.sft_curriculum(dataset, tc.length_curriculum, tc.max_length, args.seed)
+    data.log_curriculum(phases, STAGE, run.out)
     if tc.prime_new_tokens:  # tags the loader added to a base that lacked them (train/prime.py)
         from tifaforge.train.prime import prime_new_tokens
 

@@ -42,7 +42,8 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
-def cpt_dataset(spec: str, tokenizer, max_length: int, ingest_dir: Path, dedup_threshold: float = 0.8):
+def cpt_dataset(spec: str, tokenizer, max_length: int, ingest_dir: Path, dedup_threshold: float = 0.8,
+                pack: str = "stream"):
     """The packed dataset at `spec` (or raw novels there, ingested once into `ingest_dir`), checked."""
     from datasets import load_from_disk
 
@@ -50,7 +51,7 @@ def cpt_dataset(spec: str, tokenizer, max_length: int, ingest_dir: Path, dedup_t
     if not path.exists():
         raise TifaError(f"cpt.data: {path}: no such dataset folder or novels file/folder")
     if not is_saved_dataset(path):
-        path = _ingest(path, tokenizer, max_length, ingest_dir, dedup_threshold)
+        path = _ingest(path, tokenizer, max_length, ingest_dir, dedup_threshold, pack)
     if not _state(path).get("_data_files"):  # datasets cannot even open an empty saved dataset
         raise TifaError(f"{path}: the dataset is empty (0 blocks)")
     try:
@@ -61,7 +62,7 @@ def cpt_dataset(spec: str, tokenizer, max_length: int, ingest_dir: Path, dedup_t
     return ds.select_columns(["input_ids"])
 
 
-def _ingest(path: Path, tokenizer, block_size: int, out: Path, threshold: float) -> Path:
+def _ingest(path: Path, tokenizer, block_size: int, out: Path, threshold: float, pack: str = "stream") -> Path:
     """Raw novels -> `out` (once: ingest renames its output into place only when complete)."""
     from tifaforge.data.novels import ingest_novels
 
@@ -70,8 +71,9 @@ def _ingest(path: Path, tokenizer, block_size: int, out: Path, threshold: float)
         return out
     if os.environ.get("RANK", "0") != "0":  # rank 0 ingests; the others wait for its atomic rename
         return _await_dataset(out)
-    log.info("ingesting %s into %s (blocks of %d tokens)", path, out, block_size)
-    ingest_novels([path], out, tokenizer, block_size=block_size, near_dup_threshold=threshold)
+    log.info("ingesting %s into %s (%s of %d tokens)", path, out,
+             "rows of whole chapters up to" if pack == "chapters" else "blocks", block_size)
+    ingest_novels([path], out, tokenizer, block_size=block_size, near_dup_threshold=threshold, pack=pack)
     return out
 
 
@@ -157,6 +159,95 @@ def cpt_sample_prompts(ds, tokenizer, count: int, tokens: int = 32) -> list[str]
 
 
 # ---------------------------------------------------------------------------------------------
+# Length curriculum (CPT and SFT): shorter sequences first, in a fixed order the trainer keeps
+
+
+def check_curriculum(lengths: list[int], max_length: int, name: str) -> None:
+    """`lengths` must rise strictly and stay under max_length (the last phase trains at max_length)."""
+    for a, b in zip(lengths, lengths[1:]):
+        if b <= a:
+            raise TifaError(f"{name}: {lengths}: the lengths must rise ({a} then {b})")
+    if lengths and not 8 <= lengths[0]:
+        raise TifaError(f"{name}: {lengths}: the shortest phase must be at least 8 tokens")
+    if lengths and lengths[-1] >= max_length:
+        raise TifaError(f"{name}: {lengths}: every phase must be shorter than max_length={max_length} "
+                        "(the last phase trains at max_length)")
+
+
+def cpt_curriculum(ds, lengths: list[int], max_length: int, seed: int, cache_dir: Path):
+    """The CPT rows reordered for a length curriculum: the rows (shuffled with `seed`) are split into
+    len(lengths) + 1 equal shares of tokens; the rows of share i are cut into pieces of lengths[i]
+    tokens (the last share stays whole), and each share's pieces are shuffled. The trainer then reads
+    them in this order (`train_sampling_strategy="sequential"`), so early steps are short sequences.
+    Returns (dataset, phases) with each phase's length, rows and tokens. Written once, by the first
+    process (the others read the same cache file)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from accelerate import PartialState
+
+    if not lengths:
+        return ds, []
+    sizes = np.asarray(pc.list_value_length(ds.data.column("input_ids")), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(ds))
+    cum = np.cumsum(sizes[perm])
+    shares = len(lengths) + 1
+    phase_of = np.minimum((cum - 1) * shares // max(int(cum[-1]), 1), shares - 1)  # monotonic in the order
+    phase_len = np.array([*lengths, max_length], dtype=np.int64)
+    pieces = -(-sizes[perm] // phase_len[phase_of])  # rows each one becomes
+    cut_len = phase_len[phase_of]
+
+    def split(batch, indices):
+        out = []
+        for ids, i in zip(batch["input_ids"], indices):
+            n = int(cut_len[i])
+            out += [ids[a:a + n] for a in range(0, len(ids), n)]
+        return {"input_ids": out}
+
+    key = hashlib.sha256(json.dumps([ds._fingerprint, lengths, max_length, seed]).encode()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with PartialState().local_main_process_first():
+        cut = ds.select(perm).map(split, batched=True, with_indices=True, new_fingerprint=key,
+                                  cache_file_name=str(cache_dir / f"curriculum-{key}.arrow"),
+                                  desc="length curriculum")
+    order, phases, start = [], [], 0
+    for p in range(shares):
+        rows = int(pieces[phase_of == p].sum())
+        order.append(start + rng.permutation(rows))
+        phases.append({"length": int(phase_len[p]), "rows": rows, "tokens": int(sizes[perm][phase_of == p].sum())})
+        start += rows
+    return cut.select(np.concatenate(order)), phases
+
+
+def sft_curriculum(ds, lengths: list[int], max_length: int, seed: int):
+    """The SFT examples reordered for a length curriculum: those up to lengths[0] tokens first, then
+    up to lengths[1], ..., then the rest; shuffled within each phase with `seed`."""
+    import numpy as np
+
+    if not lengths:
+        return ds, []
+    sizes = np.array([len(x) for x in ds["input_ids"]])
+    bounds = np.array([*lengths, max_length])
+    phase_of = np.searchsorted(bounds, sizes)  # the first phase whose length holds the example
+    rng = np.random.default_rng(seed)
+    order, phases = [], []
+    for p, n in enumerate(bounds):
+        rows = np.flatnonzero(phase_of == p)
+        order.append(rows[rng.permutation(len(rows))])
+        phases.append({"length": int(n), "rows": int(len(rows)), "tokens": int(sizes[rows].sum())})
+    return ds.select(np.concatenate(order)), phases
+
+
+def log_curriculum(phases: list[dict], stage: str, out: Path) -> None:
+    from tifaforge.utils import atomic_write_json
+
+    if phases:
+        atomic_write_json(out / "curriculum.json", {"phases": phases})
+        log.info("%s length curriculum: %s", stage, ", then ".join(
+            f"{p['rows']} rows up to {p['length']} tokens ({p['tokens']:,} tokens)" for p in phases))
+
+
+# ---------------------------------------------------------------------------------------------
 # SFT
 
 
@@ -176,10 +267,13 @@ def sft_examples(path: str | Path, tokenizer, sc) -> tuple[Any, list[list[dict]]
     if not examples:
         raise TifaError(f"{path}: no training examples (no assistant turn answering a user turn)")
     rows: dict[str, list] = {"input_ids": [], "labels": []}
-    chats, dropped = [], []
+    chats, dropped, trimmed = [], [], 0
     for ex in tqdm(examples, desc="sft examples", unit="ex", disable=len(examples) < 500):
         chat = to_chat(ex, sc.user_name)
         ids, mask = training_tokens(chat, tokenizer)
+        if len(ids) > sc.max_length and sc.too_long == "trim":
+            chat, ids, mask = _trim_history(chat, tokenizer, sc.max_length)
+            trimmed += len(ids) <= sc.max_length
         if len(ids) > sc.max_length:
             if sc.too_long == "error":
                 raise TifaError(f"{path}: line {ex.line}: {len(ids)} tokens, longer than sft.max_length={sc.max_length}")
@@ -189,7 +283,28 @@ def sft_examples(path: str | Path, tokenizer, sc) -> tuple[Any, list[list[dict]]
         rows["labels"].append([t if m else -100 for t, m in zip(ids, mask)])
         chats.append(chat)
     _report_dropped(path, dropped, len(examples), sc.max_length)
+    if trimmed:
+        log.info("%s: %d of %d examples longer than sft.max_length=%d lost their oldest turns to fit",
+                 path, trimmed, len(examples), sc.max_length)
     return Dataset.from_dict(rows), chats
+
+
+def _trim_history(chat: list[dict], tokenizer, max_length: int):
+    """Drop the oldest turns after the system prompt, a user turn and what answers it at a time, until
+    the example fits (the final exchange always stays): what a long session looks like to the model
+    when `tifa chat` or the server trims it to the context."""
+    from tifaforge.chat.template import training_tokens
+
+    head = 1 if chat and chat[0]["role"] == "system" else 0
+    ids, mask = training_tokens(chat, tokenizer)
+    while len(ids) > max_length:
+        rest = chat[head + 1:]
+        nxt = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+        if nxt is None or head + 1 + nxt >= len(chat) - 1:  # only the final exchange is left
+            break
+        chat = chat[:head] + rest[nxt:]
+        ids, mask = training_tokens(chat, tokenizer)
+    return chat, ids, mask
 
 
 def _report_dropped(path, dropped: list[int], total: int, max_length: int) -> None:

@@ -213,6 +213,7 @@ class Machine:
     memory: int  # bytes per process's device (CPU: the RAM, shared by the processes)
     sharding: str = "ddp"  # ddp | fsdp2 | zero3
     described: str = ""
+    seq_split: int = 1  # ranks one sequence is split over (context or sequence parallelism)
 
 
 def machine(cfg: Any, gpus: int | None = None, gpu_mem: float | None = None, accelerate_config: str | None = None) -> Machine:
@@ -230,6 +231,8 @@ def machine(cfg: Any, gpus: int | None = None, gpu_mem: float | None = None, acc
         kind = str(acc.get("distributed_type", "NO"))
         stage3 = int((acc.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3
         sharding = "fsdp2" if kind == "FSDP" else "zero3" if kind == "DEEPSPEED" and stage3 else sharding
+    par = acc.get("parallelism_config") or {}
+    split = max(int(par.get("parallelism_config_cp_size", 1) or 1), int(par.get("parallelism_config_sp_size", 1) or 1))
     if gpus is None and torch.cuda.is_available():
         gpus = torch.cuda.device_count()
     if gpus:
@@ -241,7 +244,8 @@ def machine(cfg: Any, gpus: int | None = None, gpu_mem: float | None = None, acc
         if mem is None:
             raise TifaError("--gpus without --gpu-mem: no GPU here to read its memory from; pass --gpu-mem GIB")
         return Machine("cuda", gpus, int(mem), sharding if gpus > 1 else "ddp",
-                       f"{gpus} GPU(s) of {mem / GIB:.0f} GiB")
+                       f"{gpus} GPU(s) of {mem / GIB:.0f} GiB" + (f", sequences split over {split}" if split > 1 else ""),
+                       split)
     n = max(cfg.launch.num_processes, 1) if cfg.launch.launcher != "none" else 1
     ram = _ram_bytes()
     return Machine("cpu", n, ram // n, sharding if n > 1 else "ddp", f"CPU, {ram / GIB:.0f} GiB RAM for {n} process(es)")
@@ -342,6 +346,7 @@ def estimate(cfg: Any, stage: str, shape: Shape, m: Machine, prompt_tokens: int 
             parts["gathered"] = b * P
     else:
         tokens = s.batch_size * s.max_length * (2 if stage == "dpo" else 1)  # DPO: chosen and rejected
+        tokens = tokens / m.seq_split  # context/sequence parallelism: each rank holds its part of a sequence
         # TRL's fused LM head: fp32 logits of up to 32,768 positions at a time (all of them on CPU)
         logits = 3 * min(tokens, 32768) * V * 4 * (2 if stage == "dpo" else 1)  # DPO: the reference's too
         transient["forward and backward"] = kept(tokens) + logits

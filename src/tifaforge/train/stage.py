@@ -151,6 +151,10 @@ def training_args(tc: TrainConfig, run: RunDir, seed: int, stage: str, trl_confi
         report_to=tc.report_to, dataloader_num_workers=0, disable_tqdm=False,
         **sharding.training_args(mode, tc.gradient_checkpointing),
     )
+    if getattr(tc, "length_curriculum", None):  # the data comes in curriculum order: keep it
+        common["train_sampling_strategy"] = "sequential"
+    if sequence_split() > 1:  # context or sequence parallelism: every batch splits evenly over the ranks
+        common["pad_to_multiple_of"] = sequence_split()
     if trl_config is None:
         return SFTConfig(**common, packing=False, dataset_kwargs={"skip_prepare_dataset": True}, **extra)
     return trl_config(**common, **extra)
@@ -448,6 +452,8 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
         fsdp_version = int((acc.get("fsdp_config") or {}).get("fsdp_version", 1))
         n = n or int(acc.get("num_processes", 1))
     n = n or 1
+    if accelerate_config:
+        _check_sequence_split(acc, f"{names['acc']} {accelerate_config}", stages, kind, fsdp_version, n)
     mode = "fsdp2" if kind == "FSDP" or cfg.launch.sharding == "fsdp2" else "ddp"
     for stage in stages:
         if stage == "mgrpo" and kind == "DEEPSPEED":
@@ -466,6 +472,42 @@ def check_launch(cfg: Any, stages: list[str], launcher: str, n: int, accelerate_
     if gpus and -(-n // machines) > gpus:  # num_processes counts every machine's
         raise TifaError(f"{names['n']} {n}: more processes per machine than this machine's {gpus} GPU(s)")
     return n
+
+
+def _check_sequence_split(acc: dict, name: str, stages: list[str], kind: str, fsdp_version: int, n: int) -> None:
+    """An accelerate config's `parallelism_config` that splits sequences over ranks (context
+    parallelism, or DeepSpeed Ulysses sequence parallelism): only the TRL stages, only on the engine
+    it is built on, sizes that multiply to the process count, and CUDA (both run on the GPU attention
+    kernels: torch's ring attention dispatches the flash/efficient SDPA ops, which CPU SDPA never calls)."""
+    import torch
+
+    par = acc.get("parallelism_config") or {}
+    size = {k: int(par.get(f"parallelism_config_{k}_size", 1) or 1) for k in ("dp_replicate", "dp_shard", "tp", "cp", "sp")}
+    if size["cp"] == 1 and size["sp"] == 1:
+        return
+    what = f"context parallelism (cp_size {size['cp']})" if size["cp"] > 1 else f"sequence parallelism (sp_size {size['sp']})"
+    if "mgrpo" in stages:
+        raise TifaError(f"{name}: {what} splits the sequences of the TRL stages (cpt, sft, dpo); MGRPO's own loop "
+                        "does not: launch mgrpo with an FSDP config without parallelism_config")
+    if size["cp"] > 1 and (kind != "FSDP" or fsdp_version != 2):
+        raise TifaError(f"{name}: {what} runs on FSDP2: set distributed_type: FSDP and fsdp_version: 2")
+    if size["sp"] > 1 and kind != "DEEPSPEED":
+        raise TifaError(f"{name}: {what} is DeepSpeed's Ulysses: set distributed_type: DEEPSPEED")
+    product = size["dp_replicate"] * size["dp_shard"] * size["tp"] * size["cp"] * size["sp"]
+    if product != n:
+        raise TifaError(f"{name}: dp_replicate x dp_shard x tp x cp x sp = {product}, but {n} processes")
+    if not torch.cuda.is_available():
+        raise TifaError(f"{name}: {what} needs CUDA GPUs (it runs on the GPU attention kernels); none here")
+
+
+def sequence_split() -> int:
+    """What a batch's length must be a multiple of under `accelerate launch` with a parallelism_config:
+    2 x cp_size (context parallelism's load-balanced ring) or sp_size (Ulysses); 1 otherwise."""
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() != "true":
+        return 1
+    cp = int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1") or 1)
+    sp = int(os.environ.get("PARALLELISM_CONFIG_SP_SIZE", "1") or 1)
+    return 2 * cp if cp > 1 else sp
 
 
 def check_world(cfg: Any, stage: str, world: int) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -73,6 +73,10 @@ class NovelsOptions:
                               "memory (~4 KB per kept chapter): memory stays flat for any corpus size, slower.")
     drop_tail: bool = opt(False, "Drop the stream's last block when it is shorter than --block-size (by default it "
                           "is kept as a shorter row: training pads it and leaves the padding out of the loss).")
+    pack: Literal["stream", "chapters"] = opt(
+        "stream", "stream: blocks are consecutive slices of the text (no padding); chapters: rows of whole chapters "
+        "up to --block-size, a chapter cut only when longer than a block (long-context training: a chapter is "
+        "seen whole; the rows' padding is reported as `fill`).")
 
 
 DEFAULTS = NovelsOptions()
@@ -90,6 +94,7 @@ def novels_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t2s", action="store_true", help=helps["t2s"])
     p.add_argument("--dedup-on-disk", action="store_true", help=helps["dedup_on_disk"])
     p.add_argument("--drop-tail", action="store_true", help=helps["drop_tail"])
+    p.add_argument("--pack", choices=["stream", "chapters"], default=DEFAULTS.pack, help=helps["pack"])
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizer processes (default: one per core; 1: none, tokenise on a thread); the output "
                         "is the same for any N")
@@ -103,6 +108,7 @@ def novels_command(args: Any) -> int:
         near_dup_threshold=args.dedup_threshold, to_simplified=args.t2s,
         progress=not getattr(args, "no_progress", False), workers=getattr(args, "workers", None),
         dedup_on_disk=getattr(args, "dedup_on_disk", False), drop_tail=getattr(args, "drop_tail", False),
+        pack=getattr(args, "pack", DEFAULTS.pack),
     )
     print("\n".join(summary_lines(stats, args.out)))
     return 0
@@ -128,6 +134,7 @@ def ingest_novels(
     workers: int | None = None,
     dedup_on_disk: bool = DEFAULTS.dedup_on_disk,
     drop_tail: bool = DEFAULTS.drop_tail,
+    pack: str = DEFAULTS.pack,
 ) -> dict:
     """Turn novel files into a packed `input_ids` dataset at `out_dir`; returns the stats it writes.
 
@@ -136,6 +143,10 @@ def ingest_novels(
     processes (default: one per core); the output does not depend on it.
     """
     _check_options(block_size, near_dup_threshold, encoding)
+    if pack not in ("stream", "chapters"):
+        raise TifaError(f"--pack {pack}: must be stream or chapters")
+    if pack == "chapters" and drop_tail:
+        raise TifaError("--drop-tail: only with --pack stream (with chapters every row may be shorter than a block)")
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise TifaError(f"--workers {workers}: must be at least 1")
@@ -153,7 +164,7 @@ def ingest_novels(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shard_blocks = shard_blocks or max(1, SHARD_BYTES // (4 * block_size))
-        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress, workers, drop_tail)
+        stats = _build(tmp, run, tok, eot, block_size, shard_blocks, progress, workers, drop_tail, pack)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -184,13 +195,13 @@ class _Run:
 
 
 def _build(tmp: Path, run: _Run, tok, eot: tuple[str, int], block_size: int, shard_blocks: int,
-           progress: bool, workers: int = 1, drop_tail: bool = False) -> dict:
+           progress: bool, workers: int = 1, drop_tail: bool = False, pack: str = "stream") -> dict:
     """Shards, the dataset's state files and stats.json, all in `tmp`."""
     start = time.perf_counter()
     writer = ShardWriter(tmp, block_size, shard_blocks)
     prep = Prep(run.simplify, run.dedup.near, run.dedup.num_perm, run.dedup.k)
     with Packer(tok, eot[1], block_size, writer, run.timers, workers, prep, decide=partial(_decide, run),
-                keep_tail=not drop_tail) as packer:
+                keep_tail=not drop_tail, pack=pack) as packer:
         _ingest_files(run, packer, progress)
     if packer.blocks == 0 and packer.tail == 0:
         why = "; ".join(line for r in run.reports[:3] for line in r.warnings())
@@ -314,6 +325,9 @@ def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], f
         "tokens": packer.tokens,
         "blocks": packer.blocks,
         "block_size": packer.block_size,
+        "pack": packer.pack,
+        "fill": round(packer.tokens / max(1, packer.blocks * packer.block_size), 4) if packer.pack == "chapters" else None,
+        "chapters_cut": packer.chapters_cut,
         "tail_block_tokens": packer.tail,
         "tokens_dropped_tail": packer.dropped_tail,
         "special_token_strings_removed": packer.special_strings,
@@ -332,13 +346,19 @@ def _stats(run: _Run, packer: Packer, shards: list[str], eot: tuple[str, int], f
 
 def summary_lines(stats: dict, out: str | Path) -> list[str]:
     c = stats["chapters"]
+    if stats.get("pack") == "chapters":
+        head = (f"wrote {stats['blocks']} rows of whole chapters up to {stats['block_size']} tokens "
+                f"({stats['tokens']:,} tokens, {stats['fill']:.0%} of the rows filled, "
+                f"{stats['chapters_cut']} chapter(s) longer than a block cut) in {len(stats['shards'])} shard(s) to {out}")
+    else:
+        head = (f"wrote {stats['blocks']} blocks of {stats['block_size']} tokens"
+                + (f" and a last one of {stats['tail_block_tokens']} (padded in training, padding out of the loss)"
+                   if stats["tail_block_tokens"] else "")
+                + f" ({stats['tokens']:,} tokens"
+                + (f", {stats['tokens_dropped_tail']} in the tail dropped by --drop-tail" if stats["tokens_dropped_tail"] else "")
+                + f") in {len(stats['shards'])} shard(s) to {out}")
     lines = [
-        f"wrote {stats['blocks']} blocks of {stats['block_size']} tokens"
-        + (f" and a last one of {stats['tail_block_tokens']} (padded in training, padding out of the loss)"
-           if stats["tail_block_tokens"] else "")
-        + f" ({stats['tokens']:,} tokens"
-        + (f", {stats['tokens_dropped_tail']} in the tail dropped by --drop-tail" if stats["tokens_dropped_tail"] else "")
-        + f") in {len(stats['shards'])} shard(s) to {out}",
+        head,
         f"files {stats['inputs']} ({stats['files_skipped']} skipped), documents {stats['documents']}, "
         f"chapters kept {c['kept']} of {c['found']} (exact copies {c['exact_duplicates']}, "
         f"near copies {c['near_duplicates']}, empty after cleaning {c['empty_after_cleaning']})",

@@ -9,6 +9,12 @@ without the separator; the tail shorter than a block is written as one shorter l
 pads it and masks the padding out of the loss), or dropped and counted with --drop-tail. Special-token strings
 that occur in the text itself (a fake `<|endoftext|>`) are removed and counted.
 
+`--pack chapters` (long-context training) keeps chapters whole instead: a row takes chapters in
+reading order while they fit in `block_size`; the chapter that does not fit starts the next row, and
+only a chapter longer than a whole block is cut (counted as `chapters_cut`). A document's separator
+stays with its last chapter. Rows are then of different lengths, up to `block_size`: stats.json's
+`fill` says how much of the rows training pads.
+
 Speed: the main process reads, decodes, normalises and splits into chapters; batches of raw chapters
 go to `workers` processes (default: one per core; with 1, a thread), which clean them (and convert to
 Simplified), compute their duplicate-index keys (dedup.py) and tokenise them (encode.py). Results
@@ -135,8 +141,15 @@ class Packer:
 
     def __init__(self, tok, eot_id: int, block_size: int, writer: ShardWriter, timers: Timers,
                  workers: int = 1, prep: Prep | None = None,
-                 decide: Callable[[int, Chapter], bool] = lambda index, chapter: True, keep_tail: bool = True) -> None:
+                 decide: Callable[[int, Chapter], bool] = lambda index, chapter: True, keep_tail: bool = True,
+                 pack: str = "stream") -> None:
         self.tok, self.block_size, self.writer, self.timers = tok, block_size, writer, timers
+        self.pack = pack
+        self.row: list[np.ndarray] = []  # chapters mode: the row being filled, and its length
+        self.row_tokens = self.chapters_cut = 0
+        self.pending: np.ndarray | None = None  # chapters mode: the last kept chapter, until we know if EOT follows
+        self.rows_out: list[np.ndarray] = []  # chapters mode: finished rows waiting to be written
+        self.rows_out_tokens = 0
         specials = _special_pattern(tok)
         self.prep = replace(prep or Prep(), specials=specials.pattern if specials is not None else None)
         self.decide = decide
@@ -210,7 +223,7 @@ class Packer:
             keep = self.decide(owner, chapter)
             if chapter.length:
                 if keep:
-                    self._pack(ids[ends[at] - counts[at]:ends[at]])
+                    self._pack(ids[ends[at] - counts[at]:ends[at]], chapter=True)
                     self.special_strings += chapter.specials
                     self.document_kept = True
                 at += 1
@@ -218,14 +231,71 @@ class Packer:
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         return [ids.tolist() for ids in self.encoder.encode(texts)]
 
-    def _pack(self, ids: np.ndarray) -> None:
+    def _pack(self, ids: np.ndarray, chapter: bool = False) -> None:
+        if self.pack == "chapters":
+            self._pack_chapter(ids, chapter)
+            return
         self.buffer.append(ids)
         self.buffered += len(ids)
         self.tokens += len(ids)
         if self.buffered >= max(self.WRITE_TOKENS, self.block_size):
             self._write()
 
+    def _pack_chapter(self, ids: np.ndarray, chapter: bool) -> None:
+        """Chapters mode: a chapter waits in `pending` until the next item says whether the document's
+        separator follows it (then they go into a row together)."""
+        self.tokens += len(ids)
+        if not chapter:  # the separator: joins the chapter it ends
+            self.pending = ids if self.pending is None else np.concatenate([self.pending, ids])
+            self._place(self.pending)
+            self.pending = None
+            return
+        if self.pending is not None:
+            self._place(self.pending)
+        self.pending = ids
+
+    def _place(self, ids: np.ndarray) -> None:
+        """A whole chapter into the current row, or into a new one when it does not fit; cut only when
+        it is longer than a block."""
+        b = self.block_size
+        if self.row_tokens + len(ids) > b:
+            self._close_row()
+            if len(ids) > b:
+                self.chapters_cut += 1
+                whole = len(ids) // b * b
+                self.rows_out.extend(ids[:whole].reshape(-1, b))
+                self.rows_out_tokens += whole
+                self.blocks += whole // b
+                ids = ids[whole:]
+        if len(ids):
+            self.row.append(ids)
+            self.row_tokens += len(ids)
+            if self.row_tokens == b:
+                self._close_row()
+
+    def _close_row(self) -> None:
+        if self.row:
+            self.rows_out.append(np.concatenate(self.row))
+            self.rows_out_tokens += self.row_tokens
+            self.blocks += 1
+            if self.rows_out_tokens >= self.WRITE_TOKENS:
+                self._flush_rows()
+        self.row, self.row_tokens = [], 0
+
+    def _flush_rows(self) -> None:
+        with self.timers("pack_write"):
+            self.writer.write_rows(self.rows_out)
+        self.rows_out, self.rows_out_tokens = [], 0
+
     def _write(self, final: bool = False) -> None:
+        if self.pack == "chapters":
+            if final:
+                if self.pending is not None:
+                    self._place(self.pending)
+                    self.pending = None
+                self._close_row()
+                self._flush_rows()
+            return
         with self.timers("pack_write"):
             flat = np.concatenate(self.buffer) if self.buffer else np.zeros(0, np.int32)
             n = len(flat) // self.block_size
@@ -307,6 +377,24 @@ class ShardWriter:
     def write_tail(self, ids: np.ndarray) -> None:
         """The stream's last, shorter block: one row of its own length."""
         self.write(ids.reshape(1, -1))
+
+    def write_rows(self, rows: list[np.ndarray]) -> None:
+        """Rows of any lengths up to the block size (`--pack chapters`), in order."""
+        import pyarrow as pa
+
+        while rows:
+            if self.writer is None:
+                self._open()
+            take, rows = rows[: self.shard_blocks - self.in_shard], rows[self.shard_blocks - self.in_shard:]
+            lengths = np.fromiter((len(r) for r in take), np.int64, len(take))
+            flat = np.concatenate(take).astype(np.int32, copy=False)
+            self.hash.update(lengths.tobytes())
+            self.hash.update(flat.tobytes())
+            offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+            self.writer.write_table(pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat))}))
+            self.in_shard += len(take)
+            if self.in_shard == self.shard_blocks:
+                self._close()
 
     def _open(self) -> None:
         from datasets.arrow_writer import ArrowWriter
