@@ -190,11 +190,12 @@ def cpt_curriculum(ds, lengths: list[int], max_length: int, seed: int, cache_dir
     sizes = np.asarray(pc.list_value_length(ds.data.column("input_ids")), dtype=np.int64)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(ds))
-    cum = np.cumsum(sizes[perm])
+    ordered = sizes[perm]  # row sizes in the shuffled order the phases are cut from
+    cum = np.cumsum(ordered)
     shares = len(lengths) + 1
     phase_of = np.minimum((cum - 1) * shares // max(int(cum[-1]), 1), shares - 1)  # monotonic in the order
     phase_len = np.array([*lengths, max_length], dtype=np.int64)
-    pieces = -(-sizes[perm] // phase_len[phase_of])  # rows each one becomes
+    pieces = -(-ordered // phase_len[phase_of])  # rows each one becomes
     cut_len = phase_len[phase_of]
 
     def split(batch, indices):
@@ -214,7 +215,7 @@ def cpt_curriculum(ds, lengths: list[int], max_length: int, seed: int, cache_dir
     for p in range(shares):
         rows = int(pieces[phase_of == p].sum())
         order.append(start + rng.permutation(rows))
-        phases.append({"length": int(phase_len[p]), "rows": rows, "tokens": int(sizes[perm][phase_of == p].sum())})
+        phases.append({"length": int(phase_len[p]), "rows": rows, "tokens": int(ordered[phase_of == p].sum())})
         start += rows
     return cut.select(np.concatenate(order)), phases
 
